@@ -1,0 +1,202 @@
+"""The `repro` command line: a thin Typer layer over data_prep, the runner, the run store and the report.
+
+Every command turns a `UserError` into one line on stderr and exit code 2; heavy imports happen inside the
+commands so that `repro --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from repro.errors import EXIT_BAD_INPUT, UserError
+
+app = typer.Typer(
+    help="Reproduce the claims of the AlexNet paper (Krizhevsky, Sutskever, Hinton, 2012), claim by claim.\n\n"
+    "Typical use: `repro prepare-data fashion-mnist`, `repro run all --scale demo`, `repro report`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(highlight=False)
+
+
+def friendly(fn):
+    """Print a UserError as one line and exit 2; let Ctrl-C exit 130 without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            err.print("interrupted; run the same command again to resume.")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+class Source(str, Enum):
+    fashion_mnist = "fashion-mnist"
+    cifar10 = "cifar10"
+    imagefolder = "imagefolder"
+    imagenet = "imagenet"
+    synthetic = "synthetic"
+
+
+class Scale(str, Enum):
+    smoke = "smoke"
+    demo = "demo"
+    subset = "subset"
+    full = "full"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+@app.command("prepare-data")
+@friendly
+def prepare_data(
+    source: Source = typer.Argument(..., help="Dataset format to read."),
+    root: Optional[Path] = typer.Option(None, help="Where the source lives. Default for fashion-mnist: "
+                                        "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder for train.beton, val.beton, manifest.json. "
+                                       "Default: data/<source>."),
+    res: Optional[int] = typer.Option(None, min=8, help="Stored image size. Default: 256 for imagenet and "
+                                      "imagefolder (paper: shorter side to 256, centre 256x256 crop), native for "
+                                      "fashion-mnist (28) and cifar10 (32)."),
+    max_side: bool = typer.Option(False, "--max-side", help="Keep aspect ratio and cap the longer side at --res "
+                                  "(as ffcv-imagenet's writer) instead of the paper's centre crop."),
+    classes: Optional[str] = typer.Option(None, help="Keep only some classes: a count N (the first N class ids "
+                                          "in sorted order) or a file with one class id per line."),
+    train_per_class: Optional[int] = typer.Option(None, min=1, help="Cap training images per class."),
+    val_per_class: Optional[int] = typer.Option(None, min=1, help="Cap validation images per class."),
+    jpeg_quality: int = typer.Option(90, min=1, max=100, help="JPEG quality for stored images larger than 64 px."),
+    workers: int = typer.Option(0, min=0, help="Worker processes; 0 = all cores."),
+    seed: int = typer.Option(0, help="Seed for per-class sampling and synthetic data."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the output is up to date."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Convert a dataset into FFCV .beton files plus a manifest (counts, classes, mean, RGB PCA, hashes)."""
+    from data_prep.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(res=res, max_side=max_side, classes=classes, train_per_class=train_per_class,
+                          val_per_class=val_per_class, jpeg_quality=jpeg_quality, workers=workers, seed=seed,
+                          force=force)
+    summary = prepare(source.value, root, out or Path("data") / source.value, opts, progress=not quiet)
+    console.print(summary)
+
+
+@app.command("run")
+@friendly
+def run(
+    experiment: str = typer.Argument(..., help="Experiment name (see `repro list`) or `all`."),
+    scale: Scale = typer.Option(Scale.demo, help="smoke: seconds, for tests; demo: Fashion-MNIST on a CPU; "
+                                "subset: ImageNet-100 at 128 px; full: ILSVRC-2012, the paper's recipe."),
+    data: Optional[Path] = typer.Option(None, help="Folder made by `repro prepare-data`. Default: the scale's."),
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds per variant. Default: the scale's."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=0.02 "
+                                   "(repeatable; `repro keys` lists them)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs and their estimated cost."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Run one experiment (every variant and seed), reusing finished runs and resuming interrupted ones."""
+    from repro.runner import run_experiments
+
+    code = run_experiments(experiment, scale.value, data_dir=data, runs_dir=runs, seeds=seeds, sets=set_,
+                           dry_run=dry_run, progress=not quiet, console=console)
+    raise typer.Exit(code)
+
+
+@app.command("list")
+@friendly
+def list_(
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    scale: Scale = typer.Option(Scale.demo, help="Count done runs at this scale."),
+):
+    """Table of registered experiments: section, claim, paper number, runs done."""
+    from repro.runner import list_table
+
+    console.print(list_table(runs, scale.value))
+
+
+@app.command("status")
+@friendly
+def status(runs: Path = typer.Option(Path("runs"), help="Where run directories live.")):
+    """What ran, what is running, what failed and why."""
+    from repro.runner import status_table
+
+    console.print(status_table(runs))
+
+
+@app.command("results")
+@friendly
+def results(
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    output: Path = typer.Option(Path("reports/results.csv"), "--out", help="Table to write."),
+    format: Format = typer.Option(Format.csv, help="csv or parquet (parquet needs pyarrow)."),
+):
+    """Write every run's final numbers as one table (one row per run, config columns flattened)."""
+    from repro.runs import write_results
+
+    path = write_results(runs, output, format.value)
+    console.print(f"wrote {path}")
+
+
+@app.command("report")
+@friendly
+def report(
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    output: Path = typer.Option(Path("reports/index.html"), "--out", help="HTML page to write."),
+):
+    """Render one self-contained HTML page comparing every claim with the paper."""
+    from repro.report import build_report
+
+    path = build_report(runs, output)
+    console.print(f"wrote {path}")
+
+
+@app.command("models")
+@friendly
+def models():
+    """Registered models with parameter counts and multiply-adds at their default input."""
+    from repro.models import models_table
+
+    console.print(models_table())
+
+
+@app.command("keys")
+def keys():
+    """Every config key that --set and experiment files accept, with its default."""
+    from repro.config import describe_keys
+
+    console.print(describe_keys(), markup=False)
+
+
+@app.command("bench")
+@friendly
+def bench(
+    output: Path = typer.Option(Path("benchmarks/RESULTS.md"), "--out", help="Markdown file to write."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer images per measurement."),
+):
+    """Measure loader, training and preparation speed, each as a ratio against a plain baseline."""
+    from repro.bench import run_bench
+
+    path = run_bench(output, quick=quick, console=console)
+    console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,201 @@
+"""Run configuration: three dataclass sections, resolved once from layered overrides, then hashed.
+
+A run is fully described by a `RunConfig`. Defaults are the paper's recipe (section 5) on ILSVRC-2012; scales
+and experiments only override fields. `apply_overrides` takes dotted keys (`model.lrn`, `train.lr`) with values
+from TOML files or from `--set key=value` strings, checks each key and value, and returns a new config.
+`config_hash` covers every field that can change a result; fields marked `hash=False` (where the data lives,
+worker counts, compile) do not, so moving a dataset or adding workers never retrains a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from repro.errors import UserError
+
+CONFIG_FORMAT = 1
+
+
+def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "hash": hash, "help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("alexnet-paper", choices=("alexnet-paper", "alexnet-owt", "cifar4"),
+                   help="registered model, see `repro models`")
+    num_classes: int = _f(1000)
+    activation: str = _f("relu", choices=("relu", "tanh"), help="section 3.1")
+    lrn: bool = _f(True, help="local response normalisation after ReLU in conv1, conv2 (section 3.3)")
+    lrn_alpha_mode: str = _f("per-size", choices=("paper", "per-size"),
+                             help="paper: alpha as written; per-size: alpha/n as Caffe, torch and cuda-convnet2")
+    pooling: str = _f("overlap", choices=("overlap", "non-overlap"), help="3/2 or 2/2 max-pool (section 3.4)")
+    towers: str = _f("two", choices=("two", "one-half", "one-full"), help="section 3.2")
+    remove_layer: str = _f("none", choices=("none", "conv3", "conv4", "conv5"), help="section 7")
+    dropout: float = _f(0.5, help="dropout on fc6 and fc7 (section 4.2); 0 disables")
+    input_size: int = _f(224, help="224 uses cuda-convnet's output rule (55x55 after conv1); 227 as Caffe")
+    width: float = _f(1.0, help="multiplier on every conv and FC width (small scales)")
+    stem: str = _f("imagenet", choices=("imagenet", "tiny"),
+                   help="imagenet: conv1 11x11/4; tiny: conv1 5x5/1 for 28-64 px inputs")
+    init: str = _f("paper", choices=("paper", "kaiming"),
+                   help="paper: N(0, 0.01), bias 1 in conv2, conv4, conv5, fc6, fc7")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = _f("data/imagenet", hash=False, help="folder with train.beton, val.beton, manifest.json")
+    manifest_hash: str = _f("", help="filled in when the config is resolved; identifies the data")
+    backend: str = _f("auto", choices=("auto", "ffcv", "torch"), hash=False,
+                      help="auto: FFCV when importable, else the torchvision fallback")
+    flip: bool = _f(True, help="random horizontal flips at train time")
+    pca_lighting: float = _f(0.1, help="sigma of the PCA colour noise (section 4.1); 0 disables")
+    normalize: str = _f("mean", choices=("mean", "mean-std"), help="mean: subtract the mean only, as the paper")
+    train_limit: int = _f(0, help="use a fixed random subset of this many training images; 0 = all")
+    val_limit: int = _f(0, help="use a fixed random subset of this many validation images; 0 = all")
+    workers: int = _f(0, hash=False, help="loader worker threads; 0 = all cores")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(90)
+    batch_size: int = _f(128)
+    lr: float = _f(0.01)
+    momentum: float = _f(0.9)
+    weight_decay: float = _f(5e-4)
+    schedule: str = _f("plateau", choices=("plateau", "step", "cosine", "constant"),
+                       help="plateau: divide by 10 when val error stops improving (section 5)")
+    lr_drops: int = _f(3, help="plateau/step: how many times the lr is divided by 10")
+    plateau_patience: int = _f(3, help="plateau: epochs without improvement before a drop")
+    max_iters: int = _f(0, help="stop after this many iterations; 0 = run all epochs")
+    target_train_err: float = _f(25.0, help="record the first iteration where train top-1 error falls below this")
+    log_every: int = _f(20, help="iterations between points of the training curve")
+    seed: int = _f(0)
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = _f(True, hash=False)
+    compile: bool = _f(False, hash=False, help="torch.compile the model (GPU)")
+    ten_crop: bool = _f(True, help="also score the final model with 10-crop averaging (section 4.1)")
+    device: str = _f("auto", hash=False, help="auto, cpu, cuda, cuda:1, ...")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_types() -> dict[str, type]:
+    return get_type_hints(RunConfig)
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every settable dotted key (`model.lrn`, ...) with its dataclass field."""
+    out = {}
+    for section, cls in _section_types().items():
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = f
+    return out
+
+
+def _coerce(key: str, f: dataclasses.Field, typ: type, value: Any) -> Any:
+    """Turn a TOML value or a `--set` string into the field's type, or say exactly why not."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+                out = True
+            elif isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+                out = False
+            else:
+                raise ValueError
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError
+            out = value
+    except (ValueError, TypeError):
+        raise UserError(f"{key} = {value!r} is not a valid {typ.__name__}; give a {typ.__name__} value") from None
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise UserError(f"{key} = {out!r} is not one of {', '.join(choices)}")
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str = "--set") -> RunConfig:
+    """Return `cfg` with dotted-key overrides applied; `source` names where they came from in errors."""
+    keys = all_keys()
+    types = {sec: get_type_hints(cls) for sec, cls in _section_types().items()}
+    sections = {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in types}
+    for key, value in overrides.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see `repro run --help` for the keys"
+            raise UserError(f"{source}: unknown key {key!r}{hint}")
+        sec, name = key.split(".", 1)
+        sections[sec][name] = _coerce(key, keys[key], types[sec][name], value)
+    return RunConfig(**{sec: cls(**sections[sec]) for sec, cls in _section_types().items()})
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """Parse `--set key=value` strings into a dict; values stay strings and are coerced per field."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: write it as key=value, e.g. --set train.lr=0.02")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
+    """Rebuild a config saved with `to_dict`; unknown sections or keys are errors naming `source`."""
+    flat = {}
+    for sec, values in d.items():
+        if sec not in SECTIONS or not isinstance(values, dict):
+            raise UserError(f"{source}: unknown config section {sec!r}; expected {', '.join(SECTIONS)}")
+        flat.update({f"{sec}.{k}": v for k, v in values.items()})
+    return apply_overrides(RunConfig(), flat, source=source)
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """`{"model.lrn": True, ...}`: one column per field, for tables."""
+    return {f"{sec}.{k}": v for sec, values in to_dict(cfg).items() for k, v in values.items()}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """12 hex digits over every field that can change a result (and the config format)."""
+    keys = all_keys()
+    payload = {k: v for k, v in flatten(cfg).items() if keys[k].metadata.get("hash", True)}
+    payload["format"] = CONFIG_FORMAT
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def describe_keys() -> str:
+    """A help text listing every key with its default and meaning."""
+    lines = []
+    for key, f in all_keys().items():
+        choices = f.metadata.get("choices")
+        extra = f" ({'|'.join(choices)})" if choices else ""
+        lines.append(f"{key} = {f.default!r}{extra}  {f.metadata.get('help', '')}".rstrip())
+    return "\n".join(lines)
