@@ -1,0 +1,103 @@
+"""Building blocks shared by the AlexNet family and the four-layer CIFAR net: LRN, activations, pooling, sizes.
+
+Pooling follows cuda-convnet's output rule, `1 + ceil((n - z) / s)`: an overlapping 3/2 pool then gives
+`n // 2` for every n, which is exactly what a non-overlapping 2/2 pool (floor rule) gives, so the two
+pooling schemes of section 3.4 always produce the same output size. For the odd sizes of AlexNet at 224/227
+(55, 27, 13) the ceil and floor rules agree, so nothing changes against torchvision there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from repro.errors import UserError
+
+# Section 3.3: "k = 2, n = 5, alpha = 1e-4, and beta = 0.75".
+LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+
+
+class LRN(nn.LocalResponseNorm):
+    """Local response normalisation across channels, section 3.3, applied within each of `towers` channel groups.
+
+    `b_i = a_i / (k + alpha' * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j^2)^beta` with
+    `alpha' = alpha` for alpha_mode "paper" (the formula as printed) and `alpha' = alpha / n` for "per-size"
+    (Caffe, torch.nn.LocalResponseNorm and the author's cuda-convnet2 all divide by the window size).
+    torch's op divides by n itself, so "paper" hands it `alpha * n`.
+    Each GPU of the paper normalised only its own kernel maps (cuda-convnet2's two-GPU net has rnorm1a and
+    rnorm1b), so with `towers=2` the window never crosses from one tower's channels into the other's.
+    """
+
+    def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
+                 k: float = LRN_K, alpha_mode: str = "per-size", towers: int = 1):
+        if alpha_mode not in ("paper", "per-size"):
+            raise UserError(f"model.lrn_alpha_mode = {alpha_mode!r} is not one of paper, per-size")
+        super().__init__(size, alpha * size if alpha_mode == "paper" else alpha, beta, k)
+        self.alpha_mode = alpha_mode
+        self.towers = towers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.towers == 1:
+            return super().forward(x)
+        return torch.cat([super(LRN, self).forward(t) for t in x.chunk(self.towers, dim=1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha_mode={self.alpha_mode}, towers={self.towers}"
+
+
+def activation(name: str) -> nn.Module:
+    """ReLU (in place, as torchvision) or tanh, section 3.1."""
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "tanh":
+        return nn.Tanh()
+    raise UserError(f"model.activation = {name!r} is not one of relu, tanh")
+
+
+def max_pool(pooling: str) -> nn.MaxPool2d:
+    """Overlapping 3/2 (cuda-convnet's ceil rule) or non-overlapping 2/2 max-pool, same output size."""
+    if pooling == "overlap":
+        return nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+    if pooling == "non-overlap":
+        return nn.MaxPool2d(kernel_size=2, stride=2)
+    raise UserError(f"model.pooling = {pooling!r} is not one of overlap, non-overlap")
+
+
+def avg_pool(pooling: str) -> nn.AvgPool2d:
+    """Average-pool counterpart of `max_pool` (the four-layer CIFAR net pools by averaging after conv2, conv3)."""
+    if pooling == "overlap":
+        return nn.AvgPool2d(kernel_size=3, stride=2, ceil_mode=True)
+    if pooling == "non-overlap":
+        return nn.AvgPool2d(kernel_size=2, stride=2)
+    raise UserError(f"model.pooling = {pooling!r} is not one of overlap, non-overlap")
+
+
+def pool_out(n: int) -> int:
+    """Spatial size after either pool above (3/2 ceil rule or 2/2 floor rule: both are n // 2)."""
+    return n // 2
+
+
+def dropout(p: float) -> nn.Module:
+    """Dropout, or an Identity in its place so state-dict indices stay those of torchvision's AlexNet."""
+    if not 0.0 <= p < 1.0:
+        raise UserError(f"model.dropout = {p} must be in [0, 1); 0 disables dropout")
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def init_weights(layers: dict[str, nn.Module], scheme: str, act: str, *,
+                 std: float | dict[str, float] = 0.01, bias_one: tuple[str, ...] = ()) -> None:
+    """Initialise named conv/linear layers in place; the last entry of `layers` is the classifier output.
+
+    paper: weights N(0, std) (section 5), biases 1 for the layers in `bias_one`, 0 elsewhere.
+    kaiming: He-normal fan-in weights for the activation used, zero biases; trains fast at small scales.
+    """
+    if scheme not in ("paper", "kaiming"):
+        raise UserError(f"model.init = {scheme!r} is not one of paper, kaiming")
+    last = list(layers)[-1]
+    for name, m in layers.items():
+        if scheme == "paper":
+            nn.init.normal_(m.weight, 0.0, std[name] if isinstance(std, dict) else std)
+            nn.init.constant_(m.bias, 1.0 if name in bias_one else 0.0)
+        else:
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear" if name == last else act)
+            nn.init.zeros_(m.bias)
