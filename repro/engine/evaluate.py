@@ -1,0 +1,107 @@
+"""Scoring a model: top-1/top-5 error (percent) on a centre crop and on the ten-crop softmax average (section 4.1),
+plus logits and last-hidden-layer features for the later analyses (ensembles, retrieval)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from repro.config import RunConfig, from_dict
+from repro.data.augment import center_crop, ten_crop as ten_crops
+from repro.engine import checkpoint
+from repro.errors import UserError
+from repro.models import build_model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(images.device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bool, dtype) -> dict[str, torch.Tensor]:
+    """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops."""
+    was_training = model.training
+    model.eval()
+    fwd = unwrap(model).forward_features if features else model
+    centre, avg, labels = [], [], []
+    try:
+        for images, y in loader:
+            with _autocast(images, dtype):
+                centre.append(fwd(transform(center_crop(images, crop))).float().cpu())
+                if ten_crop:
+                    crops = ten_crops(images, crop)  # (10, N, C, crop, crop)
+                    n = images.shape[0]
+                    out = model(transform(crops.reshape(10 * n, *crops.shape[2:]))).float()
+                    avg.append(F.softmax(out, dim=1).reshape(10, n, -1).mean(0).cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    out = {"centre": torch.cat(centre), "labels": torch.cat(labels)}
+    if ten_crop:
+        out["ten_crop"] = torch.cat(avg)
+    return out
+
+
+def topk_errors(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 error in percent (top-5 is 0 when there are 5 classes or fewer)."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    hit = top == labels[:, None]
+    return 100.0 * (1 - hit[:, 0].float().mean().item()), 100.0 * (1 - hit.any(1).float().mean().item())
+
+
+def evaluate(model, loader, transform, *, crop: int, ten_crop: bool = False, dtype=None) -> tuple[dict, torch.Tensor]:
+    """(metrics, centre-crop logits (N, classes) float32 in loader order). Metrics: `top1_err`, `top5_err`,
+    `loss` and, with ten_crop, `top1_err_10crop`, `top5_err_10crop` (argmax of the mean softmax of 10 views)."""
+    out = _passes(model, loader, transform, crop=crop, ten_crop=ten_crop, features=False, dtype=dtype)
+    logits, labels = out["centre"], out["labels"]
+    top1, top5 = topk_errors(logits, labels)
+    metrics = {"top1_err": top1, "top5_err": top5, "loss": F.cross_entropy(logits, labels).item()}
+    if ten_crop:
+        metrics["top1_err_10crop"], metrics["top5_err_10crop"] = topk_errors(out["ten_crop"], labels)
+    return metrics, logits
+
+
+def predict(model, loader, transform, *, crop: int, ten_crop: bool = False, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) over `loader` in order: centre-crop logits, or with ten_crop the ten-crop mean softmax."""
+    out = _passes(model, loader, transform, crop=crop, ten_crop=ten_crop, features=False, dtype=dtype)
+    return (out["ten_crop"] if ten_crop else out["centre"]), out["labels"]
+
+
+def extract_features(model, loader, transform, *, crop: int, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, features_dim), labels): the last hidden layer on the centre crop (section 6.1, figure 4)."""
+    out = _passes(model, loader, transform, crop=crop, ten_crop=False, features=True, dtype=dtype)
+    return out["centre"], out["labels"]
+
+
+def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig]:
+    """The trained model of a run (eval mode, latest checkpoint) and its config."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    try:
+        cfg = from_dict(json.loads(cfg_path.read_text())["config"], source=str(cfg_path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_path}: cannot read the run's config ({type(e).__name__}); is {run_dir} a run folder?") from None
+    state = checkpoint.load(run_dir)
+    if state is None:
+        raise UserError(f"{run_dir} has no checkpoint; train the run first (repro run)")
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg

@@ -1,0 +1,210 @@
+"""Tiny stand-ins for the engine tests: a 4-class model and in-memory loaders that honour the loader contract
+(uint8 NCHW batches, seeded shuffle by (seed, epoch), fixed val order). Also runnable as a script so that the
+signal tests can train in a child process:  python tests/test_engine_support.py RUN_DIR '{"train.epochs": 3}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repro.config import RunConfig, apply_overrides
+
+
+def _install_missing_modules() -> None:
+    """Until repro.data / repro.models exist, give the engine modules to import (replaced by the fakes below)."""
+    try:
+        import repro.data  # noqa: F401
+        import repro.data.augment  # noqa: F401
+        import repro.models  # noqa: F401
+        return
+    except ImportError:
+        pass
+    data = types.ModuleType("repro.data")
+    augment = types.ModuleType("repro.data.augment")
+    models = types.ModuleType("repro.models")
+    data.make_loaders = lambda *a, **k: None
+    augment.BatchTransform = None
+    augment.center_crop = center_crop
+    augment.ten_crop = ten_crop
+    models.build_model = lambda *a, **k: None
+    data.augment = augment
+    sys.modules.update({"repro.data": data, "repro.data.augment": augment, "repro.models": models})
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    views = [x[..., :size, :size], x[..., :size, w - size:], x[..., h - size:, :size], x[..., h - size:, w - size:],
+             center_crop(x, size)]
+    views += [v.flip(-1) for v in views]
+    return torch.stack(views)
+
+
+_install_missing_modules()
+
+
+class TinyNet(nn.Module):
+    """conv -> act -> global pool -> fc (the features) -> act -> dropout -> fc."""
+
+    def __init__(self, num_classes: int = 4, activation: str = "relu"):
+        super().__init__()
+        act = nn.Tanh if activation == "tanh" else nn.ReLU
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(8, 16), act())
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, num_classes))
+        self.features_dim = 16
+
+    def forward_features(self, x):
+        return self.fc(self.conv(x))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def make_images(n: int, seed: int, side: int = 8, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    base = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [150, 150, 150]], dtype=torch.float)[labels]
+    x = base[:, :, None, None] + 50 * torch.randn(n, 3, side, side, generator=g)
+    return x.clamp(0, 255).to(torch.uint8), labels
+
+
+class TrainLoader:
+    """Shuffles with a generator seeded by (seed, epoch) and flips at random, as the real loaders do."""
+
+    def __init__(self, images, labels, batch_size, seed):
+        self.images, self.labels, self.batch_size, self.seed, self.epoch = images, labels, batch_size, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.labels), generator=g)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            x = self.images[idx]
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x[flip] = x[flip].flip(-1)
+            yield x, self.labels[idx]
+
+
+class ValLoader:
+    def __init__(self, images, labels, batch_size):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __iter__(self):
+        for i in range(0, len(self.labels), self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+
+class Transform:
+    """Mean subtraction, and at train time a little noise from torch's global generator (as PCA lighting)."""
+
+    def __init__(self, manifest, cfg, train):
+        self.train = train
+
+    def __call__(self, x):
+        x = (x.float() - 128.0) / 64.0
+        return x + 0.05 * torch.randn_like(x) if self.train else x
+
+
+def make_loaders(cfg, *, device, distributed=False):
+    n_train = cfg.data.train_limit or 64
+    xtr, ytr = make_images(n_train, 1)
+    xva, yva = make_images(32, 2)
+    train = TrainLoader(xtr, ytr, cfg.train.batch_size, cfg.train.seed)
+    return types.SimpleNamespace(train=train, val=ValLoader(xva, yva, 16), train_eval=ValLoader(xtr, ytr, 16),
+                                 manifest={"hash": "stand-in"}, backend="torch", num_train=n_train, num_val=32,
+                                 batches_per_epoch=len(train))
+
+
+def build_model(mcfg):
+    return TinyNet(mcfg.num_classes, mcfg.activation)
+
+
+def tiny_config(**overrides) -> RunConfig:
+    base = {"model.num_classes": 4, "model.input_size": 8, "train.epochs": 2, "train.batch_size": 16,
+            "train.lr": 0.05, "train.log_every": 3, "train.schedule": "constant", "train.device": "cpu",
+            "train.target_train_err": 60.0, "train.channels_last": False}
+    base.update(overrides)
+    return apply_overrides(RunConfig(), base)
+
+
+def use_stand_ins(monkeypatch_or_module) -> None:
+    """Point the engine at the stand-ins (a pytest monkeypatch, or None to patch for good in a child process)."""
+    import importlib
+
+    # by module path: the package attribute `repro.engine.evaluate` is the function of that name
+    ev = importlib.import_module("repro.engine.evaluate")
+    tr = importlib.import_module("repro.engine.train")
+
+    for mod, name, value in [(tr, "make_loaders", make_loaders), (tr, "build_model", build_model),
+                             (tr, "BatchTransform", Transform), (ev, "build_model", build_model),
+                             (ev, "center_crop", center_crop), (ev, "ten_crops", ten_crop)]:
+        if monkeypatch_or_module is None:
+            setattr(mod, name, value)
+        else:
+            monkeypatch_or_module.setattr(mod, name, value)
+
+
+if __name__ == "__main__":
+    from repro.engine import fit
+
+    import os
+    import signal
+    import time
+
+    import repro.engine.checkpoint as ck
+
+    use_stand_ins(None)
+    torch.set_num_threads(1)
+    overrides = json.loads(sys.argv[2])
+    sleep = overrides.pop("_sleep", 0)  # seconds per training batch, so a signal lands mid-run
+    kill_at = overrides.pop("_kill_in_save", None)  # [save number, "write" | "rename"]: SIGKILL inside a save
+    if sleep:
+        import repro.engine.train as tr
+
+        class Slow(Transform):
+            def __call__(self, x):
+                if self.train:
+                    time.sleep(sleep)
+                return super().__call__(x)
+
+        tr.BatchTransform = Slow
+    if kill_at:
+        saves = {"n": 0}
+        real_save, real_replace = ck.torch.save, ck.os.replace
+
+        def torch_save(obj, f):
+            saves["n"] += 1
+            if saves["n"] == kill_at[0] and kill_at[1] == "write":
+                f.write(b"PK\x03\x04 half a checkpoint")  # the start of a zip, then the process dies
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_save(obj, f)
+
+        def replace(src, dst):
+            real_replace(src, dst)
+            if saves["n"] == kill_at[0] and kill_at[1] == "rename" and str(dst).endswith("prev.pt"):
+                os.kill(os.getpid(), signal.SIGKILL)  # between moving the old one away and the new one in
+
+        ck.torch.save = torch_save
+        ck.os.replace = replace
+    cfg = tiny_config(**overrides)
+    fit(cfg, Path(sys.argv[1]), progress=False)
