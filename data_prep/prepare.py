@@ -1,0 +1,216 @@
+"""`repro prepare-data`: read a source, pick classes and caps, write train/val betons and manifest.json.
+
+Nothing is done when the output already matches the settings; otherwise betons are written under `.tmp` names
+and renamed only when both are complete, the manifest last, so an interrupted run never looks finished.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from data_prep import __version__
+from data_prep.manifest import FORMAT, content_hash, pixel_stats, read_existing, sha256_file, write_json_atomic
+from data_prep.sources import DEFAULT_RES, DEFAULT_ROOTS, SourceData, Split, load_source
+from repro.errors import UserError
+
+RAW_MAX_SIDE = 64  # stored side up to which images are kept raw (tiny sets decode fastest uncompressed)
+
+
+@dataclass
+class PrepareOptions:
+    res: int | None = None
+    max_side: bool = False
+    classes: str | None = None
+    train_per_class: int | None = None
+    val_per_class: int | None = None
+    jpeg_quality: int = 90
+    workers: int = 0
+    seed: int = 0
+    force: bool = False
+
+
+def resolve_settings(source: str, opts: PrepareOptions) -> dict:
+    """The settings recorded in (and compared against) the manifest, defaults filled in."""
+    res = opts.res or DEFAULT_RES[source]
+    settings = {"res": res, "max_side": opts.max_side, "classes": opts.classes,
+                "train_per_class": opts.train_per_class, "val_per_class": opts.val_per_class,
+                "jpeg_quality": opts.jpeg_quality, "write_mode": "raw" if res <= RAW_MAX_SIDE else "jpg",
+                "seed": opts.seed}
+    if source == "synthetic":  # the synthetic counts are what it generates, not caps
+        from data_prep.sources import synthetic
+
+        settings.update(classes=str(synthetic.class_count(opts.classes)),
+                        train_per_class=opts.train_per_class or synthetic.DEFAULT_TRAIN,
+                        val_per_class=opts.val_per_class or synthetic.DEFAULT_VAL)
+    return settings
+
+
+def select_classes(data: SourceData, classes: str | None) -> list[int]:
+    """Indices into data.class_ids kept by --classes (a count N: the first N ids; or a file of ids)."""
+    ids = data.class_ids
+    if classes is None:
+        return list(range(len(ids)))
+    if classes.isdigit():
+        n = int(classes)
+        if not 1 <= n <= len(ids):
+            raise UserError(f"--classes {n}: the source has {len(ids)} classes; pass 1..{len(ids)} or a file of ids")
+        return list(range(n))
+    path = Path(classes)
+    try:
+        wanted = [s.split()[0] for s in path.read_text().splitlines() if s.strip() and not s.startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--classes {classes}: neither a number nor a readable file of class ids ({e})") from None
+    index = {c: i for i, c in enumerate(ids)}
+    unknown = [c for c in wanted if c not in index]
+    if unknown or not wanted:
+        what = f"class id {unknown[0]!r} is not in the source" if unknown else "no class ids in it"
+        raise UserError(f"--classes {path}: {what}; list one id per line from: {', '.join(ids[:5])}, ...")
+    if len(set(wanted)) != len(wanted):
+        raise UserError(f"--classes {path}: a class id is listed twice; list each once")
+    return [index[c] for c in wanted]
+
+
+def restrict(split: Split, keep: list[int], cap: int | None, rng: np.random.Generator) -> Split:
+    """Keep the chosen classes (relabelled 0..K-1 in `keep` order) and at most `cap` images of each."""
+    new_label = np.full(max(int(split.labels.max(initial=0)), max(keep)) + 1, -1, dtype=np.int64)
+    new_label[keep] = np.arange(len(keep))
+    index = []
+    for old in keep:
+        idx = np.flatnonzero(split.labels == old)
+        if cap is not None and len(idx) > cap:
+            idx = np.sort(rng.choice(idx, cap, replace=False))
+        index.append(idx)
+    index = np.sort(np.concatenate(index)) if index else np.zeros(0, np.int64)
+    return split.subset(index, new_label[split.labels[index]])
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what we must remove if we fail)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def check_output(out: Path, estimate: int) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out} ({e.strerror or e}); choose a writable --out") from None
+    free = shutil.disk_usage(out).free
+    if free < estimate:
+        raise UserError(f"not enough space in {out}: about {estimate / 1e6:,.0f} MB needed, {free / 1e6:,.0f} MB "
+                        f"free; free some space or choose another --out")
+
+
+def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, progress: bool = True) -> str:
+    """Convert `source` at `root` into `out/{train,val}.beton` + `out/manifest.json`; return the summary line."""
+    start = time.time()
+    if source not in DEFAULT_RES:
+        raise UserError(f"unknown source {source!r}; use one of {', '.join(DEFAULT_RES)}")
+    if root is None and source in DEFAULT_ROOTS:
+        root = Path(DEFAULT_ROOTS[source])
+    if root is None and source in ("cifar10", "imagefolder", "imagenet"):
+        raise UserError(f"{source} needs --root: the folder holding the dataset")
+    root_str = os.path.abspath(root) if root is not None else None
+    out = Path(out)
+    settings = resolve_settings(source, opts)
+
+    old = read_existing(out)
+    if old and not opts.force and old.get("source") == source and old.get("root") == root_str \
+            and old.get("settings") == settings:
+        total = sum(s["count"] for s in old["splits"].values())
+        return f"{out} is up to date ({total:,} images, hash {old.get('hash')}); use --force to rebuild"
+
+    from data_prep.writer import make_progress, write_split  # imports ffcv (seconds): not on the up-to-date path
+
+    data = load_source(source, root, opts)
+    rng = np.random.default_rng(opts.seed)
+    keep = list(range(len(data.class_ids))) if source == "synthetic" else select_classes(data, opts.classes)
+    splits = {"train": restrict(data.train, keep, opts.train_per_class, rng),
+              "val": restrict(data.val, keep, opts.val_per_class, rng)}
+    for name, split in splits.items():
+        if not len(split):
+            raise UserError(f"{root_str or source}: the {name} split is empty after selecting classes; "
+                            f"check --root and --classes")
+    res = settings["res"]
+    bytes_per_image = res * res * 3 if settings["write_mode"] == "raw" else res * res * 3 // 5
+    estimate = sum(len(s) for s in splits.values()) * bytes_per_image + 64 * (1 << 21)
+
+    created = _first_missing(out.absolute())
+    check_output(out, estimate)
+    tmp = {name: out / f"{name}.beton.tmp" for name in splits}
+    results = {}
+    try:
+        with make_progress(progress) as bar:
+            for name, split in splits.items():
+                # Train is stored shuffled: FFCV's quasi-random order shuffles within pages, and class-sorted
+                # pages would give class-correlated batches. Val keeps the source order.
+                order = np.arange(len(split))
+                if name == "train":
+                    order = np.random.default_rng([opts.seed, 7]).permutation(len(split))
+                results[name] = write_split(str(tmp[name]), split, res=res, max_side=opts.max_side,
+                                            write_mode=settings["write_mode"], jpeg_quality=opts.jpeg_quality,
+                                            workers=opts.workers or os.cpu_count() or 1, order=order,
+                                            stats=name == "train", progress=bar, name=f"{source} {name}")
+    except BaseException as e:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise UserError(f"writing to {out} failed ({e.strerror}); free space or choose a writable --out") from None
+        raise
+
+    skipped = [{"path": p, "reason": r} for p, r in ((d["path"], d["reason"]) for d in data.skipped)]
+    split_info = {}
+    for name, split in splits.items():
+        index = results[name]["index"]
+        skipped += [{"path": split.paths[i], "split": name, "reason": r} for i, r in results[name]["skipped"]]
+        split_info[name] = {"file": f"{name}.beton", "count": int(len(index)),
+                            "per_class": np.bincount(split.labels[index], minlength=len(keep)).tolist(),
+                            "sha256": sha256_file(tmp[name]), "bytes": tmp[name].stat().st_size}
+    train = results["train"]
+    manifest = {
+        "format": FORMAT, "source": source, "root": root_str, "settings": settings,
+        "image": {"height": res, "width": res, "fixed_size": not opts.max_side},
+        "classes": {"ids": [data.class_ids[i] for i in keep], "names": [data.class_names[i] for i in keep]},
+        "splits": split_info,
+        **pixel_stats(train["sums"]),
+        "stats_from": {"images": train["stat_images"], "of": split_info["train"]["count"],
+                       "sampled": train["stat_images"] < split_info["train"]["count"]},
+        "train_order": "shuffled",
+        "skipped": skipped,
+        "tool_version": __version__,
+        "seconds": round(time.time() - start, 2),
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "hash": content_hash([split_info["train"]["sha256"], split_info["val"]["sha256"]], settings),
+    }
+    (out / "manifest.json").unlink(missing_ok=True)  # old manifest must not describe the new betons
+    for name in splits:
+        os.replace(tmp[name], out / f"{name}.beton")
+    write_json_atomic(out / "manifest.json", manifest)
+
+    written = sum(s["count"] for s in split_info.values())
+    size = sum(s["bytes"] for s in split_info.values())
+    seconds = time.time() - start
+    line = (f"wrote {split_info['train']['count']:,} train + {split_info['val']['count']:,} val images to {out} "
+            f"({size / 1e6:,.1f} MB) in {seconds:.1f} s ({written / seconds:,.0f} images/s), skipped {len(skipped)}")
+    if skipped:
+        line += f" (listed in manifest.json; first: {skipped[0]['path']}: {skipped[0]['reason']})"
+    return line

@@ -1,0 +1,175 @@
+"""One split -> one .beton through FFCV's DatasetWriter, in parallel, with a rich progress bar.
+
+Worker processes decode, resize and encode each image and add its pixel sums to shared arrays (for the manifest's
+mean, std and RGB PCA). A file that fails to decode is written as a black placeholder and flagged; if any were
+flagged, the split is written a second time without them, so the common case decodes every file once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from multiprocessing import Process, Queue, RawArray, Value
+from time import sleep
+
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from data_prep.images import SkipImage, array_to_stored, read_image, to_stored
+from data_prep.sources import Split
+from repro.errors import UserError
+
+STATS_SAMPLE = 50_000  # image files whose pixels enter mean/std/PCA (in-memory sources use every image)
+OK, FAILED = 0, 1
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")
+
+
+def make_progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+class SplitDataset:
+    """Indexable view FFCV's workers read from: item i -> (stored RGB uint8 image, label)."""
+
+    def __init__(self, split: Split, res: int, max_side: bool, stat_slots: np.ndarray):
+        self.split, self.res, self.max_side = split, res, max_side
+        n = len(split)
+        self.status = np.frombuffer(RawArray(ctypes.c_int8, max(n, 1)), dtype=np.int8)
+        # why it failed, as a code into REASONS: workers cannot cheaply send strings back
+        self.reason_codes = np.frombuffer(RawArray(ctypes.c_int16, max(n, 1)), dtype=np.int16)
+        # slot[i] >= 0: row of `sums` where image i's pixel sums go (sum RGB, sum of RGB outer products, count)
+        self.slot = stat_slots
+        self.sums = np.frombuffer(RawArray(ctypes.c_double, max(1, int((stat_slots >= 0).sum())) * 13),
+                                  dtype=np.float64).reshape(-1, 13)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        label = int(self.split.labels[i])
+        try:
+            if self.split.images is not None:
+                img = array_to_stored(self.split.images[i], self.res, self.max_side)
+            else:
+                img = to_stored(read_image(self.split.paths[i], self.res), self.res, self.max_side)
+        except SkipImage as e:
+            self.status[i] = FAILED
+            self.reason_codes[i] = _code(str(e))
+            return np.zeros((8, 8, 3), np.uint8), label
+        if self.slot[i] >= 0:
+            x = img.reshape(-1, 3).astype(np.float64)
+            row = self.sums[self.slot[i]]
+            row[:3] = x.sum(0)
+            row[3:12] = (x.T @ x).ravel()
+            row[12] = len(x)
+        return img, label
+
+
+# Reasons travel from workers as small integers; the table is fixed so codes mean the same in every process.
+REASONS = {r: k for k, r in enumerate(["empty file", "not an image (unknown format)", "truncated image",
+                                       "unreadable: permission denied", "image too large (over 268M pixels)"])}
+OTHER = len(REASONS)
+
+
+def _code(reason: str) -> int:
+    return REASONS.get(reason, OTHER)
+
+
+class _Writer(DatasetWriter):
+    """DatasetWriter whose progress goes to rich and which fails instead of waiting forever for a dead worker."""
+
+    def __init__(self, fname, fields, page_size, num_workers, on_done):
+        super().__init__(fname, fields, page_size=page_size, num_workers=num_workers)
+        self.on_done = on_done
+
+    def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+        # Same steps as ffcv 1.0.2's DatasetWriter._write_common, with the polling loop changed.
+        from ffcv.memory_allocator import MemoryAllocator
+
+        self.num_samples = num_samples
+        self.prepare()
+        workqueue, allocations_queue = Queue(), Queue()
+        for todo in queue_content:
+            workqueue.put(todo)
+        for _ in range(self.num_workers):
+            workqueue.put(None)
+        done_number = Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator, done_number,
+                allocations_queue, *extra_worker_args)
+        processes = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+        try:
+            for p in processes:
+                p.start()
+            previous = 0
+            while previous != self.num_samples:
+                value = done_number.value
+                if value > previous:
+                    self.on_done(value - previous)
+                previous = value
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise UserError(f"writing {self.fname} failed: a worker exited with code {dead[0].exitcode} "
+                                    f"(disk full or output not writable?); free space in "
+                                    f"{os.path.dirname(self.fname)} and run again")
+                sleep(0.05)
+            allocations = []
+            for _ in processes:
+                allocations.extend(allocations_queue.get())
+            for p in processes:
+                p.join()
+            self.finalize(allocations)
+        finally:
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+
+def _write(path: str, dataset: SplitDataset, order: np.ndarray, write_mode: str, res: int, jpeg_quality: int,
+           workers: int, progress: Progress, description: str) -> None:
+    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality),
+              "label": IntField()}
+    # Each worker fills whole pages: fewer workers for small splits keeps tiny betons tiny.
+    n_workers = max(1, min(workers, math.ceil(len(order) / 1000)))
+    page_size = MIN_PAGE_SIZE if res <= 512 else 8 * MIN_PAGE_SIZE
+    task = progress.add_task(description, total=len(order))
+    writer = _Writer(path, fields, page_size, n_workers, lambda k: progress.advance(task, k))
+    writer.from_indexed_dataset(dataset, indices=list(order), chunksize=max(1, min(100, len(order) // n_workers)))
+    progress.update(task, completed=len(order))
+
+
+def write_split(path: str, split: Split, *, res: int, max_side: bool, write_mode: str, jpeg_quality: int,
+                workers: int, order: np.ndarray, stats: bool, progress: Progress, name: str) -> dict:
+    """Write `split[order]` to `path`; return {"index": written source indices, "skipped": [(i, reason)],
+    "sums": summed pixel statistics or None}."""
+    slots = np.full(len(split), -1, dtype=np.int64)
+    if stats:
+        chosen = order if len(order) <= STATS_SAMPLE or split.images is not None else np.sort(
+            np.random.default_rng(0).choice(order, STATS_SAMPLE, replace=False))
+        slots[chosen] = np.arange(len(chosen))
+    dataset = SplitDataset(split, res, max_side, slots)
+    _write(path, dataset, order, write_mode, res, jpeg_quality, workers, progress, f"{name}")
+    failed = order[dataset.status[order] == FAILED]
+    if len(failed):  # rare: rewrite without the broken files so the beton holds real images only
+        order = order[dataset.status[order] != FAILED]
+        if not len(order):
+            raise UserError(f"every {name} image failed to decode (first: {split.paths[failed[0]]}); "
+                            f"check the files")
+        _write(path, dataset, order, write_mode, res, jpeg_quality, workers, progress, f"{name} (again, without "
+               f"{len(failed)} bad files)")
+    names = {k: r for r, k in REASONS.items()}
+    skipped = [(int(i), names.get(int(dataset.reason_codes[i]), "cannot decode")) for i in failed]
+    used = slots[order]
+    sums = dataset.sums[used[used >= 0]].sum(0) if stats else None
+    return {"index": order, "skipped": skipped, "sums": sums, "stat_images": int((used >= 0).sum())}
