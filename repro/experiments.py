@@ -100,7 +100,10 @@ def _check_config(path: Path, where: str, overrides: dict[str, Any]) -> dict[str
     for key, value in overrides.items():
         if isinstance(value, dict):
             raise UserError(f"{path}: [{where}] {key!r} is a table; write dotted keys in quotes, e.g. \"model.lrn\" = false")
-    apply_overrides(RunConfig(), overrides, source=f"{path} [{where}]")
+    try:
+        apply_overrides(RunConfig(), overrides, source=f"{path} [{where}]")
+    except UserError as e:  # value errors do not know the file: add it
+        raise UserError(str(e) if str(path) in str(e) else f"{path} [{where}]: {e}") from None
     return dict(overrides)
 
 
@@ -198,9 +201,9 @@ def parse_experiment(path: Path) -> Experiment:
         paper=dict(paper), base=base, scales={k: dict(v) for k, v in scales.items()}, file=str(path))
 
 
-def load_scales(directory: Path | str = EXPERIMENTS_DIR) -> dict[str, dict[str, Any]]:
+def load_scales(directory: Path | str | None = None) -> dict[str, dict[str, Any]]:
     """`_scales.toml`: one table per scale with `data`, `seeds` and config overrides."""
-    path = Path(directory) / "_scales.toml"
+    path = Path(directory or EXPERIMENTS_DIR) / "_scales.toml"
     raw = _load_toml(path)
     for scale in raw:
         if scale not in SCALES:
@@ -215,9 +218,9 @@ def load_scales(directory: Path | str = EXPERIMENTS_DIR) -> dict[str, dict[str, 
     return raw
 
 
-def load_registry(directory: Path | str = EXPERIMENTS_DIR) -> dict[str, Experiment]:
+def load_registry(directory: Path | str | None = None) -> dict[str, Experiment]:
     """Every `experiments/*.toml` except `_scales.toml`, by name (the file stem), validated."""
-    directory = Path(directory)
+    directory = Path(directory or EXPERIMENTS_DIR)
     if not directory.is_dir():
         raise UserError(f"{directory}: no experiments folder; run from the repository root")
     load_scales(directory)
@@ -259,7 +262,7 @@ def manifest_facts(data_dir: Path | str) -> tuple[str, int, int]:
 def resolve(exp: Experiment, scale: str, data_dir: Path | str | None = None, seeds: int | None = None,
             sets: dict[str, Any] | None = None, scales: dict[str, dict[str, Any]] | None = None) -> list[PlannedRun]:
     """Every (variant, seed) run of `exp` at `scale`, with its fully resolved config and hash."""
-    scales = scales if scales is not None else load_scales(Path(exp.file).parent if exp.file else EXPERIMENTS_DIR)
+    scales = scales if scales is not None else load_scales(Path(exp.file).parent if exp.file else None)
     settings = scale_settings(exp, scale, scales)
     data = data_dir_for(exp, scale, data_dir, scales)
     n_seeds = seeds if seeds is not None else settings["seeds"]

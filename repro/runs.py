@@ -1,0 +1,259 @@
+"""The run store: one directory per resolved config, seen by each experiment through a symlink, and read back as pandas.
+
+Layout under a runs folder:
+    store/<config_hash>/                         the real run directory (engine files + planned.json + .lock)
+    <experiment>/<variant>/seed<k>-<hash>        -> ../../store/<hash>  (relative symlink)
+    <experiment>/analysis.json, analysis.npz     post-training analyses
+A run shared by several experiments (the baseline) therefore exists, and is trained, once. `fcntl.flock` on
+`store/<hash>/.lock` keeps two processes off one run; a held lock is how `status` tells "running".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from repro.config import flatten, from_dict, to_dict
+from repro.errors import UserError
+
+RESULT_FORMAT = 1
+STATUSES = ("done", "diverged", "failed", "interrupted", "running", "pending", "stale")
+LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)$")
+BASE_COLUMNS = ["experiment", "variant", "seed", "scale", "status", "error", "run_dir", "config_hash",
+                "epochs_done", "iterations"]
+METRIC_COLUMNS = ["top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
+                  "best_val_top1_err", "iters_to_target"]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    """Parsed JSON, or None when the file is missing or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store_dir(runs_dir: Path, config_hash: str) -> Path:
+    return Path(runs_dir) / "store" / config_hash
+
+
+def link_path(runs_dir: Path, experiment: str, variant: str, seed: int, config_hash: str) -> Path:
+    return Path(runs_dir) / experiment / variant / f"seed{seed}-{config_hash}"
+
+
+def ensure_run(runs_dir: Path, run, *, planned: dict[str, Any] | None = None) -> Path:
+    """Create the store directory and the experiment's symlink for a PlannedRun; return the store directory.
+
+    `planned.json` records the resolved config and scale so that a run that never started still shows up with
+    its settings. Creating the link with `os.symlink` is atomic, so two processes can race here safely.
+    """
+    real = store_dir(runs_dir, run.config_hash)
+    real.mkdir(parents=True, exist_ok=True)
+    if not (real / "planned.json").exists():
+        write_json(real / "planned.json", planned or {"scale": run.scale, "config": to_dict(run.cfg),
+                                                      "config_hash": run.config_hash})
+    link = link_path(runs_dir, run.experiment, run.variant, run.seed, run.config_hash)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(real, link.parent)
+    try:
+        os.symlink(target, link, target_is_directory=True)
+    except FileExistsError:
+        if os.readlink(link) != target:
+            raise UserError(f"{link} exists and does not point to {target}; remove it and run again") from None
+    return real
+
+
+@contextmanager
+def run_lock(run_dir: Path, *, wait: bool = False) -> Iterator[bool]:
+    """Hold the run's lock for the block; yields False (without waiting) when another process holds it."""
+    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """True when some process (this one included, through another open) holds the run's lock."""
+    if not (Path(run_dir) / ".lock").exists():
+        return False
+    with run_lock(run_dir) as got:
+        return not got
+
+
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    return read_json(Path(run_dir) / "result.json")
+
+
+def run_status(run_dir: Path, *, check_lock: bool = True) -> str:
+    """done / diverged / failed / interrupted / running / pending / stale for one run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return "pending"
+    if check_lock and is_locked(run_dir):
+        return "running"
+    result = read_result(run_dir)
+    if result is not None:
+        if result.get("format") != RESULT_FORMAT or result.get("status") not in ("done", "diverged", "failed",
+                                                                                  "interrupted"):
+            return "stale"
+        return result["status"]
+    if any((run_dir / f).exists() for f in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl")):
+        return "interrupted"  # killed without a record (kill -9): the checkpoint lets it resume
+    return "pending"
+
+
+def iter_links(runs_dir: Path) -> Iterator[tuple[str, str, int, str, Path]]:
+    """(experiment, variant, seed, config_hash, link) for every run link, in a stable order."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return
+    for exp in sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name != "store"):
+        for variant in sorted(p for p in exp.iterdir() if p.is_dir() and not p.is_symlink()):
+            for link in sorted(variant.iterdir()):
+                m = LINK_RE.match(link.name)
+                if m:
+                    yield exp.name, variant.name, int(m.group(1)), m.group(2), link
+
+
+def _config_columns(config: Any) -> dict[str, Any]:
+    try:
+        return flatten(from_dict(config))
+    except Exception:  # a config from another format version: keep what is there, never crash
+        if isinstance(config, dict):
+            return {f"{s}.{k}": v for s, d in config.items() if isinstance(d, dict) for k, v in d.items()}
+        return {}
+
+
+def _row(experiment: str, variant: str, seed: int, config_hash: str, link: Path) -> dict[str, Any]:
+    real = link.resolve()
+    status = run_status(real)
+    result = read_result(real) or {}
+    planned = read_json(real / "planned.json") or {}
+    row: dict[str, Any] = {"experiment": experiment, "variant": variant, "seed": seed,
+                           "scale": planned.get("scale"), "status": status, "error": result.get("error"),
+                           "run_dir": str(link), "config_hash": config_hash,
+                           "epochs_done": result.get("epochs_done"), "iterations": result.get("iterations")}
+    metrics = result.get("metrics") if status == "done" and isinstance(result.get("metrics"), dict) else {}
+    for key in METRIC_COLUMNS:
+        row[key] = metrics.get(key)
+    row.update({k: v for k, v in metrics.items() if k not in row})
+    config = result.get("config") if status != "stale" and result.get("config") else planned.get("config")
+    row.update(_config_columns(config))
+    prov = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}
+    for key, value in prov.items():
+        row[f"prov.{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+    return row
+
+
+def collect(runs_dir: Path | str) -> pd.DataFrame:
+    """One row per (experiment, variant, seed) link; metrics are NaN unless the run is done."""
+    rows = [_row(*item) for item in iter_links(Path(runs_dir))]
+    df = pd.DataFrame(rows, columns=None if rows else BASE_COLUMNS + METRIC_COLUMNS)
+    for col in BASE_COLUMNS + METRIC_COLUMNS:
+        if col not in df:
+            df[col] = None
+    for col in METRIC_COLUMNS + ["epochs_done", "iterations"]:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    first = BASE_COLUMNS + METRIC_COLUMNS
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def write_results(runs_dir: Path | str, out: Path | str, format: str = "csv") -> Path:
+    """Write `collect(runs_dir)` as CSV or Parquet, atomically; returns the path written."""
+    runs_dir, out = Path(runs_dir), Path(out)
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: no runs folder; run `repro run all --scale demo` first or pass --runs")
+    if format not in ("csv", "parquet"):
+        raise UserError(f"--format {format!r}: choose csv or parquet")
+    if format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UserError("--format parquet needs pyarrow: `.venv/bin/pip install pyarrow`, or use --format csv")
+    df = collect(runs_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if format == "csv":
+        df.to_csv(tmp, index=False)
+    else:
+        df.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill; the rest is good
+    return rows
+
+
+def load_curves(run_dir: Path | str) -> pd.DataFrame:
+    """The training curve (`curve.jsonl`): iteration, epoch, train_loss, train_top1_err."""
+    rows = _read_jsonl(Path(run_dir) / "curve.jsonl")
+    return pd.DataFrame(rows, columns=None if rows else ["iteration", "epoch", "train_loss", "train_top1_err"])
+
+
+def load_metrics(run_dir: Path | str) -> pd.DataFrame:
+    """Per-epoch metrics (`metrics.jsonl`)."""
+    rows = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return pd.DataFrame(rows, columns=None if rows else ["epoch", "iteration", "train_loss", "train_top1_err",
+                                                         "val_top1_err", "val_top5_err", "lr", "images_per_s",
+                                                         "seconds"])
+
+
+def load_analyses(runs_dir: Path | str) -> dict[str, dict[str, Any]]:
+    """`{experiment: analysis.json}` for every experiment that has one."""
+    out = {}
+    runs_dir = Path(runs_dir)
+    if runs_dir.is_dir():
+        for path in sorted(runs_dir.glob("*/analysis.json")):
+            data = read_json(path)
+            if isinstance(data, dict):
+                out[path.parent.name] = data
+    return out
+
+
+def load_analysis_arrays(runs_dir: Path | str, experiment: str) -> dict[str, np.ndarray]:
+    """Figure data an analysis saved in `analysis.npz` (empty when there is none)."""
+    path = Path(runs_dir) / experiment / "analysis.npz"
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

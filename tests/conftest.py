@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny synthetic dataset (made once per session), a stand-in manifest and a stand-in `fit`.
+
+The stand-in `fit` writes the files the engine's contract promises (config.json, curve.jsonl, metrics.jsonl,
+val_logits.npy, result.json) without training, so the runner and run store can be tested in milliseconds.
+Subprocess tests import it from this file (`from conftest import fake_fit`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from repro.config import config_hash, to_dict
+
+FAKE_MANIFEST = ("feedc0ffee123456", 4, 200)  # (hash, classes, training images)
+
+
+def fake_fit(cfg, run_dir, *, progress=True):
+    """Write a contract-shaped run record. Env: FAKE_FIT_LOG (append the hash there), FAKE_FIT_SLEEP (seconds)."""
+    run_dir = Path(run_dir)
+    chash = config_hash(cfg)
+    if os.environ.get("FAKE_FIT_LOG"):
+        with open(os.environ["FAKE_FIT_LOG"], "a") as f:
+            f.write(f"{chash} {os.getpid()}\n")
+    time.sleep(float(os.environ.get("FAKE_FIT_SLEEP", "0")))
+    (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "config_hash": chash}))
+    # relu learns faster than tanh, and a larger lr faster, so the convergence analysis has something to find
+    rate = (3.0 if cfg.model.activation == "relu" else 1.0) * cfg.train.lr / 0.01
+    curve = [{"iteration": i, "epoch": 0, "train_loss": 1.0, "train_top1_err": 75.0 / (1 + rate * i / 10)}
+             for i in range(10, 210, 10)]
+    (run_dir / "curve.jsonl").write_text("".join(json.dumps(c) + "\n" for c in curve))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "iteration": 200, "train_loss": 1.0,
+                                                       "train_top1_err": curve[-1]["train_top1_err"],
+                                                       "val_top1_err": 30.0, "val_top5_err": 5.0, "lr": cfg.train.lr,
+                                                       "images_per_s": 1000.0, "seconds": 0.1}) + "\n")
+    rng = np.random.default_rng(cfg.train.seed)
+    np.save(run_dir / "val_logits.npy", rng.normal(size=(20, cfg.model.num_classes)).astype(np.float16))
+    top1 = 30.0 + cfg.train.seed + (0.0 if cfg.model.lrn else 1.5)
+    record = {"format": 1, "status": "done", "error": None, "config": to_dict(cfg), "config_hash": chash,
+              "epochs_done": cfg.train.epochs, "iterations": 200,
+              "metrics": {"top1_err": top1, "top5_err": top1 / 3, "top1_err_10crop": top1 - 1,
+                          "top5_err_10crop": top1 / 3 - 0.5, "train_loss": 1.0,
+                          "train_top1_err": curve[-1]["train_top1_err"], "best_val_top1_err": top1,
+                          "iters_to_target": next((c["iteration"] for c in curve
+                                                   if c["train_top1_err"] < cfg.train.target_train_err), None)},
+              "provenance": {"git_commit": "abc", "packages": {"torch": "x"}, "device": "cpu",
+                             "data_manifest_hash": cfg.data.manifest_hash, "data_backend": "torch",
+                             "wall_time_s": 0.1, "images_per_s": 1000.0, "started": "s", "finished": "f",
+                             "python": "3.11", "host": "test-host"}}
+    (run_dir / "result.json").write_text(json.dumps(record))
+    return record
+
+
+def install_fakes(manifest=FAKE_MANIFEST, fit=fake_fit):
+    """Point repro at the stand-in manifest and engine (for subprocesses; tests use the fixtures)."""
+    import repro.experiments
+
+    repro.experiments._manifest = lambda data_dir: manifest
+    sys.modules["repro.engine"] = types.SimpleNamespace(fit=fit)
+
+
+@pytest.fixture
+def fake_manifest(monkeypatch):
+    import repro.experiments
+
+    monkeypatch.setattr(repro.experiments, "_manifest", lambda data_dir: FAKE_MANIFEST)
+    return FAKE_MANIFEST
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, fake_manifest, tmp_path):
+    """A stand-in `repro.engine` whose fit logs every call; yields the list of trained config hashes."""
+    calls: list[str] = []
+
+    def fit(cfg, run_dir, *, progress=True):
+        calls.append(config_hash(cfg))
+        return fake_fit(cfg, run_dir, progress=progress)
+
+    engine = types.SimpleNamespace(fit=fit)
+    monkeypatch.setitem(sys.modules, "repro.engine", engine)
+    engine.calls = calls
+    return engine
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A tiny real dataset (betons + manifest): 4 classes of 32 px synthetic images, a few hundred in all."""
+    prepare_mod = pytest.importorskip("data_prep.prepare")
+    out = tmp_path_factory.mktemp("data") / "smoke"
+    opts = prepare_mod.PrepareOptions(res=32, train_per_class=60, val_per_class=20, classes="4", seed=0)
+    prepare_mod.prepare("synthetic", None, out, opts, progress=False)
+    return out

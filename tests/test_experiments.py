@@ -1,0 +1,188 @@
+"""The claim registry: every real file loads and resolves; broken files name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import repro.experiments as ex
+from repro.cli import app
+from repro.config import RunConfig, apply_overrides, config_hash
+from repro.errors import UserError
+
+PAPER_IDS = ["baseline", "ensemble", "relu-vs-tanh", "two-gpu-split", "ablation-lrn", "ablation-overlap-pool",
+             "pca-lighting", "dropout", "layer-removal", "ten-crop", "first-layer-filters", "retrieval"]
+
+
+def test_every_paper_claim_is_registered_and_valid():
+    reg = ex.load_registry()
+    assert set(PAPER_IDS) <= set(reg), set(PAPER_IDS) - set(reg)  # the claims table of the paper
+    for name, e in reg.items():
+        assert e.name == name and e.section and e.claim and e.kind in ex.KINDS
+        if e.kind in ("effect", "convergence"):
+            assert e.control in e.groups and all(t in e.groups for t in e.treatments)
+
+
+def test_paper_numbers_match_the_paper():
+    reg = ex.load_registry()
+    assert reg["baseline"].paper["top1_err"] == 40.7 and reg["baseline"].paper["top5_err"] == 18.2
+    assert reg["ablation-lrn"].paper["top1_err"] == -1.4 and reg["ablation-lrn"].paper["top5_err"] == -1.2
+    assert reg["two-gpu-split"].paper["top1_err"] == -1.7
+    assert reg["ablation-overlap-pool"].paper["top5_err"] == -0.3
+    assert reg["ensemble"].paper["top1_err"] == pytest.approx(38.1 - 40.7)
+    assert reg["ten-crop"].paper["top1_err"] == pytest.approx(37.5 - 39.0)
+    assert reg["relu-vs-tanh"].paper["speedup"] == 6.0
+
+
+@pytest.mark.parametrize("scale", ex.SCALES)
+def test_every_experiment_resolves_and_the_baseline_is_shared(fake_manifest, scale):
+    reg = ex.load_registry()
+    scales = ex.load_scales()
+    # the baseline config computed by hand: paper defaults + the scale's table, seed 0
+    table = {k: v for k, v in scales[scale].items() if k not in ("seeds", "data")}
+    base = apply_overrides(RunConfig(), {**table, "data.dir": scales[scale]["data"], "train.seed": 0,
+                                         "data.manifest_hash": fake_manifest[0], "model.num_classes": fake_manifest[1]})
+    base_hash = config_hash(base)
+    sharing = {"baseline": "baseline", "ensemble": "baseline", "ablation-lrn": "lrn", "ablation-overlap-pool": "overlap",
+               "pca-lighting": "pca", "dropout": "dropout", "two-gpu-split": "two", "layer-removal": "full",
+               "ten-crop": "baseline", "first-layer-filters": "baseline", "retrieval": "baseline"}
+    for name, e in reg.items():
+        runs = ex.resolve(e, scale, scales=scales)
+        assert runs and all(r.cfg.model.num_classes == fake_manifest[1] for r in runs)
+        assert len({r.config_hash for r in runs}) == len(runs)  # no two variants collapse into one run
+        if name in sharing:
+            seed0 = [r for r in runs if r.variant == sharing[name] and r.seed == 0]
+            assert seed0[0].config_hash == base_hash, name
+
+
+def test_relu_vs_tanh_is_the_unregularised_four_layer_net(fake_manifest):
+    e = ex.load_registry()["relu-vs-tanh"]
+    runs = ex.resolve(e, "demo")
+    assert {r.group for r in runs} == {"relu", "tanh"}
+    assert len({r.cfg.train.lr for r in runs}) >= 2  # a learning-rate sweep per activation
+    for r in runs:
+        assert r.cfg.model.name == "cifar4" and r.cfg.train.weight_decay == 0 and r.cfg.model.dropout == 0
+        assert r.cfg.data.pca_lighting == 0 and not r.cfg.data.flip
+        assert r.cfg.model.activation == r.group
+
+
+def _write(d: Path, name: str, text: str) -> Path:
+    p = d / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+GOOD = """
+title = "t"
+section = "1"
+claim = "c"
+kind = "effect"
+control = "a"
+treatments = ["b"]
+[base]
+"train.lr" = 0.1
+[variants.a]
+[variants.b]
+"train.lr" = 0.3
+[scales.smoke]
+seeds = 2
+"train.lr" = 0.2
+"""
+
+
+@pytest.fixture
+def exp_dir(tmp_path):
+    d = tmp_path / "experiments"
+    d.mkdir()
+    (d / "_scales.toml").write_text("".join(f'[{s}]\ndata = "data/{s}"\nseeds = 1\n"train.epochs" = 7\n'
+                                            for s in ex.SCALES))
+    return d
+
+
+def test_resolution_order(exp_dir, fake_manifest):
+    e = ex.parse_experiment(_write(exp_dir, "x", GOOD))
+    runs = ex.resolve(e, "smoke", scales=ex.load_scales(exp_dir))
+    lr = {(r.variant, r.seed): r.cfg.train.lr for r in runs}
+    # [base] 0.1 < [scales.smoke] 0.2 < variant 0.3; the experiment's scale sets 2 seeds
+    assert lr == {("a", 0): 0.2, ("a", 1): 0.2, ("b", 0): 0.3, ("b", 1): 0.3}
+    assert all(r.cfg.train.epochs == 7 and r.cfg.data.dir == "data/smoke" for r in runs)
+    assert [r.cfg.train.seed for r in runs] == [0, 1, 0, 1]
+    runs = ex.resolve(e, "demo", data_dir="/elsewhere", seeds=3, sets={"train.lr": "0.4"},
+                      scales=ex.load_scales(exp_dir))
+    assert {r.cfg.train.lr for r in runs} == {0.4} and len(runs) == 6
+    assert {r.cfg.data.dir for r in runs} == {"/elsewhere"}
+    assert {r.cfg.data.manifest_hash for r in runs} == {fake_manifest[0]}
+
+
+def test_sweep_expands_variants_into_groups(exp_dir):
+    text = GOOD.replace("[variants.a]", '[sweep]\n"train.lr" = [0.01, 0.02]\n[variants.a]')
+    e = ex.parse_experiment(_write(exp_dir, "x", text))
+    assert e.groups == {"a": ("a-lr0.01", "a-lr0.02"), "b": ("b-lr0.01", "b-lr0.02")}
+    assert e.variants["b-lr0.02"]["train.lr"] == 0.02  # the sweep value wins over the variant's own
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t + 'colour = "red"\n', ["unknown key", "'colour'"]),               # unknown top-level key
+    (lambda t: t.replace('[variants.b]\n', '[variants.b]\n"model.lrm" = true\n'), ["model.lrm", "variants.b"]),
+    (lambda t: t.replace('"train.lr" = 0.3', '"model.lrn" = "maybe"'), ["model.lrn", "variants.b"]),  # bad value
+    (lambda t: t.replace('"train.lr" = 0.3', '"model.towers" = "three"'), ["model.towers", "three"]),
+    (lambda t: t.replace('claim = "c"\n', ''), ["missing", "'claim'"]),             # missing field
+    (lambda t: t.replace('kind = "effect"', 'kind = "vibes"'), ["kind", "vibes"]),
+    (lambda t: t.replace('title = "t"', 'title = "t'), ["TOML syntax error"]),      # syntax error
+    (lambda t: t.replace('control = "a"', 'control = "zzz"'), ["zzz", "variants"]),
+    (lambda t: t + '[paper]\ntop1_err = "big"\n', ["[paper] top1_err", "number"]),
+    (lambda t: t + '[paper]\ntop9_err = 1.0\n', ["top9_err"]),
+    (lambda t: t.replace('seeds = 2', 'seeds = 0'), ["seeds"]),
+    (lambda t: t + '[scales.huge]\n', ["huge"]),
+])
+def test_broken_files_name_the_file_and_the_key(exp_dir, edit, words):
+    path = _write(exp_dir, "broken", edit(GOOD))
+    with pytest.raises(UserError) as e:
+        ex.parse_experiment(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_broken_scales_file(exp_dir):
+    (exp_dir / "_scales.toml").write_text('[smoke]\ndata = "x"\nseeds = 1\n"train.epoch" = 1\n')
+    with pytest.raises(UserError, match=r"_scales.toml \[smoke\]: unknown key 'train.epoch'; did you mean train.epochs"):
+        ex.load_scales(exp_dir)
+
+
+def test_cli_unknown_experiment_and_bad_set_exit_2(fake_manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    cases = [
+        (["run", "ablation-lnr", "--scale", "smoke"], "unknown experiment 'ablation-lnr'; did you mean 'ablation-lrn'?"),
+        (["run", "ablation-lrn", "--scale", "smoke", "--set", "model.lrm=false"], "unknown key 'model.lrm'"),
+        (["run", "ablation-lrn", "--scale", "smoke", "--set", "model.lrn=maybe"], "model.lrn = 'maybe'"),
+        (["run", "ablation-lrn", "--scale", "smoke", "--set", "train.epochs=two"], "train.epochs = 'two'"),
+        (["run", "ablation-lrn", "--scale", "smoke", "--set", "novalue"], "key=value"),
+    ]
+    for args, text in cases:
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        out = " ".join(res.output.split())
+        assert text in out, (args, res.output)
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_cli_experiment_file_with_syntax_error_exits_2(fake_manifest, tmp_path, monkeypatch, exp_dir):
+    _write(exp_dir, "x", GOOD.replace('title = "t"', 'title = "t'))
+    monkeypatch.setattr(ex, "EXPERIMENTS_DIR", exp_dir)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "x", "--scale", "smoke"])
+    assert res.exit_code == 2 and "x.toml: TOML syntax error" in " ".join(res.output.split())
+
+
+def test_missing_data_folder_is_one_line(tmp_path, monkeypatch):
+    if not hasattr(pytest.importorskip("repro.data"), "read_manifest"):
+        pytest.skip("repro.data.read_manifest not available")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "baseline", "--scale", "smoke", "--data", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
