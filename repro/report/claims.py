@@ -1,0 +1,246 @@
+"""Turn one registered claim plus its rows of the run table (and its analysis) into comparisons and a verdict.
+
+Each kind measures something different (see repro.experiments for what `[paper]` holds per kind); the statistics
+and verdict rules live in `verdicts.py`. A claim is judged at the largest scale that has a finished run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from repro.report import verdicts as V
+
+SCALE_ORDER = ("full", "subset", "demo", "smoke")
+ERROR_METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "best_val_top1_err",
+                 "train_top1_err", "train_loss")
+
+
+@dataclass
+class ClaimResult:
+    name: str
+    title: str
+    section: str
+    claim: str
+    kind: str
+    scale: str                      # the scale judged ("" when nothing ran)
+    comparisons: list[V.Comparison]
+    verdict: str                    # of the headline comparison
+    caveat: str = ""
+    note: str = ""
+    reproduced_if: str = ""
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)   # every row of this claim, all scales
+    status_counts: dict = field(default_factory=dict)          # at the judged scale
+    best_variants: dict = field(default_factory=dict)          # group -> chosen variant (sweeps)
+
+
+def paper_numbers(exp) -> dict[str, float]:
+    return {k: float(v) for k, v in (exp.paper or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def pick_scale(rows: pd.DataFrame) -> str:
+    """The largest scale with a finished run, else the largest with any row, else ''."""
+    if rows.empty or "scale" not in rows:
+        return ""
+    for require_done in (True, False):
+        sub = rows[rows["status"] == "done"] if require_done else rows
+        present = set(sub["scale"].dropna().astype(str))
+        for s in SCALE_ORDER:
+            if s in present:
+                return s
+        if present:
+            return sorted(present)[0]
+    return ""
+
+
+def _by_seed(rows: pd.DataFrame, variants, metric: str) -> pd.Series:
+    """Values of `metric` of finished runs of `variants`, indexed by seed (NaN when the column is absent)."""
+    sub = rows[rows["variant"].isin(list(variants)) & (rows["status"] == "done")]
+    if metric not in sub:
+        return pd.Series(dtype=float)
+    s = pd.to_numeric(sub[metric], errors="coerce")
+    s.index = pd.to_numeric(sub["seed"], errors="coerce")
+    return s.groupby(level=0).mean()
+
+
+def _groups(exp) -> dict[str, tuple[str, ...]]:
+    groups = getattr(exp, "groups", None) or {}
+    return {g: tuple(v) for g, v in groups.items()} or {v: (v,) for v in exp.variants}
+
+
+def _best_variant(rows: pd.DataFrame, members, metric: str) -> str:
+    """Of a sweep group, the variant with the lowest median `metric` over finished runs (never-reached = worst)."""
+    if len(members) == 1:
+        return members[0]
+    scores = {}
+    for v in members:
+        s = _by_seed(rows, [v], metric)
+        scores[v] = float(s.fillna(np.inf).median()) if len(s) else math.inf
+    return min(members, key=lambda v: (scores[v], members.index(v)))
+
+
+def _effect(exp, rows, groups) -> tuple[list[V.Comparison], dict]:
+    paper = paper_numbers(exp)
+    metrics = [exp.metric] + [m for m in paper if m != exp.metric and m in ERROR_METRICS]
+    best = {g: _best_variant(rows, groups[g], exp.metric) for g in (exp.control, *exp.treatments)}
+    comps = []
+    for t in exp.treatments:
+        for m in metrics:
+            iv, per_seed = V.diff_ci(_by_seed(rows, [best[t]], m), _by_seed(rows, [best[exp.control]], m))
+            p = paper.get(m)
+            verdict, reason = V.signed_verdict(p, iv)
+            comps.append(V.Comparison(f"{t} - {exp.control}", m, "points", p, iv, verdict, reason, per_seed))
+    # variants outside control/treatments (two-gpu-split's one-full) are reported beside the claim
+    for g in groups:
+        if g in best:
+            continue
+        best[g] = _best_variant(rows, groups[g], exp.metric)
+        iv, per_seed = V.diff_ci(_by_seed(rows, [best[g]], exp.metric), _by_seed(rows, [best[exp.control]], exp.metric))
+        verdict, reason = V.signed_verdict(None, iv)
+        comps.append(V.Comparison(f"{g} - {exp.control}", exp.metric, "points", None, iv, verdict,
+                                  "context: " + reason, per_seed, context=True))
+    return comps, best
+
+
+def _convergence(exp, rows, groups) -> tuple[list[V.Comparison], dict]:
+    """Speed-up = control iterations / treatment iterations to the target training error, paired by seed.
+
+    A run that never reached the target counts with its total iterations, so its ratio is a bound; the reason
+    says so. `iters_ratio` in [paper] is the inverse (treatment / control).
+    """
+    paper = paper_numbers(exp)
+    inverse = "speedup" not in paper and "iters_ratio" in paper
+    pnum = paper.get("iters_ratio" if inverse else "speedup")
+    best = {g: _best_variant(rows, groups[g], "iters_to_target") for g in (exp.control, *exp.treatments)}
+    comps = []
+    for t in exp.treatments:
+        notes, series = [], {}
+        for arm in (exp.control, t):
+            it = _by_seed(rows, [best[arm]], "iters_to_target")
+            total = _by_seed(rows, [best[arm]], "iterations")
+            missing = it.isna() & total.reindex(it.index).notna()
+            if missing.any():
+                notes.append(f"{arm} did not reach the target in {int(missing.sum())} of {len(it)} runs "
+                             "(counted at its total iterations, so the ratio is a bound)")
+            series[arm] = it.fillna(total.reindex(it.index))
+        c, tr = series[exp.control], series[t]
+        common = c.index.intersection(tr.index)
+        ratio = (tr.loc[common] / c.loc[common]) if inverse else (c.loc[common] / tr.loc[common])
+        label = f"{t} / {exp.control} iterations" if inverse else f"{exp.control} / {t} iterations"
+        comps.append(V.log_ratio_comparison(label, "iters_to_target", pnum, ratio, "; ".join(notes)))
+    return comps, best
+
+
+def _absolute(exp, rows) -> list[V.Comparison]:
+    paper = paper_numbers(exp)
+    metrics = [exp.metric] + [m for m in paper if m != exp.metric and m in ERROR_METRICS]
+    variants = list(exp.variants)
+    scale = str(rows["scale"].iloc[0]) if len(rows) else ""
+    comps = []
+    for m in metrics:
+        iv = V.mean_ci(_by_seed(rows, variants, m).to_numpy())
+        verdict, reason = V.absolute_verdict(paper.get(m), iv, scale)
+        comps.append(V.Comparison(", ".join(variants), m, "%", paper.get(m), iv, verdict, reason))
+    return comps
+
+
+def _ten_crop(exp, rows) -> list[V.Comparison]:
+    """10-crop minus centre-crop error of the same finished runs: paired within each run."""
+    paper = paper_numbers(exp)
+    metric, compare = exp.metric, exp.compare or exp.metric.replace("_10crop", "")
+    pairs = [(metric, compare)]
+    if metric.startswith("top1") and "top5_err" in paper:
+        pairs.append((metric.replace("top1", "top5"), compare.replace("top1", "top5")))
+    comps = []
+    for m, c in pairs:
+        d = _by_seed(rows, list(exp.variants), m) - _by_seed(rows, list(exp.variants), c)
+        iv = V.mean_ci(d.to_numpy())
+        iv.paired, iv.method = True, "paired within each run"
+        p = paper.get(m, paper.get(c))
+        verdict, reason = V.signed_verdict(p, iv)
+        comps.append(V.Comparison(f"{m} - {c}", c, "points", p, iv, verdict, reason, d.dropna().to_dict()))
+    return comps
+
+
+def _ensemble(exp, analysis: dict) -> list[V.Comparison]:
+    """Ensemble error minus each member's error; the interval is over members (the ensemble is one number)."""
+    paper = paper_numbers(exp)
+    comps = []
+    for m in [exp.metric] + [k for k in paper if k != exp.metric and k in ("top1_err", "top5_err")]:
+        ens = (analysis or {}).get("ensemble", {}).get(m)
+        members = [r.get(m) for r in (analysis or {}).get("members", [])]
+        d = [ens - x for x in members if ens is not None and x is not None]
+        iv = V.mean_ci(d)
+        iv.paired, iv.method = True, "over members (ensemble fixed)"
+        verdict, reason = V.signed_verdict(paper.get(m), iv)
+        if not analysis:
+            verdict, reason = "not run", "no ensemble analysis (runs/<experiment>/analysis.json)"
+        comps.append(V.Comparison(f"ensemble of {len(members)} - one member", m, "points", paper.get(m), iv,
+                                  verdict, reason, {i: float(v) for i, v in enumerate(d)}))
+    return comps
+
+
+def _filters(analysis: dict) -> list[V.Comparison]:
+    runs = (analysis or {}).get("runs", [])
+    gaps = {}
+    for r in runs:
+        spec = r.get("color_specificity") or {}
+        if spec.get("tower1") is not None and spec.get("tower2") is not None:
+            gaps[r.get("run_dir", str(len(gaps)))] = abs(float(spec["tower2"]) - float(spec["tower1"]))
+    return [V.filter_comparison(gaps)]
+
+
+def _retrieval(analysis: dict, npz) -> list[V.Comparison]:
+    a = analysis or {}
+    if npz is not None and "query_labels" in npz and "neighbor_labels" in npz:
+        q, nb = np.asarray(npz["query_labels"]), np.asarray(npz["neighbor_labels"])
+        hits, total = int((nb == q[:, None]).sum()), int(nb.size)
+    else:
+        hits, total = int(a.get("hits", 0)), int(a.get("total", 0))
+    chance = float(a.get("chance") or (1.0 / a["num_classes"] if a.get("num_classes") else 0.1))
+    return [V.proportion_comparison("nearest neighbours share the query's label", hits, total, chance)]
+
+
+def evaluate(exp, df: pd.DataFrame, analysis: dict | None = None, npz=None) -> ClaimResult:
+    """Judge one claim from the run table `df` (all experiments) and its analysis (json dict, npz mapping)."""
+    all_rows = df[df["experiment"] == exp.name] if "experiment" in df else df.iloc[0:0]
+    scale = pick_scale(all_rows)
+    if not scale and analysis:
+        scale = str(analysis.get("scale", ""))
+    rows = all_rows[all_rows["scale"].astype(str) == scale] if scale and "scale" in all_rows else all_rows
+    groups = _groups(exp)
+    best = {}
+    if exp.kind == "effect":
+        comps, best = _effect(exp, rows, groups)
+    elif exp.kind == "convergence":
+        comps, best = _convergence(exp, rows, groups)
+    elif exp.kind == "absolute":
+        comps = _absolute(exp, rows)
+    elif exp.kind == "ten-crop":
+        comps = _ten_crop(exp, rows)
+    elif exp.kind == "ensemble":
+        comps = _ensemble(exp, analysis)
+    elif exp.kind == "filters":
+        comps = _filters(analysis)
+    elif exp.kind == "retrieval":
+        comps = _retrieval(analysis, npz)
+    else:
+        comps = []
+    judged = [c for c in comps if not c.context]
+    headline = [c for c in judged if c.metric in (exp.metric, "iters_to_target")] or judged
+    verdict = headline[0].verdict if headline else "not run"
+    # several treatments (layer removal): the headline is the weakest of their verdicts on the headline metric
+    order = {v: i for i, v in enumerate(("not run", "opposite", "inconclusive", "not reproduced", "not comparable",
+                                         "same direction, smaller", "no paper number", "reproduced"))}
+    if len(headline) > 1:
+        verdict = min((c.verdict for c in headline if c.metric == headline[0].metric), key=lambda v: order.get(v, 0))
+    counts = rows["status"].value_counts().to_dict() if "status" in rows else {}
+    return ClaimResult(
+        name=exp.name, title=exp.title, section=exp.section, claim=exp.claim, kind=exp.kind, scale=scale,
+        comparisons=comps, verdict=verdict, caveat=V.scale_caveat([scale]) if scale else "",
+        note=str((exp.paper or {}).get("note", "")), reproduced_if=getattr(exp, "reproduced_if", ""),
+        runs=all_rows, status_counts={str(k): int(v) for k, v in counts.items()}, best_variants=best)

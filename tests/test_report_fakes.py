@@ -1,0 +1,115 @@
+"""Fabricated run directories in the run-store layout, for the report tests (no training involved).
+
+Each fake run is what `repro.engine.fit` and `repro.runs` would leave: store/<hash>/{planned.json, result.json,
+metrics.jsonl, curve.jsonl} and the symlink runs/<experiment>/<variant>/seed<k>-<hash>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from repro.config import RunConfig, apply_overrides, config_hash, to_dict
+
+
+def make_run(runs: Path, experiment: str, variant: str, seed: int, *, scale: str = "smoke",
+             metrics: dict | None = None, status: str = "done", overrides: dict | None = None,
+             epochs: int = 3, curve: list[dict] | None = None, error: str | None = None) -> Path:
+    cfg = apply_overrides(RunConfig(), {**(overrides or {}), "train.seed": seed})
+    h = config_hash(cfg)
+    real = runs / "store" / h
+    real.mkdir(parents=True, exist_ok=True)
+    (real / "planned.json").write_text(json.dumps({"scale": scale, "config": to_dict(cfg), "config_hash": h}))
+    metrics = dict(metrics or {})
+    result = {"format": 1, "status": status, "error": error, "config": to_dict(cfg), "config_hash": h,
+              "epochs_done": epochs, "iterations": 100 * epochs, "metrics": metrics,
+              "provenance": {"git_commit": "abc1234", "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
+                             "device": "cpu", "data_manifest_hash": "feedbeef00112233", "data_backend": "ffcv",
+                             "wall_time_s": 12.5, "images_per_s": 800.0}}
+    if status != "pending":
+        (real / "result.json").write_text(json.dumps(result))
+        top1 = metrics.get("top1_err", 50.0)
+        with open(real / "metrics.jsonl", "w") as f:
+            for e in range(epochs):
+                f.write(json.dumps({"epoch": e, "iteration": 100 * (e + 1), "train_loss": 2.0 - 0.3 * e,
+                                    "train_top1_err": top1 + 10 - 4 * e, "val_top1_err": top1 + 6 - 3 * e,
+                                    "val_top5_err": top1 / 3, "lr": 0.01, "images_per_s": 800.0,
+                                    "seconds": 4.0}) + "\n")
+        with open(real / "curve.jsonl", "w") as f:
+            for p in curve or [{"iteration": 10 * i, "epoch": 0, "train_loss": 2.0, "train_top1_err": 80 - 5 * i}
+                               for i in range(1, 12)]:
+                f.write(json.dumps(p) + "\n")
+    link = runs / experiment / variant / f"seed{seed}-{h}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        os.symlink(os.path.relpath(real, link.parent), link)
+    return real
+
+
+def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: int = 3, rng_seed: int = 0,
+                  hostile: str = "") -> None:
+    """A plausible set of runs for every registered experiment, plus the three analyses.
+
+    Effects have the paper's sign (so the report has something to judge); `hostile` is appended to variant-free
+    strings (notes in analyses, class names) to check escaping.
+    """
+    rng = np.random.default_rng(rng_seed)
+    for name, exp in registry.items():
+        if exp.kind in ("filters", "retrieval"):
+            continue
+        paper = exp.paper or {}
+        for variant, ov in exp.variants.items():
+            group = next((g for g, vs in getattr(exp, "groups", {}).items() if variant in vs), variant)
+            is_treat = group in (exp.treatments or ())
+            for seed in range(seeds):
+                base = 30.0 + rng.normal(0, 0.3) + seed * 0.5
+                eff = float(paper.get("top1_err", -1.0)) if (is_treat and exp.kind == "effect") else 0.0
+                m = {"top1_err": base + eff, "top5_err": base / 3 + eff / 2, "top1_err_10crop": base - 1.2,
+                     "top5_err_10crop": base / 3 - 0.8, "train_top1_err": base - 5, "train_loss": 1.0,
+                     "best_val_top1_err": base + eff}
+                curve = None
+                if exp.kind == "convergence":
+                    slope = 8.0 if variant.startswith("relu") else 1.5
+                    errs = [max(5.0, 80 - slope * i + rng.normal(0, 0.5)) for i in range(1, 40)]
+                    curve = [{"iteration": 5 * i, "epoch": 0, "train_loss": 1.0, "train_top1_err": e}
+                             for i, e in enumerate(errs, start=1)]
+                    m["iters_to_target"] = next((p["iteration"] for p in curve if p["train_top1_err"] < 25), None)
+                make_run(runs, name, variant, seed, scale=scale, metrics=m, overrides={**exp.base, **ov}, curve=curve)
+    ens = registry.get("ensemble")
+    if ens is not None:
+        members = [{"run_dir": f"store/x{i}", "top1_err": 30.0 + i * 0.5, "top5_err": 10.0 + i * 0.2}
+                   for i in range(seeds)]
+        write_analysis(runs, "ensemble", {"scale": scale, "ensemble": {"top1_err": 28.0, "top5_err": 9.0},
+                                          "members": members})
+    if "first-layer-filters" in registry:
+        t1 = rng.normal(0, 1, (48, 3, 5, 5)).mean(axis=1, keepdims=True).repeat(3, axis=1)  # grey kernels
+        t2 = rng.normal(0, 1, (48, 3, 5, 5))
+        write_analysis(runs, "first-layer-filters",
+                       {"scale": scale, "runs": [{"run_dir": f"store/f{i}", "color_specificity":
+                                                  {"tower1": 0.05 + 0.01 * i, "tower2": 0.6}} for i in range(seeds)]},
+                       {"tower1": t1.astype(np.float32), "tower2": t2.astype(np.float32)})
+    if "retrieval" in registry:
+        q_lab = np.arange(6) % 3
+        nb_lab = np.stack([q_lab] * 5, axis=1)
+        nb_lab[:, -1] = (q_lab + 1) % 3
+        imgs = rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
+        write_analysis(runs, "retrieval",
+                       {"scale": scale, "chance": 1 / 3, "class_names": ["cat" + hostile, "dog", "boot"]},
+                       {"query_images": imgs, "neighbor_images": np.stack([imgs] * 5, axis=1),
+                        "query_labels": q_lab, "neighbor_labels": nb_lab})
+
+
+def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None = None) -> None:
+    d = runs / experiment
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "analysis.json").write_text(json.dumps(data))
+    if arrays:
+        np.savez(d / "analysis.npz", **arrays)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
