@@ -1,0 +1,167 @@
+"""The run store: links into store/<hash>, run status, collect() as a DataFrame, results files, curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import repro.experiments as ex
+from repro import runs
+from repro.config import RunConfig, apply_overrides, config_hash, to_dict
+from repro.errors import UserError
+
+from conftest import fake_fit
+
+
+def _planned(exp="e", variant="v", seed=0, **over):
+    cfg = apply_overrides(RunConfig(), {"train.seed": seed, "model.num_classes": 4, **over})
+    return ex.PlannedRun(exp, variant, variant, seed, "smoke", cfg, config_hash(cfg))
+
+
+def test_ensure_run_makes_a_relative_link_into_the_store(tmp_path):
+    r = _planned()
+    real = runs.ensure_run(tmp_path, r)
+    link = tmp_path / "e" / "v" / f"seed0-{r.config_hash}"
+    assert real == tmp_path / "store" / r.config_hash and real.is_dir()
+    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+    assert link.resolve() == real.resolve()
+    assert json.loads((real / "planned.json").read_text())["config_hash"] == r.config_hash
+    # a second experiment sharing the run links to the same directory; calling again is harmless
+    r2 = ex.PlannedRun("other", "base", "base", 0, "smoke", r.cfg, r.config_hash)
+    assert runs.ensure_run(tmp_path, r2) == real and runs.ensure_run(tmp_path, r) == real
+    assert len(list((tmp_path / "store").iterdir())) == 1
+
+
+def _record(run_dir: Path, status: str, fmt: int = 1):
+    rec = json.loads((run_dir / "result.json").read_text())
+    rec["status"], rec["format"] = status, fmt
+    if status != "done":
+        rec["error"] = f"{status} because of a test"
+    (run_dir / "result.json").write_text(json.dumps(rec))
+
+
+def test_run_status_of_every_state(tmp_path):
+    d = runs.ensure_run(tmp_path, _planned())
+    assert runs.run_status(d) == "pending"
+    (d / "checkpoint.pt").write_bytes(b"x")
+    assert runs.run_status(d) == "interrupted"  # killed before any record: resumable
+    fake_fit(_planned().cfg, d)
+    assert runs.run_status(d) == "done"
+    for st in ("diverged", "failed", "interrupted"):
+        _record(d, st)
+        assert runs.run_status(d) == st
+    _record(d, "done", fmt=99)
+    assert runs.run_status(d) == "stale"
+    (d / "result.json").write_text('{"format": 1, "sta')  # cut short: treated as no record
+    assert runs.run_status(d) == "interrupted"
+    with runs.run_lock(d) as got:
+        assert got and runs.run_status(d) == "running"
+    assert runs.run_status(tmp_path / "nothing") == "pending"
+
+
+def test_lock_excludes_another_process(tmp_path):
+    d = runs.ensure_run(tmp_path, _planned())
+    code = ("import sys, time; sys.path.insert(0, %r); from repro import runs\n"
+            "with runs.run_lock(%r) as got:\n print(got, flush=True); time.sleep(3)" % (str(Path(__file__).parent), str(d)))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "True"
+        assert runs.is_locked(d) and runs.run_status(d) == "running"
+        with runs.run_lock(d) as got:
+            assert not got
+    finally:
+        p.wait()
+    with runs.run_lock(d) as got:
+        assert got
+
+
+def _store_with_runs(tmp_path):
+    """Two experiments sharing one done run, plus a diverged, a stale and a pending run."""
+    shared, no_lrn, pending, stale = _planned(), _planned(**{"model.lrn": False}), _planned(seed=1), _planned(seed=2)
+    plan = [("lrn", "lrn", shared), ("lrn", "no-lrn", no_lrn), ("pool", "overlap", shared),
+            ("pool", "overlap", pending), ("pool", "overlap", stale)]
+    dirs = {}
+    for exp, variant, r in plan:
+        r = ex.PlannedRun(exp, variant, variant, r.seed, "smoke", r.cfg, r.config_hash)
+        dirs[r.config_hash] = runs.ensure_run(tmp_path, r)
+    fake_fit(shared.cfg, dirs[shared.config_hash])
+    fake_fit(no_lrn.cfg, dirs[no_lrn.config_hash])
+    _record(dirs[no_lrn.config_hash], "diverged")
+    fake_fit(stale.cfg, dirs[stale.config_hash])
+    _record(dirs[stale.config_hash], "done", fmt=0)
+    return shared, no_lrn, pending, stale
+
+
+def test_collect_one_row_per_run_with_flattened_config(tmp_path):
+    shared, no_lrn, pending, stale = _store_with_runs(tmp_path)
+    df = runs.collect(tmp_path)
+    assert len(df) == 5
+    assert list(df.columns[:4]) == ["experiment", "variant", "seed", "scale"]
+    for col in ("model.lrn", "train.lr", "data.pca_lighting", "top1_err", "top5_err_10crop", "prov.device",
+                "prov.images_per_s", "epochs_done", "iterations", "config_hash", "run_dir", "error"):
+        assert col in df.columns, col
+    by = {(r.experiment, r.variant, r.seed): r for r in df.itertuples()}
+    done = by[("lrn", "lrn", 0)]
+    assert done.status == "done" and done.top1_err == 30.0 and done.top5_err == pytest.approx(10.0)
+    assert df.loc[(df.experiment == "lrn") & (df.variant == "lrn"), "model.lrn"].item() == True  # noqa: E712
+    assert by[("pool", "overlap", 0)].config_hash == done.config_hash  # the shared run seen twice
+    div = by[("lrn", "no-lrn", 0)]
+    assert div.status == "diverged" and math.isnan(div.top1_err) and "diverged" in div.error
+    assert df.loc[(df.variant == "no-lrn"), "model.lrn"].item() == False  # noqa: E712
+    assert by[("pool", "overlap", 1)].status == "pending" and math.isnan(by[("pool", "overlap", 1)].top1_err)
+    assert by[("pool", "overlap", 2)].status == "stale" and math.isnan(by[("pool", "overlap", 2)].top1_err)
+    assert df.loc[df.seed == 1, "train.seed"].item() == 1  # a pending run still shows its planned config
+    assert df["top1_err"].dtype == float
+
+
+def test_collect_of_nothing_is_an_empty_table(tmp_path):
+    df = runs.collect(tmp_path / "none")
+    assert df.empty and "top1_err" in df.columns and "experiment" in df.columns
+
+
+def test_write_results_csv_and_parquet(tmp_path):
+    _store_with_runs(tmp_path / "runs")
+    out = runs.write_results(tmp_path / "runs", tmp_path / "out" / "results.csv", "csv")
+    back = pd.read_csv(out)
+    assert len(back) == 5 and set(back.status) == {"done", "diverged", "pending", "stale"}
+    assert back.loc[back.status == "done", "top1_err"].tolist() == [30.0, 30.0]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install pyarrow"):
+            runs.write_results(tmp_path / "runs", tmp_path / "out" / "r.parquet", "parquet")
+        assert not (tmp_path / "out" / "r.parquet").exists()
+    else:
+        p = runs.write_results(tmp_path / "runs", tmp_path / "out" / "r.parquet", "parquet")
+        assert len(pd.read_parquet(p)) == 5
+    with pytest.raises(UserError, match="no runs folder"):
+        runs.write_results(tmp_path / "missing", tmp_path / "x.csv")
+
+
+def test_load_curves_skips_a_line_cut_by_a_kill(tmp_path):
+    rows = [{"iteration": i, "epoch": 0, "train_loss": 2.0 - i / 100, "train_top1_err": 90 - i} for i in (2, 4, 6)]
+    (tmp_path / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 8, "ep')
+    df = runs.load_curves(tmp_path)
+    assert df.iteration.tolist() == [2, 4, 6] and df.train_top1_err.tolist() == [88, 86, 84]
+    assert runs.load_curves(tmp_path / "none").empty
+
+
+def test_load_analyses_and_arrays(tmp_path):
+    (tmp_path / "ensemble").mkdir(parents=True)
+    runs.write_json(tmp_path / "ensemble" / "analysis.json", {"kind": "ensemble", "n_members": 2})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "analysis.json").write_text("{nope")
+    np.savez(tmp_path / "ensemble" / "analysis.npz", a=np.arange(3))
+    assert runs.load_analyses(tmp_path) == {"ensemble": {"kind": "ensemble", "n_members": 2}}
+    assert runs.load_analysis_arrays(tmp_path, "ensemble")["a"].tolist() == [0, 1, 2]
+    assert runs.load_analysis_arrays(tmp_path, "broken") == {}
