@@ -83,19 +83,20 @@ def make_images(n: int, seed: int, side: int = 8, classes: int = 4) -> tuple[tor
 class TrainLoader:
     """Shuffles with a generator seeded by (seed, epoch) and flips at random, as the real loaders do."""
 
-    def __init__(self, images, labels, batch_size, seed):
+    def __init__(self, images, labels, batch_size, seed, rank=0, world=1):
         self.images, self.labels, self.batch_size, self.seed, self.epoch = images, labels, batch_size, seed, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
+        return -(-len(self.labels) // (self.batch_size * self.world))
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         self.epoch += 1
-        order = torch.randperm(len(self.labels), generator=g)
+        order = torch.randperm(len(self.labels), generator=g)[self.rank::self.world]  # as DistributedSampler
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             x = self.images[idx]
@@ -128,7 +129,8 @@ def make_loaders(cfg, *, device, distributed=False):
     n_train = cfg.data.train_limit or 64
     xtr, ytr = make_images(n_train, 1)
     xva, yva = make_images(32, 2)
-    train = TrainLoader(xtr, ytr, cfg.train.batch_size, cfg.train.seed)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    train = TrainLoader(xtr, ytr, cfg.train.batch_size, cfg.train.seed, rank, world)
     return types.SimpleNamespace(train=train, val=ValLoader(xva, yva, 16), train_eval=ValLoader(xtr, ytr, 16),
                                  manifest={"hash": "stand-in"}, backend="torch", num_train=n_train, num_val=32,
                                  batches_per_epoch=len(train))
@@ -207,4 +209,30 @@ if __name__ == "__main__":
         ck.torch.save = torch_save
         ck.os.replace = replace
     cfg = tiny_config(**overrides)
-    fit(cfg, Path(sys.argv[1]), progress=False)
+    run_dir = Path(sys.argv[1])
+    if "WORLD_SIZE" in os.environ:  # under torchrun: log every file write per rank, keep each rank's final weights
+        import repro.engine.train as tr
+        from repro.engine import distributed
+
+        rank, _ = distributed.init_from_env()
+        log = run_dir.parent / f"writes-rank{rank}.txt"
+        real_write, real_ckpt = tr.write_json, ck.save
+        built = []
+
+        def write_json(path, obj):
+            with open(log, "a") as f:
+                f.write(f"{Path(path).name}\n")
+            real_write(path, obj)
+
+        def save(d, state):
+            with open(log, "a") as f:
+                f.write("checkpoint.pt\n")
+            return real_ckpt(d, state)
+
+        tr.write_json, ck.save = write_json, save
+        tr.build_model = lambda mcfg: built.append(build_model(mcfg)) or built[-1]
+        fit(cfg, run_dir, progress=False)
+        torch.save(built[0].state_dict(), run_dir.parent / f"weights-rank{rank}.pt")
+        torch.distributed.destroy_process_group()
+    else:
+        fit(cfg, run_dir, progress=False)
