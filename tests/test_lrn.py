@@ -1,0 +1,66 @@
+"""LRN (section 3.3) against the paper's formula written out by hand in numpy, in both alpha modes."""
+
+import numpy as np
+import pytest
+import torch
+
+from repro.errors import UserError
+from repro.models.layers import LRN
+
+
+def lrn_by_hand(a: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:
+    """b^i = a^i / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} (a^j)^2)^beta, over channels (axis 1)."""
+    N = a.shape[1]
+    b = np.empty_like(a)
+    for i in range(N):
+        lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
+        s = (a[:, lo:hi + 1] ** 2).sum(axis=1)
+        b[:, i] = a[:, i] / (k + alpha * s) ** beta
+    return b
+
+
+@pytest.fixture
+def activations():
+    # Large values so that the alpha term is comparable with k and a wrong alpha shows.
+    return np.random.default_rng(0).normal(0, 40, size=(2, 12, 4, 5))
+
+
+def run(module, a):
+    return module(torch.from_numpy(a)).numpy()
+
+
+def test_paper_mode_applies_alpha_as_written(activations):
+    out = run(LRN(alpha_mode="paper"), activations)
+    np.testing.assert_allclose(out, lrn_by_hand(activations, 5, 1e-4, 0.75, 2.0), rtol=1e-10)
+
+
+def test_per_size_mode_divides_alpha_by_n(activations):
+    out = run(LRN(alpha_mode="per-size"), activations)
+    np.testing.assert_allclose(out, lrn_by_hand(activations, 5, 1e-4 / 5, 0.75, 2.0), rtol=1e-10)
+    # the same as torch's own module (and so Caffe's semantics)
+    ref = torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(torch.from_numpy(activations)).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+def test_the_two_modes_really_differ(activations):
+    paper, per_size = run(LRN(alpha_mode="paper"), activations), run(LRN(alpha_mode="per-size"), activations)
+    assert np.max(np.abs(paper - per_size) / np.abs(per_size)) > 0.05
+
+
+def test_size_three_as_in_the_cifar_net(activations):
+    out = run(LRN(size=3, alpha=5e-5, alpha_mode="paper"), activations)
+    np.testing.assert_allclose(out, lrn_by_hand(activations, 3, 5e-5, 0.75, 2.0), rtol=1e-10)
+
+
+def test_two_towers_normalise_only_within_their_own_channels(activations):
+    out = run(LRN(alpha_mode="paper", towers=2), activations)
+    halves = [lrn_by_hand(h, 5, 1e-4, 0.75, 2.0) for h in np.split(activations, 2, axis=1)]
+    np.testing.assert_allclose(out, np.concatenate(halves, axis=1), rtol=1e-10)
+    # at the boundary channel the one-tower result differs: the window would cross into the other tower
+    joint = lrn_by_hand(activations, 5, 1e-4, 0.75, 2.0)
+    assert not np.allclose(out[:, 5], joint[:, 5], rtol=1e-6)
+
+
+def test_unknown_alpha_mode_is_a_user_error():
+    with pytest.raises(UserError, match="lrn_alpha_mode"):
+        LRN(alpha_mode="caffe")
