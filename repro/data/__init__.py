@@ -1,0 +1,89 @@
+"""Batches from prepared betons: `make_loaders(cfg, device=...)` -> train, val and train_eval loaders.
+
+Train batches are the paper's fixed-size random crops (cfg.model.input_size out of the stored image) with random
+horizontal flips; val and train_eval batches are the full stored images in stored order. All are uint8 NCHW on the
+device with int64 labels; `repro.data.augment.BatchTransform` turns them into model input. FFCV does the work
+when it is importable (or asked for); otherwise a torch DataLoader reads the same files (repro.data.torch_loader).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from repro.config import RunConfig
+from repro.data.manifest import beton_path, read_manifest
+from repro.errors import UserError
+
+__all__ = ["Loaders", "make_loaders", "read_manifest", "subset_indices", "pick_backend"]
+
+
+@dataclass
+class Loaders:
+    train: Any        # iterable of (images uint8 NCHW, labels int64) with len() and set_epoch(epoch)
+    val: Any
+    train_eval: Any   # the (limited) training images, uncropped and in stored order, e.g. for retrieval
+    manifest: dict
+    backend: str      # "ffcv" | "torch"
+    num_train: int
+    num_val: int
+    batches_per_epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next training pass with seed + epoch (call before each epoch; needed after a resume)."""
+        self.train.set_epoch(epoch)
+
+
+def subset_indices(count: int, limit: int) -> np.ndarray:
+    """A fixed random subset of `limit` of `count` samples (all when limit is 0), sorted; independent of any seed
+    but 0, so every run of every experiment sees the same images."""
+    if limit <= 0 or limit >= count:
+        return np.arange(count, dtype=np.uint64)
+    return np.sort(np.random.default_rng(0).choice(count, size=limit, replace=False)).astype(np.uint64)
+
+
+def pick_backend(requested: str) -> str:
+    has_ffcv = importlib.util.find_spec("ffcv") is not None
+    if requested == "auto":
+        return "ffcv" if has_ffcv else "torch"
+    if requested == "ffcv" and not has_ffcv:
+        raise UserError("data.backend = 'ffcv' but FFCV is not installed; install ffcv==1.0.2 or "
+                        "use --set data.backend=torch")
+    return requested
+
+
+def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: bool = False) -> Loaders:
+    """Loaders over `cfg.data.dir` for one run; `distributed` shards every split over the process group."""
+    device = torch.device(device)
+    folder = cfg.data.dir
+    manifest = read_manifest(folder)
+    res = int(manifest["settings"].get("res") or manifest["image"]["height"])
+    fixed = bool(manifest["image"].get("fixed_size", True))
+    stored = min(int(manifest["image"]["height"]), int(manifest["image"]["width"])) if fixed else res
+    crop = cfg.model.input_size
+    if crop > stored:
+        raise UserError(f"model.input_size = {crop} is larger than the {stored}px images in {folder}; "
+                        f"set model.input_size <= {stored} or prepare the data with a larger --res")
+    train_ids = subset_indices(int(manifest["splits"]["train"]["count"]), cfg.data.train_limit)
+    if len(train_ids) < cfg.train.batch_size:  # the train loader drops the last partial batch
+        raise UserError(f"train.batch_size = {cfg.train.batch_size} is larger than the {len(train_ids)} training "
+                        f"images in {folder}; lower train.batch_size or raise data.train_limit")
+    backend = pick_backend(cfg.data.backend)
+    if backend == "ffcv":
+        from repro.data.ffcv_loader import make_ffcv_batches as make
+    else:
+        from repro.data.torch_loader import make_torch_batches as make
+    splits = manifest["splits"]
+    val_ids = subset_indices(int(splits["val"]["count"]), cfg.data.val_limit)
+    common = dict(batch_size=cfg.train.batch_size, crop=crop, res=res, fixed_size=fixed, flip=cfg.data.flip,
+                  seed=cfg.train.seed, workers=cfg.data.workers, device=device, distributed=distributed)
+    train_path, val_path = beton_path(folder, manifest, "train"), beton_path(folder, manifest, "val")
+    train = make(train_path, indices=train_ids, train=True, **common)
+    val = make(val_path, indices=val_ids, train=False, **common)
+    train_eval = make(train_path, indices=train_ids, train=False, **common)
+    return Loaders(train=train, val=val, train_eval=train_eval, manifest=manifest, backend=backend,
+                   num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train))

@@ -1,0 +1,53 @@
+"""Batch transforms in torch, after the loader: PCA lighting, mean subtraction, centre crop and ten-crop.
+
+Pixels stay on the 0..255 scale as in the paper (section 4.1): lighting adds `eigvec @ (alpha * eigval)`, with the
+manifest's eigen-decomposition of the training pixels' RGB covariance (computed on [0, 1] values, hence the
+factor 255), then the training set's per-channel mean is subtracted (and, for "mean-std", divided by the std).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from repro.config import RunConfig
+
+
+class BatchTransform:
+    """uint8 NCHW batch -> float32 batch ready for the model; PCA lighting only when `train` and sigma > 0."""
+
+    def __init__(self, manifest: dict, cfg: RunConfig, train: bool):
+        self.sigma = cfg.data.pca_lighting if train else 0.0
+        self.mean = torch.tensor(manifest["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        std = manifest["std"] if cfg.data.normalize == "mean-std" else [1.0, 1.0, 1.0]
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.eigval = torch.tensor(manifest["pca"]["eigval"], dtype=torch.float32)
+        self.eigvec = torch.tensor(manifest["pca"]["eigvec"], dtype=torch.float32)  # columns are eigenvectors
+        self.channels_last = cfg.train.channels_last
+
+    def lighting(self, n: int, device: torch.device, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image RGB offsets (n, 3, 1, 1) on the 0..255 scale; `alpha` (n, 3) ~ N(0, sigma) unless given."""
+        if alpha is None:
+            alpha = torch.randn(n, 3, device=device) * self.sigma
+        offset = (alpha.to(device) * self.eigval.to(device)) @ self.eigvec.to(device).T  # row i: V @ (a_i * l)
+        return (offset * 255.0).view(n, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        x = images.float()
+        device = x.device
+        if self.sigma > 0 or alpha is not None:
+            x = x + self.lighting(x.shape[0], device, alpha)
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        if device.type == "cuda" and self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size window of an (N, C, H, W) batch (the paper's single-crop test)."""
+    return TF.center_crop(x, [size, size])
+
+
+def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(10, N, C, size, size): the 4 corners and the centre, then the same five of the mirrored image (section 4.1)."""
+    return torch.stack(TF.ten_crop(x, [size, size]))

@@ -1,0 +1,74 @@
+"""Where the train-time random crop lands and whether it is flipped, as a pure function of the batch.
+
+Both backends draw from here, so they produce the same crops. The draws come from a counter-based hash
+(splitmix64) of the batch's sample indices rather than from a global random state: FFCV decodes in numba threads
+whose random states cannot be seeded, while the batch indices come from the permutation seeded by
+`train.seed + epoch`. So a run repeats exactly, and a resumed run sees the crops an uninterrupted one would.
+The functions are numba-compiled when numba is importable, so the FFCV decoder can call them inside its kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # compiled when numba is there (it comes with FFCV); plain numpy otherwise, with the same results
+    from numba import njit
+
+    _jit = njit(cache=True)  # module-level functions: the compiled code is cached on disk between processes
+except ImportError:  # pragma: no cover - the torch fallback on a machine without FFCV
+    def _jit(fn):
+        return fn
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S27, _S30, _S31, _S63 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(63)
+_ONE = np.uint64(1)
+
+
+@_jit
+def mix64(z):
+    """splitmix64's finaliser on a uint64 array (wraps modulo 2**64, as intended)."""
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@_jit
+def draw_words(batch_indices):
+    """Three uint64 random words per image, `(n, 3)`, determined by the batch's sample indices and their order."""
+    n = len(batch_indices)
+    idx = np.empty(n, dtype=np.uint64)
+    pos = np.empty(n, dtype=np.uint64)
+    for k in range(n):
+        idx[k] = np.uint64(batch_indices[k])
+        pos[k] = np.uint64(k + 1)
+    key = np.sum(mix64(idx + pos * _GOLDEN))  # wraps modulo 2**64 in numpy and numba alike
+    out = np.empty((n, 3), dtype=np.uint64)
+    r = mix64((pos * _GOLDEN) ^ key)
+    for j in range(3):
+        out[:, j] = r
+        r = mix64(r + _GOLDEN)
+    return out
+
+
+@_jit
+def crop_window(words, height, width, crop, res):
+    """Top, left and side (in stored pixels) of the crop for one image, from its three random words.
+
+    Fixed-size data (height == width == res): a crop x crop sub-window anywhere in the image, the paper's fixed-size
+    random crop. Variable-size data: the same window after an imagined resize of the shorter side to `res` and a
+    centre square crop, i.e. a square of side shorter*crop/res inside the centre square (the caller resizes it).
+    """
+    short = min(height, width)
+    side = crop if short == res else max(1, int(round(short * crop / res)))
+    span = np.uint64(short - side + 1)
+    top = (height - short) // 2 + int(words[0] % span)
+    left = (width - short) // 2 + int(words[1] % span)
+    return top, left, side
+
+
+@_jit
+def flip_bit(words):
+    """True for half of the images: the top bit of the third word."""
+    return (words[2] >> _S63) == _ONE

@@ -1,0 +1,154 @@
+"""FFCV loader pipelines: train (fixed-size random crop + flip), val and train_eval (full stored images, in order).
+
+Train images are cropped by `CropFlipDecoder`, an FFCV decoder that cuts the paper's fixed-size random crop out of
+the stored image (a true sub-window, no resize, for fixed-size data) and flips half of them, with draws from
+`repro.data.crops` so that a seed repeats exactly. Normalisation happens later in torch (`repro.data.augment`):
+FFCV's `NormalizeImage` after `ToTensor` spins forever on CPU and needs cupy on GPU.
+
+An FFCV Loader compiles its pipeline with numba on its first epoch (seconds), so Loaders are kept in a small
+per-process cache and reused, each user with its own subset, seed and batch size, when a later run of a sweep
+asks for the same pipeline on the same file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import replace
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+from repro.data.crops import crop_window, draw_words, flip_bit
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 8
+
+
+class CropFlipDecoder(SimpleRGBImageDecoder):
+    """Decode, cut a `crop` x `crop` window (see `crops.crop_window`) and optionally flip it horizontally."""
+
+    def __init__(self, crop: int, res: int, flip: bool):
+        super().__init__()
+        self.crop, self.res, self.flip = crop, res, flip
+
+    def declare_state_and_memory(self, previous_state):
+        max_h, max_w = int(self.metadata["height"].max()), int(self.metadata["width"].max())
+        out_shape = (self.crop, self.crop, 3)
+        state = replace(previous_state, jit_mode=True, shape=out_shape, dtype=np.dtype("<u1"))
+        # the second buffer holds one decoded jpg per image
+        return state, (AllocationQuery(out_shape, np.dtype("<u1")),
+                       AllocationQuery((max_h * max_w * 3,), np.dtype("<u1")))
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        crop, res, do_flip = self.crop, self.res, self.flip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            words = draw_words(batch_indices)  # serial, before the parallel loop: thread-independent
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    image = temp_storage[dst_ix]
+                    imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = image[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = data.reshape(height, width, 3)
+                top, left, side = crop_window(words[dst_ix], height, width, crop, res)
+                out = destination[dst_ix]
+                if side == crop:
+                    out[:] = image[top:top + side, left:left + side]
+                else:
+                    resize_crop_c(image, top, top + side, left, left + side, out)
+                if do_flip and flip_bit(words[dst_ix]):
+                    for x in range(crop // 2):
+                        column = out[:, x].copy()
+                        out[:, x] = out[:, crop - 1 - x]
+                        out[:, crop - 1 - x] = column
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class FFCVBatches:
+    """Batches `(images uint8 NCHW, labels int64 (N,))` of a possibly shared FFCV Loader over `indices`.
+
+    The Loader's compiled pipeline is shared through the cache; the subset, batch size, seed and epoch belong to
+    this object and are put on the Loader each time it starts an epoch, so two of them never disturb each other.
+    """
+
+    def __init__(self, loader: Loader, indices: np.ndarray, batch_size: int, seed: int, train: bool):
+        self.loader, self.indices, self.batch_size, self.seed, self.train = loader, indices, batch_size, seed, train
+        self.epoch = 0
+        self._configure()
+        self.length = len(loader)
+
+    def _configure(self) -> None:
+        loader = self.loader
+        loader.indices, loader.batch_size, loader.seed, loader.drop_last = (
+            self.indices, self.batch_size, self.seed, self.train)
+        loader.traversal_order = type(loader.traversal_order)(loader)  # it copies indices and seed
+        loader.next_epoch = self.epoch
+        loader.first_traversal_order = loader.next_traversal_order()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the next pass with `seed + epoch` (the next pass otherwise takes the following epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        self._configure()
+        epoch_iterator = iter(self.loader)
+        self.epoch += 1
+        # FFCV reuses its output buffers a few batches later: consume a batch before asking for the next ones
+        for images, labels in epoch_iterator:
+            yield images, labels.view(-1)
+
+
+def make_ffcv_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
+                      fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
+                      distributed: bool) -> FFCVBatches:
+    """Batches over `path` restricted to `indices`; train: shuffled, cropped, flipped; else in stored order."""
+    indices = np.asarray(indices, dtype=np.uint64)
+    key = (str(path), train, crop, res, fixed_size, flip, workers, str(device), distributed)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return FFCVBatches(_CACHE[key], indices, batch_size, seed, train)
+    # fresh operation objects for every Loader: FFCV operations must not be shared between Loaders
+    if train:
+        decoder = CropFlipDecoder(crop, res, flip)
+    elif fixed_size:
+        decoder = SimpleRGBImageDecoder()
+    else:
+        decoder = CenterCropRGBImageDecoder((res, res), ratio=1.0)
+    image_pipeline = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+    label_pipeline = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
+    loader = Loader(str(path), batch_size=batch_size, num_workers=workers if workers > 0 else -1,
+                    order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, distributed=distributed,
+                    seed=seed, indices=indices, pipelines={"image": image_pipeline, "label": label_pipeline},
+                    drop_last=train, os_cache=True)
+    _CACHE[key] = loader
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return FFCVBatches(loader, indices, batch_size, seed, train)
+
+
+def clear_cache() -> None:
+    """Forget the cached Loaders (tests; or to free their memory maps)."""
+    _CACHE.clear()

@@ -1,0 +1,71 @@
+"""Read `manifest.json` from a prepared data folder and check the betons against it before anything trains.
+
+Sizes are always checked (cheap); sha256 content hashes only with `verify=True` (reads every byte).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from repro.errors import UserError
+
+MANIFEST_FORMAT = 1
+REQUIRED = ("source", "settings", "image", "classes", "splits", "mean", "std", "pca", "hash")
+
+
+def _prepare_hint(folder: Path, manifest: dict | None = None) -> str:
+    source = (manifest or {}).get("source") or folder.name or "SOURCE"
+    return f"run `repro prepare-data {source} --out {folder}`"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path, verify: bool = False) -> dict:
+    """The manifest of a data folder, after checking that both betons exist and match it.
+
+    Raises UserError (one line: the file and the fix) when the folder, the manifest or a beton is missing, the JSON
+    is corrupt or of another format, a beton's size differs from the manifest, or (verify) its sha256 does.
+    """
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} not found; {_prepare_hint(folder)} or pass the right --data")
+    if not path.is_file():
+        raise UserError(f"{path} not found; {_prepare_hint(folder)}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-run `repro prepare-data` with --force") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path} has format {found!r}, this version reads format {MANIFEST_FORMAT}; "
+                        f"re-run `repro prepare-data` with --force")
+    missing = [key for key in REQUIRED if key not in manifest]
+    splits = manifest.get("splits", {})
+    missing += [f"splits.{s}" for s in ("train", "val") if not isinstance(splits, dict) or s not in splits]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; re-run `repro prepare-data` with --force")
+    for name in ("train", "val"):
+        split = splits[name]
+        beton = folder / split.get("file", f"{name}.beton")
+        if not beton.is_file():
+            raise UserError(f"{beton} not found; {_prepare_hint(folder, manifest)} --force")
+        size = beton.stat().st_size
+        if "bytes" in split and size != split["bytes"]:
+            raise UserError(f"{beton} has {size} bytes but its manifest says {split['bytes']}; "
+                            "re-run prepare-data with --force")
+        if verify and sha256_file(beton) != split.get("sha256"):
+            raise UserError(f"{beton} does not match its manifest (sha256); re-run prepare-data with --force")
+    return manifest
+
+
+def beton_path(folder: str | Path, manifest: dict, split: str) -> Path:
+    return Path(folder) / manifest["splits"][split].get("file", f"{split}.beton")

@@ -1,0 +1,112 @@
+"""The torchvision fallback: the same beton files, order, crops and flips as the FFCV loader, through a DataLoader.
+
+Used where FFCV is not installed (`data.backend = "torch"` or "auto"). It never imports FFCV. Each DataLoader item
+is a whole batch: the sampler yields the batch's sample indices in the order FFCV would use (numpy
+`default_rng(seed + epoch)` permutation, or torch's DistributedSampler when distributed), and the dataset cuts the
+crops drawn by `repro.data.crops` from those indices, so both backends produce the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms.v2 import functional as TF
+
+from repro.data.beton import BetonReader
+from repro.data.crops import crop_window, draw_words, flip_bit
+
+
+class BetonBatches(Dataset):
+    """`dataset[list of sample ids]` -> (uint8 images (N, 3, S, S), int64 labels (N,)) for one batch."""
+
+    def __init__(self, path: str, *, train: bool, crop: int, res: int, fixed_size: bool, flip: bool):
+        self.path, self.train, self.crop, self.res, self.fixed_size, self.flip = path, train, crop, res, fixed_size, flip
+        self.reader = None  # opened lazily, once per worker process
+
+    def __getitem__(self, batch_indices: list[int]):
+        if self.reader is None:
+            self.reader = BetonReader(self.path)
+        ids = np.asarray(batch_indices, dtype=np.uint64)
+        if self.train:
+            words = draw_words(ids)
+            images = [self._train_image(int(i), w) for i, w in zip(ids, words)]
+        else:
+            images = [self._eval_image(int(i)) for i in ids]
+        return torch.stack(images), torch.from_numpy(self.reader.labels[ids.astype(np.int64)])
+
+    def _train_image(self, i: int, words: np.ndarray) -> torch.Tensor:
+        image = self.reader.image(i)
+        top, left, side = crop_window(words, image.shape[1], image.shape[2], self.crop, self.res)
+        out = image[:, top:top + side, left:left + side]
+        if side != self.crop:  # variable-size data: the window is scaled to the crop size
+            out = TF.resize(out, [self.crop, self.crop], antialias=True)
+        if self.flip and flip_bit(words):
+            out = TF.horizontal_flip(out)
+        return out.contiguous()
+
+    def _eval_image(self, i: int) -> torch.Tensor:
+        image = self.reader.image(i)
+        if self.fixed_size:
+            return image
+        short = min(image.shape[1:])  # as FFCV's CenterCropRGBImageDecoder(ratio=1): centre square, then resize
+        return TF.resize(TF.center_crop(image, [short, short]), [self.res, self.res], antialias=True)
+
+
+class BatchOrder:
+    """The per-epoch lists of sample ids, as FFCV's Random / Sequential traversal orders make them."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, *, train: bool, seed: int, distributed: bool):
+        self.indices, self.batch_size, self.train, self.seed = np.asarray(indices), batch_size, train, seed
+        self.epoch = 0
+        self.sampler = DistributedSampler(self.indices, shuffle=train, seed=seed) if distributed else None
+
+    def order(self) -> np.ndarray:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+            return self.indices[np.array(list(self.sampler))]
+        if self.train:
+            return np.random.default_rng(self.seed + self.epoch).permutation(self.indices)
+        return self.indices
+
+    def __len__(self) -> int:
+        n = len(self.order())
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        # computed now, not lazily: the caller moves the epoch on right after asking for the iterator
+        order, size = self.order(), self.batch_size
+        return iter([order[b * size:(b + 1) * size].tolist() for b in range(len(self))])
+
+
+class TorchBatches:
+    """Batches `(images uint8 NCHW, labels int64 (N,))` on `device`; `set_epoch` picks the shuffle seed+epoch."""
+
+    def __init__(self, dataset: BetonBatches, order: BatchOrder, *, workers: int, device: torch.device):
+        self.order, self.device = order, device
+        self.loader = DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.epoch = epoch
+
+    def __iter__(self):
+        batches = iter(self.loader)  # the sampler's order is fixed here, before the epoch moves on
+        self.order.epoch += 1
+        for images, labels in batches:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def make_torch_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
+                       fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
+                       distributed: bool) -> TorchBatches:
+    """Same arguments and batches as `make_ffcv_batches`; `workers` 0 means one per core."""
+    dataset = BetonBatches(str(path), train=train, crop=crop, res=res, fixed_size=fixed_size, flip=flip)
+    order = BatchOrder(indices, batch_size, train=train, seed=seed, distributed=distributed)
+    return TorchBatches(dataset, order, workers=workers if workers > 0 else (os.cpu_count() or 1), device=device)
