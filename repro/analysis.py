@@ -86,9 +86,10 @@ def ensemble(done, labels: np.ndarray | None = None) -> dict[str, Any]:
             "effect": {"top1_err": e1 - m1, "top5_err": e5 - m5}}
 
 
-def first_reach(curve, threshold: float) -> float | None:
-    """First curve iteration whose training error is below `threshold`, or None."""
-    hit = curve[curve.train_top1_err < threshold]
+def first_reach(curve, threshold: float, strict: bool = True) -> float | None:
+    """First curve iteration whose training error is below (or, not strict, at) `threshold`, or None."""
+    err = curve.train_top1_err
+    hit = curve[err < threshold] if strict else curve[err <= threshold]
     return float(hit.iteration.iloc[0]) if len(hit) else None
 
 
@@ -99,20 +100,21 @@ def convergence(exp: Experiment, done) -> dict[str, Any]:
     final = {k: float(c.train_top1_err.iloc[-1]) for k, c in curves.items()}
     target = done[0][0].cfg.train.target_train_err if done else 25.0
     group_of = {v: g for g, vs in exp.groups.items() for v in vs}
-    # The dataset-relative threshold: the lowest training error any control variant ends at (mean over seeds).
-    ctrl_final = [np.mean([f for (v, _), f in final.items() if v == var]) for var in exp.groups.get(exp.control, ())
-                  if any(v == var for v, _ in final)]
-    relative = float(min(ctrl_final)) if ctrl_final else None
+    # The dataset-relative threshold: the training error the best control variant (lowest mean final error)
+    # ends at, taken at its worst seed so that every seed of that variant reaches it.
+    ctrl = {var: [f for (v, _), f in final.items() if v == var] for var in exp.groups.get(exp.control, ())}
+    ctrl = {var: fs for var, fs in ctrl.items() if fs}
+    relative = float(max(ctrl[min(ctrl, key=lambda v: np.mean(ctrl[v]))])) if ctrl else None
     variants: dict[str, dict[str, Any]] = {}
     for var in exp.variants:
         seeds = [(s, c) for (v, s), c in curves.items() if v == var]
         if not seeds:
             continue
-        def mean_iters(th):
-            its = [first_reach(c, th) for _, c in seeds] if th is not None else [None]
+        def mean_iters(th, strict=True):
+            its = [first_reach(c, th, strict) for _, c in seeds] if th is not None else [None]
             return float(np.mean(its)) if all(i is not None for i in its) else None
         variants[var] = {"group": group_of[var], "lr": exp.variants[var].get("train.lr"),
-                         "iters_to_target": mean_iters(target), "iters_to_relative": mean_iters(relative),
+                         "iters_to_target": mean_iters(target), "iters_to_relative": mean_iters(relative, strict=False),
                          "final_train_err": float(np.mean([final[(var, s)] for s, _ in seeds])), "seeds": len(seeds)}
 
     def best(group: str) -> str | None:
@@ -125,11 +127,11 @@ def convergence(exp: Experiment, done) -> dict[str, Any]:
     chosen = {g: best(g) for g in exp.groups}
     out: dict[str, Any] = {"target_train_err": target, "relative_train_err": relative, "variants": variants,
                            "best": chosen}
-    ctrl = chosen.get(exp.control)
+    best_ctrl = chosen.get(exp.control)
     for t in exp.treatments:
         tr = chosen.get(t)
         for name, key in (("speedup", "iters_to_target"), ("speedup_relative", "iters_to_relative")):
-            a = variants[ctrl][key] if ctrl else None
+            a = variants[best_ctrl][key] if best_ctrl else None
             b = variants[tr][key] if tr else None
             out.setdefault(name, {})[t] = (a / b) if a and b else None
     return out
