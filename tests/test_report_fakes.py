@@ -54,13 +54,11 @@ def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: in
                   hostile: str = "") -> None:
     """A plausible set of runs for every registered experiment, plus the three analyses.
 
-    Effects have the paper's sign (so the report has something to judge); `hostile` is appended to variant-free
-    strings (notes in analyses, class names) to check escaping.
+    Effects have the paper's sign (so the report has something to judge); `hostile` is appended to a note in an
+    analysis record, to check escaping.
     """
     rng = np.random.default_rng(rng_seed)
     for name, exp in registry.items():
-        if exp.kind in ("filters", "retrieval"):
-            continue
         paper = exp.paper or {}
         for variant, ov in exp.variants.items():
             group = next((g for g, vs in getattr(exp, "groups", {}).items() if variant in vs), variant)
@@ -79,18 +77,23 @@ def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: in
                              for i, e in enumerate(errs, start=1)]
                     m["iters_to_target"] = next((p["iteration"] for p in curve if p["train_top1_err"] < 25), None)
                 make_run(runs, name, variant, seed, scale=scale, metrics=m, overrides={**exp.base, **ov}, curve=curve)
-    ens = registry.get("ensemble")
-    if ens is not None:
-        members = [{"run_dir": f"store/x{i}", "top1_err": 30.0 + i * 0.5, "top5_err": 10.0 + i * 0.2}
-                   for i in range(seeds)]
-        write_analysis(runs, "ensemble", {"scale": scale, "ensemble": {"top1_err": 28.0, "top5_err": 9.0},
-                                          "members": members})
+    if "ensemble" in registry:
+        members = [{"variant": "baseline", "seed": i, "config_hash": "x", "top1_err": 30.0 + i * 0.5,
+                    "top5_err": 10.0 + i * 0.2} for i in range(seeds)]
+        write_analysis(runs, "ensemble", {"kind": "ensemble", "scale": scale, "members": members,
+                                          "n_members": seeds, "ensemble": {"top1_err": 28.0, "top5_err": 9.0}})
+    if "relu-vs-tanh" in registry:
+        exp = registry["relu-vs-tanh"]
+        write_analysis(runs, "relu-vs-tanh", {"kind": "convergence", "scale": scale, "target_train_err": 25.0,
+                                              "relative_train_err": 20.0,
+                                              "best": {g: vs[0] for g, vs in exp.groups.items()}})
     if "first-layer-filters" in registry:
         t1 = rng.normal(0, 1, (48, 3, 5, 5)).mean(axis=1, keepdims=True).repeat(3, axis=1)  # grey kernels
         t2 = rng.normal(0, 1, (48, 3, 5, 5))
         write_analysis(runs, "first-layer-filters",
-                       {"scale": scale, "runs": [{"run_dir": f"store/f{i}", "color_specificity":
-                                                  {"tower1": 0.05 + 0.01 * i, "tower2": 0.6}} for i in range(seeds)]},
+                       {"kind": "filters", "scale": scale, "note": "tower" + hostile,
+                        "runs": [{"variant": "baseline", "seed": i, "towers": [0.05 + 0.01 * i, 0.6]}
+                                 for i in range(seeds)]},
                        {"tower1": t1.astype(np.float32), "tower2": t2.astype(np.float32)})
     if "retrieval" in registry:
         q_lab = np.arange(6) % 3
@@ -98,9 +101,10 @@ def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: in
         nb_lab[:, -1] = (q_lab + 1) % 3
         imgs = rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
         write_analysis(runs, "retrieval",
-                       {"scale": scale, "chance": 1 / 3, "class_names": ["cat" + hostile, "dog", "boot"]},
-                       {"query_images": imgs, "neighbor_images": np.stack([imgs] * 5, axis=1),
-                        "query_labels": q_lab, "neighbor_labels": nb_lab})
+                       {"kind": "retrieval", "scale": scale, "k": 5, "queries": 100, "feature_agreement": 0.8,
+                        "pixel_agreement": 0.5, "chance_agreement": 0.1},
+                       {"query_images": imgs, "neighbour_images": np.stack([imgs] * 5, axis=1),
+                        "query_labels": q_lab, "neighbour_labels": nb_lab})
 
 
 def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None = None) -> None:

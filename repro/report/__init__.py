@@ -89,8 +89,8 @@ def _claim_figures(r: ClaimResult, exp, runs_dir: Path, analysis: dict | None, n
     elif r.kind == "filters" and npz:
         towers = [pick(npz, "tower1", "conv1_tower1"), pick(npz, "tower2", "conv1_tower2")]
         runs = (analysis or {}).get("runs") or [{}]
-        spec = runs[0].get("color_specificity") or {}
-        out.append(dict(title="Figure 3", src=figures.filters_grid(towers, [spec.get("tower1"), spec.get("tower2")]),
+        scores = list(runs[0].get("towers") or [])
+        out.append(dict(title="Figure 3", src=figures.filters_grid(towers, scores),
                         caption="conv1 kernels of the first analysed run, by tower, each scaled to its own range; "
                                 "score: colour-specificity (0 = grey, 1 = one colour)."))
     elif r.kind == "retrieval" and npz:
@@ -103,7 +103,7 @@ def _claim_figures(r: ClaimResult, exp, runs_dir: Path, analysis: dict | None, n
 
 
 def _summary_row(r: ClaimResult) -> dict:
-    head = r.comparisons[0] if r.comparisons else None
+    head = r.headline
     mean, ci = fmt_effect(head.measured, head.unit) if head else ("\u2014", "")
     failed = {k: v for k, v in r.status_counts.items() if k != "done"}
     return dict(name=r.name, title=r.title, section=r.section, kind=r.kind, scale=r.scale or "\u2014",
@@ -120,9 +120,16 @@ def _delta_rows(results: list[ClaimResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["label", "paper", "mean", "lo", "hi", "verdict"])
 
 
-def _class_names(df: pd.DataFrame, runs_dir: Path, analysis: dict | None):
-    names = (analysis or {}).get("class_names")
-    return list(names) if isinstance(names, list) else None
+def _class_names(rows: pd.DataFrame) -> list | None:
+    """Class names from the manifest of the data the claim's runs used (None when it cannot be read)."""
+    for d in rows.get("data.dir", pd.Series(dtype=object)).dropna().unique():
+        try:
+            names = json.loads((Path(str(d)) / "manifest.json").read_text())["classes"]["names"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(names, list):
+            return [str(n) for n in names]
+    return None
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -165,11 +172,11 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
         exp = registry[name]
         analysis = analyses.get(name)
         npz = load_npz(runs_dir / name / "analysis.npz")
-        r = evaluate(exp, df, analysis, npz)
+        r = evaluate(exp, df, analysis, runs_dir)
         results.append(r)
         sections.append(dict(
             r=r, comparisons=_comparison_rows(r), figures=_claim_figures(r, exp, runs_dir, analysis, npz,
-                                                                      _class_names(df, runs_dir, analysis)),
+                                                                      _class_names(r.runs)),
             context=tables.CONTEXT.get(name, []), provenance=tables.provenance(r.runs, runs_dir),
             other_scales=sorted({str(s) for s in r.runs.get("scale", pd.Series(dtype=str)).dropna()} - {r.scale}),
             analysis=json.dumps(analysis, indent=1, sort_keys=True, default=str)[:4000] if analysis else ""))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from repro.report import verdicts as V
+from repro.report.gather import stack
 
 SCALE_ORDER = ("full", "subset", "demo", "smoke")
 ERROR_METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "best_val_top1_err",
@@ -35,6 +36,7 @@ class ClaimResult:
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)   # every row of this claim, all scales
     status_counts: dict = field(default_factory=dict)          # at the judged scale
     best_variants: dict = field(default_factory=dict)          # group -> chosen variant (sweeps)
+    headline: V.Comparison | None = None                       # the comparison the verdict comes from
 
 
 def paper_numbers(exp) -> dict[str, float]:
@@ -106,32 +108,70 @@ def _effect(exp, rows, groups) -> tuple[list[V.Comparison], dict]:
     return comps, best
 
 
-def _convergence(exp, rows, groups) -> tuple[list[V.Comparison], dict]:
-    """Speed-up = control iterations / treatment iterations to the target training error, paired by seed.
+def _iters_below(curves: pd.DataFrame, variant: str, threshold: float) -> pd.Series:
+    """Per seed: the first curve iteration whose training error is below `threshold` (NaN: never)."""
+    out = {}
+    sub = curves[curves["variant"] == variant] if len(curves) else curves
+    for seed, c in (sub.groupby("seed") if len(sub) else []):
+        hit = c[pd.to_numeric(c["train_top1_err"], errors="coerce") < threshold]
+        out[seed] = float(hit["iteration"].iloc[0]) if len(hit) else math.nan
+    return pd.Series(out, dtype=float)
 
-    A run that never reached the target counts with its total iterations, so its ratio is a bound; the reason
-    says so. `iters_ratio` in [paper] is the inverse (treatment / control).
-    """
-    paper = paper_numbers(exp)
-    inverse = "speedup" not in paper and "iters_ratio" in paper
-    pnum = paper.get("iters_ratio" if inverse else "speedup")
-    best = {g: _best_variant(rows, groups[g], "iters_to_target") for g in (exp.control, *exp.treatments)}
+
+def _speedups(exp, rows, best, iters: dict, inverse: bool, pnum, what: str, context: bool) -> list[V.Comparison]:
+    """Per-seed ratio of iterations (`iters[arm]`: Series by seed), judged on the log scale."""
     comps = []
     for t in exp.treatments:
         notes, series = [], {}
         for arm in (exp.control, t):
-            it = _by_seed(rows, [best[arm]], "iters_to_target")
-            total = _by_seed(rows, [best[arm]], "iterations")
-            missing = it.isna() & total.reindex(it.index).notna()
+            it = iters[arm]
+            total = _by_seed(rows, [best[arm]], "iterations").reindex(it.index)
+            missing = it.isna() & total.notna()
             if missing.any():
-                notes.append(f"{arm} did not reach the target in {int(missing.sum())} of {len(it)} runs "
+                notes.append(f"{arm} did not reach {what} in {int(missing.sum())} of {len(it)} runs "
                              "(counted at its total iterations, so the ratio is a bound)")
-            series[arm] = it.fillna(total.reindex(it.index))
+            series[arm] = it.fillna(total)
         c, tr = series[exp.control], series[t]
         common = c.index.intersection(tr.index)
         ratio = (tr.loc[common] / c.loc[common]) if inverse else (c.loc[common] / tr.loc[common])
-        label = f"{t} / {exp.control} iterations" if inverse else f"{exp.control} / {t} iterations"
-        comps.append(V.log_ratio_comparison(label, "iters_to_target", pnum, ratio, "; ".join(notes)))
+        label = (f"{t} / {exp.control}" if inverse else f"{exp.control} / {t}") + f" iterations to {what}"
+        comp = V.log_ratio_comparison(label, "iters_to_target", pnum, ratio, "; ".join(notes))
+        comp.context = context
+        comps.append(comp)
+    return comps
+
+
+def _convergence(exp, rows, groups, analysis: dict | None, curves: pd.DataFrame) -> tuple[list[V.Comparison], dict]:
+    """Speed-up = control iterations / treatment iterations to the target training error, paired by seed.
+
+    The best learning rate of each group is the analysis's choice (else the fastest median). A run that never
+    reached the target counts with its total iterations, so its ratio is a bound; the reason says so.
+    `iters_ratio` in [paper] is the inverse (treatment / control). When the analysis found a dataset-relative
+    threshold (the best control run's final training error), the speed-up to it is judged too, and it is the
+    headline when the paper's target was reached at the first logged point by every run (trivially reached).
+    """
+    paper = paper_numbers(exp)
+    inverse = "speedup" not in paper and "iters_ratio" in paper
+    pnum = paper.get("iters_ratio" if inverse else "speedup")
+    chosen = (analysis or {}).get("best") or {}
+    best = {g: chosen.get(g) if chosen.get(g) in groups.get(g, ()) else _best_variant(rows, groups[g], "iters_to_target")
+            for g in (exp.control, *exp.treatments)}
+    target = pd.to_numeric(rows.get("train.target_train_err", pd.Series(dtype=float)), errors="coerce").dropna()
+    target = float(target.iloc[0]) if len(target) else 25.0
+    at_target = {a: _by_seed(rows, [best[a]], "iters_to_target") for a in best}
+    comps = _speedups(exp, rows, best, at_target, inverse, pnum, f"{target:g}%", False)
+    relative = (analysis or {}).get("relative_train_err")
+    if relative is not None and len(curves) and math.isfinite(float(relative)):
+        at_rel = {a: _iters_below(curves, best[a], float(relative)) for a in best}
+        rel = _speedups(exp, rows, best, at_rel, inverse, pnum, f"{float(relative):.1f}% (dataset-relative)", True)
+        first = curves.groupby("variant")["iteration"].min() if len(curves) else pd.Series(dtype=float)
+        trivial = all(len(s) and (s == first.get(best[a], math.nan)).all() for a, s in at_target.items())
+        if trivial:
+            for c in comps:
+                c.context, c.reason = True, f"{c.reason}; every run reached {target:g}% at its first logged point"
+            for c in rel:
+                c.context = False
+        comps += rel
     return comps, best
 
 
@@ -179,34 +219,50 @@ def _ensemble(exp, analysis: dict) -> list[V.Comparison]:
         verdict, reason = V.signed_verdict(paper.get(m), iv)
         if not analysis:
             verdict, reason = "not run", "no ensemble analysis (runs/<experiment>/analysis.json)"
+        elif "status" in analysis and not d:
+            verdict, reason = "not run", f"ensemble analysis: {analysis['status']}"
         comps.append(V.Comparison(f"ensemble of {len(members)} - one member", m, "points", paper.get(m), iv,
                                   verdict, reason, {i: float(v) for i, v in enumerate(d)}))
     return comps
 
 
 def _filters(analysis: dict) -> list[V.Comparison]:
-    runs = (analysis or {}).get("runs", [])
+    """Per analysed run, |tower 2 - tower 1| colour-specificity (which tower is the colour one is up to the seed)."""
     gaps = {}
-    for r in runs:
-        spec = r.get("color_specificity") or {}
-        if spec.get("tower1") is not None and spec.get("tower2") is not None:
-            gaps[r.get("run_dir", str(len(gaps)))] = abs(float(spec["tower2"]) - float(spec["tower1"]))
-    return [V.filter_comparison(gaps)]
+    for i, r in enumerate((analysis or {}).get("runs", [])):
+        towers = [t for t in (r.get("towers") or []) if t is not None]
+        if len(towers) == 2:
+            gaps[f"{r.get('variant', '?')}/seed{r.get('seed', i)}"] = abs(float(towers[1]) - float(towers[0]))
+    comp = V.filter_comparison(gaps)
+    if not gaps and (analysis or {}).get("runs"):
+        comp.reason = "the analysed model has one tower: nothing to compare"
+    elif not gaps and "status" in (analysis or {}):
+        comp.reason = f"filter analysis: {analysis['status']}"
+    return [comp]
 
 
-def _retrieval(analysis: dict, npz) -> list[V.Comparison]:
+def _retrieval(analysis: dict) -> list[V.Comparison]:
+    """Label agreement of the k nearest training images in feature space, against chance and against pixels."""
     a = analysis or {}
-    if npz is not None and "query_labels" in npz and "neighbor_labels" in npz:
-        q, nb = np.asarray(npz["query_labels"]), np.asarray(npz["neighbor_labels"])
-        hits, total = int((nb == q[:, None]).sum()), int(nb.size)
-    else:
-        hits, total = int(a.get("hits", 0)), int(a.get("total", 0))
-    chance = float(a.get("chance") or (1.0 / a["num_classes"] if a.get("num_classes") else 0.1))
-    return [V.proportion_comparison("nearest neighbours share the query's label", hits, total, chance)]
+    total = int(a.get("queries", 0)) * int(a.get("k", 0))
+    if not total or a.get("feature_agreement") is None:
+        reason = f"retrieval analysis: {a['status']}" if "status" in a else "no retrieval analysis"
+        return [V.Comparison("nearest neighbours share the query's label", "label agreement - chance", "points",
+                             None, V.Interval(), "not run", reason)]
+    hits = int(round(float(a["feature_agreement"]) * total))
+    comps = []
+    if a.get("pixel_agreement") is not None:
+        comps.append(V.two_proportion_comparison("feature neighbours - pixel neighbours", hits,
+                                                 int(round(float(a["pixel_agreement"]) * total)), total))
+    chance = float(a.get("chance_agreement") or 0.0)
+    if chance > 0:
+        comps.append(V.proportion_comparison("feature neighbours - chance", hits, total, chance))
+    return comps
 
 
-def evaluate(exp, df: pd.DataFrame, analysis: dict | None = None, npz=None) -> ClaimResult:
-    """Judge one claim from the run table `df` (all experiments) and its analysis (json dict, npz mapping)."""
+def evaluate(exp, df: pd.DataFrame, analysis: dict | None = None, runs_dir=None) -> ClaimResult:
+    """Judge one claim from the run table `df` (all experiments) and its analysis.json; convergence claims also
+    read the training curves of their runs under `runs_dir`."""
     all_rows = df[df["experiment"] == exp.name] if "experiment" in df else df.iloc[0:0]
     scale = pick_scale(all_rows)
     if not scale and analysis:
@@ -217,7 +273,9 @@ def evaluate(exp, df: pd.DataFrame, analysis: dict | None = None, npz=None) -> C
     if exp.kind == "effect":
         comps, best = _effect(exp, rows, groups)
     elif exp.kind == "convergence":
-        comps, best = _convergence(exp, rows, groups)
+        done = rows[rows["status"] == "done"]
+        curves = stack(done, runs_dir, "curve.jsonl") if runs_dir is not None else pd.DataFrame()
+        comps, best = _convergence(exp, rows, groups, analysis, curves)
     elif exp.kind == "absolute":
         comps = _absolute(exp, rows)
     elif exp.kind == "ten-crop":
@@ -227,20 +285,21 @@ def evaluate(exp, df: pd.DataFrame, analysis: dict | None = None, npz=None) -> C
     elif exp.kind == "filters":
         comps = _filters(analysis)
     elif exp.kind == "retrieval":
-        comps = _retrieval(analysis, npz)
+        comps = _retrieval(analysis)
     else:
         comps = []
     judged = [c for c in comps if not c.context]
     headline = [c for c in judged if c.metric in (exp.metric, "iters_to_target")] or judged
-    verdict = headline[0].verdict if headline else "not run"
-    # several treatments (layer removal): the headline is the weakest of their verdicts on the headline metric
-    order = {v: i for i, v in enumerate(("not run", "opposite", "inconclusive", "not reproduced", "not comparable",
-                                         "same direction, smaller", "no paper number", "reproduced"))}
-    if len(headline) > 1:
-        verdict = min((c.verdict for c in headline if c.metric == headline[0].metric), key=lambda v: order.get(v, 0))
+    headline = [c for c in headline if c.metric == headline[0].metric] if headline else []
+    # several treatments (layer removal): the claim's verdict is the weakest of theirs on the headline metric
+    order = ("not run", "opposite", "inconclusive", "not reproduced", "not comparable", "same direction, smaller",
+             "no paper number", "reproduced")
+    head = min(headline, key=lambda c: order.index(c.verdict) if c.verdict in order else 0) if headline else None
+    verdict = head.verdict if head else "not run"
     counts = rows["status"].value_counts().to_dict() if "status" in rows else {}
     return ClaimResult(
         name=exp.name, title=exp.title, section=exp.section, claim=exp.claim, kind=exp.kind, scale=scale,
         comparisons=comps, verdict=verdict, caveat=V.scale_caveat([scale]) if scale else "",
         note=str((exp.paper or {}).get("note", "")), reproduced_if=getattr(exp, "reproduced_if", ""),
-        runs=all_rows, status_counts={str(k): int(v) for k, v in counts.items()}, best_variants=best)
+        runs=all_rows, status_counts={str(k): int(v) for k, v in counts.items()}, best_variants=best,
+        headline=head)

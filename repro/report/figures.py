@@ -24,6 +24,11 @@ VERDICT_COLOURS = {"reproduced": "#2e7d32", "same direction, smaller": "#9e9d24"
                    "inconclusive": "#757575", "no paper number": "#5c6bc0"}
 
 
+def plain(text) -> str:
+    """A label as literal text: matplotlib would parse `$...$` from a TOML name or class name as math."""
+    return str(text).replace("$", r"\$")
+
+
 def to_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -38,6 +43,7 @@ def relu_tanh_curves(curves: pd.DataFrame, target: float, speedup: str = "") -> 
     """
     if curves.empty:
         return None
+    curves = curves.assign(arm=curves["arm"].map(plain))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     palette = {"relu": "#1565c0", "tanh": "#e65100"}
     sns.lineplot(data=curves, x="iteration", y="train_top1_err", hue="arm", errorbar=("ci", 95), ax=ax,
@@ -71,7 +77,7 @@ def deltas_chart(rows: pd.DataFrame) -> str | None:
         if not math.isfinite(m):
             ax.text(0, yi + 0.2, " not run", va="center", fontsize=8, color="#c62828")
     ax.axvline(0, color="#222", lw=0.8)
-    ax.set_yticks(y, rows["label"])
+    ax.set_yticks(y, [plain(t) for t in rows["label"]])
     ax.invert_yaxis()
     ax.set_xlabel("effect on error, points (negative = the paper's change lowers the error)")
     ax.legend(loc="lower right", fontsize=8, frameon=True)
@@ -91,11 +97,12 @@ def learning_curves(metrics: pd.DataFrame, title: str) -> str | None:
     if long.empty:
         return None
     long["split"] = long["split"].map({"val_top1_err": "validation", "train_top1_err": "training"})
+    long["variant"] = long["variant"].map(plain)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     sns.lineplot(data=long, x="epoch", y="error", hue="variant", style="split", markers=True, errorbar=("ci", 95),
                  ax=ax, style_order=["validation", "training"])
     ax.set(xlabel="epoch", ylabel="top-1 error (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plain(title), fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     return to_data_uri(fig)
 
@@ -142,7 +149,8 @@ def retrieval_grid(queries: np.ndarray, neighbours: np.ndarray, query_labels=Non
         if label is None:
             return ""
         label = int(label)
-        return str(class_names[label]) if class_names is not None and 0 <= label < len(class_names) else str(label)
+        known = class_names is not None and 0 <= label < len(class_names)
+        return plain(str(class_names[label])[:12]) if known else str(label)
 
     for r in range(n):
         imgs = [queries[r]] + [neighbours[r, j] for j in range(k)]
@@ -156,7 +164,7 @@ def retrieval_grid(queries: np.ndarray, neighbours: np.ndarray, query_labels=Non
             for spine in ax.spines.values():
                 spine.set_edgecolor("#1565c0" if c == 0 else ("#2e7d32" if same else "#c62828"))
                 spine.set_linewidth(2)
-            ax.set_title(name(lab)[:12], fontsize=6, pad=2)
+            ax.set_title(name(lab), fontsize=6, pad=2)
     fig.suptitle("Figure 4: validation query (left) and nearest training images (green: same label)", fontsize=8)
     fig.tight_layout()
     return to_data_uri(fig)

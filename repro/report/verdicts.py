@@ -185,6 +185,26 @@ def proportion_comparison(label: str, hits: int, total: int, chance: float) -> C
                       f"{reason} ({hits}/{total} neighbours, chance {100 * chance:.1f}%)")
 
 
+def two_proportion_comparison(label: str, hits_a: int, hits_b: int, total: int) -> Comparison:
+    """Difference of two agreement rates over the same `total` neighbours (Wald interval, scipy.stats.norm).
+
+    The same queries are used for both, so the unpaired interval is conservative.
+    """
+    pa, pb = hits_a / total, hits_b / total
+    se = math.sqrt(max(pa * (1 - pa) / total + pb * (1 - pb) / total, 0.0))
+    z = stats.norm.ppf(0.5 + CONFIDENCE / 2)
+    iv = Interval(100 * (pa - pb), 100 * (pa - pb - z * se), 100 * (pa - pb + z * se), int(total),
+                  method="difference of proportions, Wald interval")
+    if iv.lo > 0:
+        verdict, reason = "reproduced", "feature-space neighbours share the label more often than pixel-space ones"
+    elif iv.hi < 0:
+        verdict, reason = "opposite", "pixel-space neighbours share the label more often"
+    else:
+        verdict, reason = "inconclusive", "the 95% interval spans zero"
+    return Comparison(label, "label agreement difference", "points", None, iv, verdict,
+                      f"{reason} ({100 * pa:.1f}% against {100 * pb:.1f}% of {total} neighbours)")
+
+
 def filter_comparison(gaps: dict) -> Comparison:
     """Colour-specificity gap between the towers, one value per analysed run (`gaps`: run -> gap)."""
     vals = finite(list(gaps.values()))
