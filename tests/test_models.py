@@ -93,14 +93,13 @@ def test_cifar4_parameter_count():
 
 @pytest.mark.parametrize("size, pad", [(224, 3), (227, 0)])
 def test_paper_input_rules_both_give_55(size, pad):
-    model = build_model(ModelConfig(input_size=size))
+    model = build_model(ModelConfig(input_size=size)).eval()
     assert model.features[0].padding == (0, pad, 0, pad)  # cuda-convnet's rule at 224, Caffe's 227 needs none
     assert pool_sizes(model, size, device="cpu") == [55, 27, 13, 6]
-    x = torch.randn(2, 3, size, size)
-    model.eval()
     with torch.no_grad():
-        assert model(x).shape == (2, 1000)
-        assert model.forward_features(x).shape == (2, 4096) and model.features_dim == 4096
+        feats = model.forward_features(torch.randn(1, 3, size, size))
+        assert feats.shape == (1, 4096) and model.features_dim == 4096
+        assert model.classifier[-1](feats).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("size, expected", [(28, [28, 14, 7, 3]), (32, [32, 16, 8, 4]), (24, [24, 12, 6, 3])])
@@ -234,3 +233,19 @@ def test_models_table_lists_every_model_with_its_count():
     text = console.export_text()
     for name, params in [("alexnet-paper", "60,965,224"), ("alexnet-owt", "61,100,840"), ("cifar4", "89,578")]:
         assert any(name in line and params in line for line in text.splitlines())
+
+
+def test_registry_builds_a_registered_function_and_refuses_unknown_names(monkeypatch):
+    from repro.errors import UserError
+    from repro.models import registry, register_model
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @register_model("linear-probe", summary="a test model", defaults={"num_classes": 3})
+    def linear_probe(cfg):
+        return nn.Linear(4, cfg.num_classes)
+
+    assert "linear-probe" in list_models()
+    assert build_model(default_config("linear-probe")).out_features == 3
+    with pytest.raises(UserError, match="not a registered model"):
+        build_model(ModelConfig(name="vgg16"))

@@ -7,7 +7,8 @@ towers. conv1 is one ordinary convolution whose first half of kernels is tower 1
 
 conv1 geometry: "cuda-convnet" (alexnet-paper) pads the input on the bottom/right just enough that the output
 follows `1 + ceil((n - 11) / 4)`, the author's rule: 224 -> 55 (3 px of padding) and 227 -> 55 (none, Caffe's
-choice). "torchvision" (alexnet-owt) pads 2 px on every side. The tiny stem (5x5, stride 1, pad 2) keeps the
+choice); its ZeroPad2d is `features.0` even when empty, so state-dict keys do not depend on the input size.
+"torchvision" (alexnet-owt) pads 2 px on every side. The tiny stem (5x5, stride 1, pad 2) keeps the
 input size, for 24-64 px images; three pools then give n // 8.
 """
 
@@ -131,8 +132,9 @@ def build_alexnet(cfg: ModelConfig, base_widths: tuple[int, ...], conv1_padding:
     layers.append(max_pool(cfg.pooling))  # after conv5, or whichever conv layer is last
     pool_inputs.append(size)
     if min(pool_inputs) < 3:
+        hint = "a larger model.input_size" + (" or model.stem=tiny" if cfg.stem != "tiny" else "")
         raise UserError(f"model.input_size = {cfg.input_size} leaves {min(pool_inputs)}x{min(pool_inputs)} maps "
-                        f"before a 3x3 pool with stem {cfg.stem!r}; use a larger input or model.stem=tiny")
+                        f"before a 3x3 pool with stem {cfg.stem!r}; use {hint}")
     fc = max(1, round(FC_WIDTH * cfg.width))
     model = AlexNet(nn.Sequential(*layers), paths, pool_out(size), in_ch, fc, cfg.num_classes, cfg.dropout,
                     cfg.activation, towers)

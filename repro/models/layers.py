@@ -39,7 +39,8 @@ class LRN(nn.LocalResponseNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.towers == 1:
             return super().forward(x)
-        return torch.cat([super(LRN, self).forward(t) for t in x.chunk(self.towers, dim=1)], dim=1)
+        n, c, h, w = x.shape  # fold the towers into the batch so each is normalised on its own
+        return super().forward(x.reshape(n * self.towers, c // self.towers, h, w)).reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha_mode={self.alpha_mode}, towers={self.towers}"

@@ -18,8 +18,10 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, input_size: int) -> int:
     """Multiply-adds of one forward pass on one image (conv and linear layers; torch counts 2 flops per MAC)."""
     device = next(model.parameters()).device
+    was_training = model.training
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
+    model.train(was_training)
     return counter.get_total_flops() // 2
 
 
