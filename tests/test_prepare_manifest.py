@@ -1,0 +1,112 @@
+"""Manifest fields against independent numpy/hashlib computations; up-to-date, --force and interrupted runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from conftest_data import make_cifar, make_fashion, opts, read_beton
+
+import data_prep.prepare as prep
+from data_prep.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cifar")
+    data = make_cifar(tmp / "c", per_batch=5, seed=4)
+    summary = prepare("cifar10", tmp / "c", tmp / "out", opts(), progress=False)
+    return data, tmp / "out", json.loads((tmp / "out" / "manifest.json").read_text()), summary
+
+
+def test_mean_std_and_pca_match_numpy(cifar_run):
+    data, _, m, _ = cifar_run
+    pixels = data["train"][0].reshape(-1, 3).astype(np.float64)
+    assert np.allclose(m["mean"], pixels.mean(0), atol=1e-9)
+    assert np.allclose(m["std"], pixels.std(0), atol=1e-9)
+    cov = np.cov((pixels / 255.0).T, bias=True)
+    want_val, want_vec = np.linalg.eigh(cov)
+    want_val, want_vec = want_val[::-1], want_vec[:, ::-1]
+    eigval, eigvec = np.array(m["pca"]["eigval"]), np.array(m["pca"]["eigvec"])
+    assert np.allclose(eigval, want_val, rtol=1e-8) and np.all(np.diff(eigval) <= 0)
+    for i in range(3):  # column i is the eigenvector of eigval i, up to sign
+        assert abs(abs(eigvec[:, i] @ want_vec[:, i]) - 1) < 1e-8
+        assert np.allclose(cov @ eigvec[:, i], eigval[i] * eigvec[:, i], atol=1e-10)
+    assert m["stats_from"] == {"images": 25, "of": 25, "sampled": False}
+
+
+def test_manifest_counts_hashes_and_settings(cifar_run):
+    data, out, m, summary = cifar_run
+    for split in ("train", "val"):
+        beton = out / f"{split}.beton"
+        info = m["splits"][split]
+        assert info["sha256"] == hashlib.sha256(beton.read_bytes()).hexdigest()
+        assert info["bytes"] == beton.stat().st_size and info["file"] == f"{split}.beton"
+        assert info["per_class"] == np.bincount(data[split][1], minlength=10).tolist()
+        assert info["count"] == len(data[split][1])
+    assert m["format"] == 1 and m["source"] == "cifar10" and m["root"].endswith("/c")
+    assert m["settings"] == {"res": 32, "max_side": False, "classes": None, "train_per_class": None,
+                             "val_per_class": None, "jpeg_quality": 90, "write_mode": "raw", "seed": 0}
+    assert m["image"] == {"height": 32, "width": 32, "fixed_size": True}
+    assert m["skipped"] == [] and m["tool_version"] and m["seconds"] > 0 and m["created"].endswith("Z")
+    assert len(m["hash"]) == 16 and "25 train + 5 val" in summary and "skipped 0" in summary
+
+
+def test_up_to_date_then_force(tmp_path):
+    make_fashion(tmp_path / "fm", n_train=20, n_val=10)
+    out = tmp_path / "out"
+    prepare("fashion-mnist", tmp_path / "fm", out, opts(), progress=False)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert "up to date" in prepare("fashion-mnist", tmp_path / "fm", out, opts(), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp  # nothing touched
+    # a changed setting rebuilds, and so does --force with the same settings
+    assert "up to date" not in prepare("fashion-mnist", tmp_path / "fm", out, opts(classes="2"), progress=False)
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 4
+    summary = prepare("fashion-mnist", tmp_path / "fm", out, opts(classes="2", force=True), progress=False)
+    assert "up to date" not in summary and json.loads((out / "manifest.json").read_text())["settings"]["classes"] == "2"
+    # a beton that no longer matches its manifest is rebuilt rather than trusted
+    with open(out / "val.beton", "ab") as f:
+        f.write(b"x")
+    assert "up to date" not in prepare("fashion-mnist", tmp_path / "fm", out, opts(classes="2"), progress=False)
+
+
+def test_interrupted_run_leaves_old_output_and_no_temporaries(tmp_path, monkeypatch):
+    make_fashion(tmp_path / "fm", n_train=20, n_val=10)
+    out = tmp_path / "out"
+    prepare("fashion-mnist", tmp_path / "fm", out, opts(), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import data_prep.writer as writer
+
+    real = writer.write_split
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # train written, Ctrl-C while writing val
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(writer, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("fashion-mnist", tmp_path / "fm", out, opts(force=True), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_max_side_keeps_aspect(tmp_path):
+    from conftest_data import make_tree
+
+    make_tree(tmp_path / "d" / "train", ["a"], per_class=2)  # 40x30 and 41x30
+    make_tree(tmp_path / "d" / "val", ["a"], per_class=1)
+    prepare("imagefolder", tmp_path / "d", tmp_path / "out", opts(res=20, max_side=True), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["image"]["fixed_size"] is False and m["settings"]["max_side"] is True
+    images, _ = read_beton(tmp_path / "out" / "val.beton")
+    assert images[0].shape == (15, 20, 3)  # 40x30 -> longer side 20, aspect kept
+
+
+def test_settings_default_resolution_per_source():
+    assert prep.resolve_settings("imagenet", opts())["res"] == 256
+    assert prep.resolve_settings("imagenet", opts())["write_mode"] == "jpg"
+    assert prep.resolve_settings("fashion-mnist", opts())["res"] == 28
