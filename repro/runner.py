@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from repro import runs as store
@@ -135,14 +136,14 @@ def _train(run: PlannedRun, run_dir: Path, progress: bool, console: Console) -> 
                 "config": result.get("config") or store.read_json(run_dir / "planned.json").get("config"),
                 "config_hash": run.config_hash, "epochs_done": result.get("epochs_done", 0),
                 "iterations": result.get("iterations", 0), "metrics": {}, "provenance": {}})
-        console.print(f"[red]failed[/] {run_dir}: {type(e).__name__}: {e}")
+        console.print(f"[red]failed[/] {escape(str(run_dir))}: {escape(f'{type(e).__name__}: {e}')}")
         return "failed"
 
 
 def _label(r: PlannedRun, users: dict[str, list[str]]) -> str:
     others = [u for u in users[r.config_hash] if u != r.experiment]
     extra = f" (shared with {', '.join(others)})" if others else ""
-    return f"{r.experiment}/{r.variant} seed {r.seed} [{r.config_hash}]{extra}"
+    return escape(f"{r.experiment}/{r.variant} seed {r.seed} ({r.config_hash}){extra}")
 
 
 def train_all(planned: dict[str, list[PlannedRun]], runs_dir: Path, *, progress: bool,
@@ -211,11 +212,11 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as e:  # an analysis bug must not hide the runs that did finish
-            console.print(f"[red]analysis of {exp_name} failed[/]: {type(e).__name__}: {e}")
+            console.print(f"[red]analysis of {exp_name} failed[/]: {escape(f'{type(e).__name__}: {e}')}")
             statuses[f"analysis:{exp_name}"] = "failed"
             continue
         if summary:
-            console.print(f"{exp_name}: {summary}")
+            console.print(escape(f"{exp_name}: {summary}"))
     counts = defaultdict(int)
     for s in statuses.values():
         counts[s] += 1
