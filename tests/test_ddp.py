@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+
+import test_engine_support as sup
 
 SCRIPT = Path(__file__).with_name("test_engine_support.py")
 
@@ -37,3 +40,13 @@ def test_two_process_gloo_run(tmp_path):
     for k in w0:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=1e-6)
         assert torch.equal(w0[k], saved[k])
+
+    # The validation set was sharded over the two processes; the stored logits are back in sample order.
+    model = sup.TinyNet()
+    model.load_state_dict(saved)
+    x, y = sup.make_images(32, 2)
+    with torch.no_grad():
+        expected = model.eval()(sup.Transform(None, None, False)(x)).numpy()
+    logits = np.load(run_dir / "val_logits.npy").astype(np.float32)
+    np.testing.assert_allclose(logits, expected, rtol=1e-2, atol=1e-2)
+    assert result["metrics"]["top1_err"] == 100.0 * (expected.argmax(1) != y.numpy()).mean()

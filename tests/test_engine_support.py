@@ -131,6 +131,9 @@ def make_loaders(cfg, *, device, distributed=False):
     xva, yva = make_images(32, 2)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     train = TrainLoader(xtr, ytr, cfg.train.batch_size, cfg.train.seed, rank, world)
+    if distributed:  # as DistributedSampler(shuffle=False): rank r takes samples r, r+W, ..., padded from the start
+        idx = torch.arange(-(-32 // world) * world) % 32
+        xva, yva = xva[idx[rank::world]], yva[idx[rank::world]]
     return types.SimpleNamespace(train=train, val=ValLoader(xva, yva, 16), train_eval=ValLoader(xtr, ytr, 16),
                                  manifest={"hash": "stand-in"}, backend="torch", num_train=n_train, num_val=32,
                                  batches_per_epoch=len(train))

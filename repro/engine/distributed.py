@@ -1,11 +1,11 @@
 """Several processes, one run: `torchrun` launches one process per GPU (or CPU process on gloo), each calls `fit`;
-DistributedDataParallel averages gradients, the loaders shard the training set, and only rank 0 writes files.
+DistributedDataParallel averages gradients, the loaders shard every split, validation outputs are gathered back
+into sample order (so every rank sees the same error and schedule), and only rank 0 writes files.
 
     torchrun --nproc_per_node 8 -m repro.engine.distributed RUN_DIR [--set key=value ...]
 
 RUN_DIR must hold the run's `config.json` (as `fit` or `repro run --dry-run` writes it); `--set` overrides apply
-on top (a changed result-relevant key means a new run folder). Every rank scores the full validation set itself,
-so the plateau schedule sees the same error everywhere without extra communication.
+on top (keys that change results are refused for an existing run folder; give a new one).
 """
 
 from __future__ import annotations
@@ -44,6 +44,18 @@ def any_true(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def gather_in_order(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Outputs of a split sharded as DistributedSampler(shuffle=False) shards it (rank r holds samples r, r+W, ...,
+    padded to equal length) put back into sample order on every rank, padding cut to `count`."""
+    if rank_world()[1] == 1:
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    local = x.to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.stack(parts, 1).reshape(-1, *x.shape[1:])[:count].to(x.device)
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

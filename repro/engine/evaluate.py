@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from repro.config import RunConfig, from_dict
 from repro.data.augment import center_crop, ten_crop as ten_crops
 from repro.engine import checkpoint
+from repro.engine.distributed import gather_in_order
 from repro.errors import UserError
 from repro.models import build_model
 
@@ -35,8 +36,10 @@ def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bool, dtype) -> dict[str, torch.Tensor]:
-    """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops."""
+def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bool, dtype,
+            count: int | None = None) -> dict[str, torch.Tensor]:
+    """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops.
+    `count`: the split's size, when the loader is sharded over processes (distributed runs)."""
     was_training = model.training
     model.eval()
     fwd = unwrap(model).forward_features if features else model
@@ -56,6 +59,8 @@ def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bo
     out = {"centre": torch.cat(centre), "labels": torch.cat(labels)}
     if ten_crop:
         out["ten_crop"] = torch.cat(avg)
+    if count is not None:  # each process scored its shard: put the whole split back together, in order
+        out = {k: gather_in_order(v, count) for k, v in out.items()}
     return out
 
 
@@ -67,10 +72,11 @@ def topk_errors(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, floa
     return 100.0 * (1 - hit[:, 0].float().mean().item()), 100.0 * (1 - hit.any(1).float().mean().item())
 
 
-def evaluate(model, loader, transform, *, crop: int, ten_crop: bool = False, dtype=None) -> tuple[dict, torch.Tensor]:
+def evaluate(model, loader, transform, *, crop: int, ten_crop: bool = False, dtype=None,
+             count: int | None = None) -> tuple[dict, torch.Tensor]:
     """(metrics, centre-crop logits (N, classes) float32 in loader order). Metrics: `top1_err`, `top5_err`,
     `loss` and, with ten_crop, `top1_err_10crop`, `top5_err_10crop` (argmax of the mean softmax of 10 views)."""
-    out = _passes(model, loader, transform, crop=crop, ten_crop=ten_crop, features=False, dtype=dtype)
+    out = _passes(model, loader, transform, crop=crop, ten_crop=ten_crop, features=False, dtype=dtype, count=count)
     logits, labels = out["centre"], out["labels"]
     top1, top5 = topk_errors(logits, labels)
     metrics = {"top1_err": top1, "top5_err": top5, "loss": F.cross_entropy(logits, labels).item()}

@@ -246,6 +246,7 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
         _keep_jsonl(run_dir / "curve.jsonl", "iteration", run["iteration"])
     run["epochs_done"] = start_epoch
     net = distributed.wrap(model, device) if run["world"] > 1 else model
+    val_count = loaders.num_val if run["world"] > 1 else None  # the val split is sharded too
     if t.compile:
         net = torch.compile(net)
 
@@ -265,7 +266,8 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
             if bar is not None:
                 bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}")
             stats = _train_epoch(run, net, optimizer, loaders.train, train_tf, epoch, bar, task)
-            val, _ = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"])
+            val, _ = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"],
+                              count=val_count)
             sched = schedule.after_epoch(t, sched, val["top1_err"])
             run["best_val"] = min(run["best_val"], val["top1_err"])
             run["train_images"] += stats["images"]
@@ -285,7 +287,7 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
                     "best_val": run["best_val"], "config_hash": run["config_hash"]})
 
     final, logits = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, ten_crop=t.ten_crop,
-                             dtype=run["dtype"])
+                             dtype=run["dtype"], count=val_count)
     run["final"] = final
     if run["is_main"]:
         tmp = run_dir / "val_logits.npy.tmp"
