@@ -211,8 +211,9 @@ def _ensemble(exp, analysis: dict) -> list[V.Comparison]:
     paper = paper_numbers(exp)
     comps = []
     for m in [exp.metric] + [k for k in paper if k != exp.metric and k in ("top1_err", "top5_err")]:
-        ens = (analysis or {}).get("ensemble", {}).get(m)
-        members = [r.get(m) for r in (analysis or {}).get("members", [])]
+        ens = ((analysis or {}).get("ensemble") or {}).get(m)
+        members = (analysis or {}).get("members")
+        members = [r.get(m) for r in members if isinstance(r, dict)] if isinstance(members, list) else []
         d = [ens - x for x in members if ens is not None and x is not None]
         iv = V.mean_ci(d)
         iv.paired, iv.method = True, "over members (ensemble fixed)"

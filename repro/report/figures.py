@@ -18,10 +18,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from scipy import stats  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
 VERDICT_COLOURS = {"reproduced": "#2e7d32", "same direction, smaller": "#9e9d24", "opposite": "#c62828",
                    "inconclusive": "#757575", "no paper number": "#5c6bc0"}
+
+
+def t_band(values) -> tuple[float, float]:
+    """Student-t 95% interval of the seeds at one x (the same interval the verdicts use; NaN for one seed)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return (math.nan, math.nan)
+    if np.ptp(v) == 0:
+        return (float(v[0]), float(v[0]))
+    return stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
 
 
 def plain(text) -> str:
@@ -31,7 +43,7 @@ def plain(text) -> str:
 
 def to_data_uri(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110)  # layout="constrained" at creation: one draw, not two
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -44,9 +56,9 @@ def relu_tanh_curves(curves: pd.DataFrame, target: float, speedup: str = "") -> 
     if curves.empty:
         return None
     curves = curves.assign(arm=curves["arm"].map(plain))
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     palette = {"relu": "#1565c0", "tanh": "#e65100"}
-    sns.lineplot(data=curves, x="iteration", y="train_top1_err", hue="arm", errorbar=("ci", 95), ax=ax,
+    sns.lineplot(data=curves, x="iteration", y="train_top1_err", hue="arm", errorbar=t_band, ax=ax,
                  palette={a: palette.get(a.split("-")[0], None) or "#444" for a in curves["arm"].unique()},
                  style="arm", dashes={a: ("" if a.startswith("relu") else (4, 2)) for a in curves["arm"].unique()})
     ax.axhline(target, color="#555", lw=1, ls=":")
@@ -64,7 +76,7 @@ def deltas_chart(rows: pd.DataFrame) -> str | None:
     rows = rows[rows["paper"].notna()].reset_index(drop=True)
     if rows.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(rows) + 1.2), layout="constrained")
     y = np.arange(len(rows))
     ax.barh(y - 0.2, rows["paper"], height=0.38, color="#b0bec5", label="paper")
     mean = rows["mean"].astype(float)
@@ -98,8 +110,8 @@ def learning_curves(metrics: pd.DataFrame, title: str) -> str | None:
         return None
     long["split"] = long["split"].map({"val_top1_err": "validation", "train_top1_err": "training"})
     long["variant"] = long["variant"].map(plain)
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    sns.lineplot(data=long, x="epoch", y="error", hue="variant", style="split", markers=True, errorbar=("ci", 95),
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
+    sns.lineplot(data=long, x="epoch", y="error", hue="variant", style="split", markers=True, errorbar=t_band,
                  ax=ax, style_order=["validation", "training"])
     ax.set(xlabel="epoch", ylabel="top-1 error (%)")
     ax.set_title(plain(title), fontsize=10)
@@ -127,7 +139,8 @@ def filters_grid(towers: list[np.ndarray | None], scores: list[float | None]) ->
     towers = [t for t in towers if t is not None]
     if not towers:
         return None
-    fig, axes = plt.subplots(1, len(towers), figsize=(3.6 * len(towers), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(towers), figsize=(3.6 * len(towers), 3.2), squeeze=False,
+                             layout="constrained")
     for i, (ax, w) in enumerate(zip(axes[0], towers)):
         ax.imshow(_tile(np.asarray(w)), interpolation="nearest")
         s = scores[i] if i < len(scores) else None
@@ -143,7 +156,8 @@ def retrieval_grid(queries: np.ndarray, neighbours: np.ndarray, query_labels=Non
     if queries.size == 0:
         return None
     n, k = len(queries), neighbours.shape[1]
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.05 * (k + 1), 1.15 * n), squeeze=False)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.05 * (k + 1), 1.15 * n + 0.3), squeeze=False,
+                             layout="constrained")
 
     def name(label):
         if label is None:
@@ -166,5 +180,4 @@ def retrieval_grid(queries: np.ndarray, neighbours: np.ndarray, query_labels=Non
                 spine.set_linewidth(2)
             ax.set_title(name(lab), fontsize=6, pad=2)
     fig.suptitle("Figure 4: validation query (left) and nearest training images (green: same label)", fontsize=8)
-    fig.tight_layout()
     return to_data_uri(fig)

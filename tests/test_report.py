@@ -1,0 +1,248 @@
+"""Claims judged from a run table, and the page: summary per claim, CSV beside it, no zeros for missing runs,
+escaping of hostile names, old run formats, no runs, and atomic writes."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_report_fakes import fabricate_all, make_run, write_analysis  # noqa: E402
+
+import repro.report as report  # noqa: E402
+from repro.errors import UserError  # noqa: E402
+from repro.experiments import Experiment, load_registry  # noqa: E402
+from repro.report.claims import evaluate  # noqa: E402
+from repro.runs import collect  # noqa: E402
+
+
+def experiment(name="ablation-lrn", kind="effect", control="no-lrn", treatments=("lrn",), paper=None, **kw):
+    variants = kw.pop("variants", {v: {} for v in (control, *treatments) if v})
+    return Experiment(name=name, title=kw.pop("title", "Local response normalisation"), section="3.3",
+                      claim=kw.pop("claim", "LRN helps."), kind=kind, variants=variants,
+                      groups=kw.pop("groups", {v: (v,) for v in variants}), control=control,
+                      treatments=tuple(treatments), paper=paper if paper is not None else {"top1_err": -1.4}, **kw)
+
+
+def table(rows) -> pd.DataFrame:
+    cols = ["experiment", "variant", "seed", "scale", "status", "top1_err", "top5_err", "iters_to_target",
+            "iterations"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows], columns=cols)
+
+
+def test_effect_is_paired_by_seed_and_skips_runs_that_did_not_finish():
+    df = table([
+        ("ablation-lrn", "lrn", 0, "demo", "done", 30.0, 10.0, None, 100),
+        ("ablation-lrn", "lrn", 1, "demo", "done", 31.0, 10.5, None, 100),
+        ("ablation-lrn", "lrn", 2, "demo", "diverged", None, None, None, 40),   # never a zero
+        ("ablation-lrn", "lrn", 3, "demo", "done", 29.0, 9.0, None, 100),
+        ("ablation-lrn", "no-lrn", 0, "demo", "done", 31.5, 10.2, None, 100),
+        ("ablation-lrn", "no-lrn", 1, "demo", "done", 32.0, 11.0, None, 100),
+        ("ablation-lrn", "no-lrn", 2, "demo", "done", 31.0, 10.0, None, 100),
+        ("ablation-lrn", "no-lrn", 3, "demo", "failed", None, None, None, 0),
+        ("ablation-lrn", "no-lrn", 0, "smoke", "done", 90.0, 80.0, None, 10),   # a smaller scale: not judged
+        ("other", "lrn", 0, "demo", "done", 0.0, 0.0, None, 1),
+    ])
+    r = evaluate(experiment(), df)
+    assert r.scale == "demo"
+    top1 = r.comparisons[0]
+    # only seeds 0 and 1 have both variants done: differences -1.5 and -1.0
+    assert top1.values == {0: -1.5, 1: -1.0}
+    assert top1.measured.n == 2 and top1.measured.paired
+    assert top1.measured.mean == pytest.approx(-1.25)
+    half = 12.7062047 * 0.25 / math.sqrt(2) * math.sqrt(2)  # t(0.975, 1) * s / sqrt(2), s = 0.3536
+    assert top1.measured.lo == pytest.approx(-1.25 - half, rel=1e-4)
+    assert top1.verdict == "inconclusive"  # the interval spans zero with two seeds
+    assert r.status_counts == {"done": 6, "diverged": 1, "failed": 1}
+
+
+def test_claim_without_runs_is_not_run():
+    r = evaluate(experiment(), table([("baseline", "baseline", 0, "demo", "done", 30.0, 10.0, None, 1)]))
+    assert r.verdict == "not run" and r.scale == "" and all(c.measured.n == 0 for c in r.comparisons)
+
+
+def test_several_treatments_take_the_weakest_verdict_and_context_variants_do_not_count():
+    rows = []
+    for s in range(3):
+        rows += [("layer-removal", "full", s, "demo", "done", 30.0 + s, 10.0, None, 100),
+                 ("layer-removal", "no-conv3", s, "demo", "done", 32.5 + s + 0.1 * s, 10.0, None, 100),
+                 ("layer-removal", "no-conv4", s, "demo", "done", 30.05 + s + 0.02 * s, 10.0, None, 100),
+                 ("layer-removal", "extra", s, "demo", "done", 20.0 + s * 0.3, 10.0, None, 100)]
+    exp = experiment("layer-removal", control="full", treatments=("no-conv3", "no-conv4"), paper={"top1_err": 2.0},
+                     variants={"full": {}, "no-conv3": {}, "no-conv4": {}, "extra": {}})
+    r = evaluate(exp, table(rows))
+    verdicts = {c.label: c.verdict for c in r.comparisons}
+    assert verdicts["no-conv3 - full"] == "reproduced"
+    assert verdicts["no-conv4 - full"] == "same direction, smaller"  # +0.05..+0.09, far below 1.0
+    assert verdicts["extra - full"] == "no paper number"
+    assert r.verdict == "same direction, smaller" and r.headline.label == "no-conv4 - full"
+
+
+def test_convergence_uses_the_best_learning_rate_of_each_group():
+    rows = []
+    iters = {"relu-lr0.01": [50, 60], "relu-lr0.02": [20, 30], "tanh-lr0.01": [150, 180], "tanh-lr0.02": [np.nan, 400]}
+    for v, its in iters.items():
+        for s, it in enumerate(its):
+            rows.append(("relu-vs-tanh", v, s, "demo", "done", 30.0, 10.0, it, 500))
+    exp = experiment("relu-vs-tanh", kind="convergence", control="tanh", treatments=("relu",),
+                     paper={"speedup": 6.0}, variants={v: {} for v in iters},
+                     groups={"relu": ("relu-lr0.01", "relu-lr0.02"), "tanh": ("tanh-lr0.01", "tanh-lr0.02")})
+    r = evaluate(exp, table(rows))
+    assert r.best_variants == {"tanh": "tanh-lr0.01", "relu": "relu-lr0.02"}
+    c = r.comparisons[0]
+    assert c.values == {0: pytest.approx(7.5), 1: pytest.approx(6.0)}
+    assert c.measured.mean == pytest.approx(math.sqrt(7.5 * 6.0))  # geometric mean
+    assert c.unit == "x"
+
+
+def test_ten_crop_and_ensemble_effects():
+    rows = [("ten-crop", "baseline", s, "demo", "done", 30.0 + s, 10.0, None, 1) for s in range(3)]
+    df = table(rows)
+    df["top1_err_10crop"] = [29.0, 29.6, 30.8]  # -1.0, -1.4, -1.2
+    exp = experiment("ten-crop", kind="ten-crop", control=None, treatments=(), paper={"top1_err": -1.5},
+                     variants={"baseline": {}}, metric="top1_err_10crop", compare="top1_err")
+    c = evaluate(exp, df).comparisons[0]
+    assert c.measured.mean == pytest.approx(-1.2) and c.verdict == "reproduced"
+
+    ens = experiment("ensemble", kind="ensemble", control=None, treatments=(), paper={"top1_err": -2.6},
+                     variants={"baseline": {}})
+    analysis = {"ensemble": {"top1_err": 27.0}, "members": [{"top1_err": 30.0}, {"top1_err": 29.0},
+                                                           {"top1_err": 29.6}]}
+    c = evaluate(ens, df.assign(experiment="ensemble"), analysis).comparisons[0]
+    assert c.values == {0: -3.0, 1: -2.0, 2: pytest.approx(-2.6)}
+    assert c.verdict == "reproduced"
+    assert evaluate(ens, df, None).verdict == "not run"
+    status_only = evaluate(ens, df, {"status": "needs at least 2 done members", "members": 1})
+    assert status_only.verdict == "not run" and "needs at least 2" in status_only.comparisons[0].reason
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    registry = load_registry()
+    runs = tmp / "runs"
+    fabricate_all(runs, registry, scale="demo", seeds=2)
+    # a failed and a stale (older record format) run of the LRN claim
+    make_run(runs, "ablation-lrn", "no-lrn", 7, scale="demo", status="failed", error="CUDA out of memory",
+             overrides={"model.lrn": False})
+    old = make_run(runs, "ablation-lrn", "lrn", 8, scale="demo", metrics={"top1_err": 0.0})
+    record = json.loads((old / "result.json").read_text())
+    record["format"] = 0
+    (old / "result.json").write_text(json.dumps(record))
+    out = report.build_report(runs, tmp / "out" / "index.html", registry=registry)
+    return registry, runs, out
+
+
+class Tags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [(tag, k, v) for k, v in attrs]
+
+
+def parse(text: str) -> Tags:
+    p = Tags()
+    p.feed(text)
+    return p
+
+
+def test_page_has_a_summary_row_per_claim_and_the_csv_beside_it(rendered):
+    registry, runs, out = rendered
+    text = out.read_text()
+    rows = [v for tag, k, v in parse(text).attrs if tag == "tr" and k == "data-claim"]
+    assert sorted(rows) == sorted(registry)
+    csv = pd.read_csv(out.with_name("results.csv"))
+    assert len(csv) == len(collect(runs)) and set(csv["experiment"]) == set(collect(runs)["experiment"])
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_page_is_self_contained(rendered):
+    _, _, out = rendered
+    tags = parse(out.read_text())
+    assert "script" not in tags.tags and "link" not in tags.tags
+    srcs = [v for tag, k, v in tags.attrs if k == "src"]
+    assert srcs and all(v.startswith("data:image/png;base64,") for v in srcs)
+    assert not [v for _, k, v in tags.attrs if k == "href" and not v.startswith("#")]
+    assert "@media print" in out.read_text()
+
+
+def test_failed_and_stale_runs_appear_as_such_never_as_zeros(rendered):
+    registry, runs, out = rendered
+    text = out.read_text()
+    assert "CUDA out of memory" in text and "stale" in text
+    df = collect(runs)
+    r = evaluate(registry["ablation-lrn"], df)
+    assert r.status_counts.get("failed") == 1 and r.status_counts.get("stale") == 1
+    # the stale record's 0.0 never enters the comparison: only the two fabricated seeds are paired
+    assert r.comparisons[0].measured.n == 2 and 8 not in r.comparisons[0].values
+
+
+def test_no_runs_is_one_clear_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "out" / "index.html"
+    for runs in (tmp_path / "absent", tmp_path / "empty"):
+        if runs.name == "empty":
+            runs.mkdir()
+        with pytest.raises(UserError, match=r"no runs under .*; run `repro run all --scale demo` first"):
+            report.build_report(runs, out, registry=load_registry())
+    assert not out.parent.exists()
+
+
+def test_failed_render_keeps_the_previous_page(tmp_path, monkeypatch):
+    runs, exp = tmp_path / "runs", experiment(paper={"top1_err": -1.4}, variants={"lrn": {}, "no-lrn": {}})
+    registry = {exp.name: exp}
+    for s in range(2):
+        make_run(runs, exp.name, "lrn", s, metrics={"top1_err": 30.0 + s})
+    out = report.build_report(runs, tmp_path / "index.html", registry=registry)
+    before = out.read_bytes()
+
+    def boom(context):
+        raise RuntimeError("template bug")
+
+    monkeypatch.setattr(report, "render", boom)
+    with pytest.raises(RuntimeError):
+        report.build_report(runs, out, registry=registry)
+    assert out.read_bytes() == before and not list(out.parent.glob("*.tmp"))
+
+
+HOSTILE = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+
+
+def test_hostile_names_notes_and_class_names_are_escaped(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"classes": {"ids": ["a", "b"],
+                                                                "names": [HOSTILE, "$\\frac{1}{0}$ boot"]}}))
+    exp = experiment("evil", title="Evil " + HOSTILE, claim="claim " + HOSTILE,
+                     paper={"top1_err": -1.0, "note": "note " + HOSTILE}, reproduced_if="if " + HOSTILE,
+                     control="ctl$x^$", treatments=(HOSTILE.replace("/", "|"),))
+    retr = experiment("retrieval-evil", kind="retrieval", control=None, treatments=(), paper={},
+                      variants={"baseline": {}}, title="R " + HOSTILE)
+    runs = tmp_path / "runs"
+    for s in range(2):
+        for v in exp.variants:
+            make_run(runs, "evil", v, s, scale="demo", metrics={"top1_err": 30.0 + s + (v == "ctl$x^$")},
+                     overrides={"data.dir": str(data)})
+        make_run(runs, "retrieval-evil", "baseline", s, scale="demo", metrics={"top1_err": 30.0},
+                 overrides={"data.dir": str(data)}, error=HOSTILE)
+    write_analysis(runs, "retrieval-evil", {"k": 2, "queries": 2, "feature_agreement": 1.0, "note": HOSTILE},
+                   {"query_images": np.zeros((2, 8, 8, 3), np.uint8),
+                    "neighbour_images": np.zeros((2, 2, 8, 8, 3), np.uint8),
+                    "query_labels": np.array([0, 1]), "neighbour_labels": np.array([[0, 1], [1, 1]])})
+    out = report.build_report(runs, tmp_path / "index.html", registry={"evil": exp, "retrieval-evil": retr})
+    text = out.read_text()
+    tags = parse(text)
+    assert "script" not in tags.tags
+    assert not [a for a in tags.attrs if a[1].startswith("on")]
+    assert "<script>alert" not in text and "&lt;script&gt;alert(" in text
+    # the figures with the hostile class names and variant names still rendered
+    assert sum(1 for tag, k, v in tags.attrs if tag == "img" and k == "src") >= 3
