@@ -126,7 +126,8 @@ def make_ffcv_batches(path: str, *, indices: np.ndarray, batch_size: int, train:
                       distributed: bool) -> FFCVBatches:
     """Batches over `path` restricted to `indices`; train: shuffled, cropped, flipped; else in stored order."""
     indices = np.asarray(indices, dtype=np.uint64)
-    key = (str(path), train, crop, res, fixed_size, flip, workers, str(device), distributed)
+    # what the compiled pipeline depends on (crop and flip only matter for training)
+    key = (str(path), train, (crop, flip) if train else None, res, fixed_size, workers, str(device), distributed)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return FFCVBatches(_CACHE[key], indices, batch_size, seed, train)
