@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import signal
 from multiprocessing import Process, Queue, RawArray, Value
 from time import sleep
 
@@ -63,7 +64,7 @@ class SplitDataset:
                 img = to_stored(read_image(self.split.paths[i], self.res), self.res, self.max_side)
         except SkipImage as e:
             self.status[i] = FAILED
-            self.reason_codes[i] = _code(str(e))
+            self.reason_codes[i] = REASONS.get(str(e), OTHER)
             return np.zeros((8, 8, 3), np.uint8), label
         if self.slot[i] >= 0:
             x = img.reshape(-1, 3).astype(np.float64)
@@ -76,12 +77,14 @@ class SplitDataset:
 
 # Reasons travel from workers as small integers; the table is fixed so codes mean the same in every process.
 REASONS = {r: k for k, r in enumerate(["empty file", "not an image (unknown format)", "truncated image",
-                                       "unreadable: permission denied", "image too large (over 268M pixels)"])}
-OTHER = len(REASONS)
+                                       "unreadable: permission denied", "image too large (over 268M pixels)",
+                                       "cannot decode", "unreadable"])}
+OTHER = REASONS["unreadable"]
 
 
-def _code(reason: str) -> int:
-    return REASONS.get(reason, OTHER)
+def _worker(work_fn, *args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    work_fn(*args)
 
 
 class _Writer(DatasetWriter):
@@ -106,7 +109,7 @@ class _Writer(DatasetWriter):
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
         args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator, done_number,
                 allocations_queue, *extra_worker_args)
-        processes = [Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+        processes = [Process(target=_worker, args=(work_fn, *args), daemon=True) for _ in range(self.num_workers)]
         try:
             for p in processes:
                 p.start()
@@ -169,7 +172,7 @@ def write_split(path: str, split: Split, *, res: int, max_side: bool, write_mode
         _write(path, dataset, order, write_mode, res, jpeg_quality, workers, progress, f"{name} (again, without "
                f"{len(failed)} bad files)")
     names = {k: r for r, k in REASONS.items()}
-    skipped = [(int(i), names.get(int(dataset.reason_codes[i]), "cannot decode")) for i in failed]
+    skipped = [(int(i), names.get(int(dataset.reason_codes[i]), "unreadable")) for i in failed]
     used = slots[order]
     sums = dataset.sums[used[used >= 0]].sum(0) if stats else None
     return {"index": order, "skipped": skipped, "sums": sums, "stat_images": int((used >= 0).sum())}
