@@ -136,6 +136,13 @@ def rendered(tmp_path_factory):
     record = json.loads((old / "result.json").read_text())
     record["format"] = 0
     (old / "result.json").write_text(json.dumps(record))
+    # a finished run whose config comes from an older config format (a key that no longer exists, one missing)
+    older = make_run(runs, "dropout", "dropout", 9, scale="demo", metrics={"top1_err": 31.0},
+                     overrides={"model.dropout": 0.5})
+    record = json.loads((older / "result.json").read_text())
+    record["config"]["model"]["norm_layer"] = "lrn"
+    del record["config"]["train"]["target_train_err"]
+    (older / "result.json").write_text(json.dumps(record))
     out = report.build_report(runs, tmp / "out" / "index.html", registry=registry)
     return registry, runs, out
 
@@ -163,6 +170,8 @@ def test_page_has_a_summary_row_per_claim_and_the_csv_beside_it(rendered):
     assert sorted(rows) == sorted(registry)
     csv = pd.read_csv(out.with_name("results.csv"))
     assert len(csv) == len(collect(runs)) and set(csv["experiment"]) == set(collect(runs)["experiment"])
+    older = csv[(csv["experiment"] == "dropout") & (csv["seed"] == 9)]
+    assert len(older) == 1 and older["model.norm_layer"].iloc[0] == "lrn"  # kept, not a crash
     assert not list(out.parent.glob("*.tmp"))
 
 

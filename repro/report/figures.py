@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: figures only ever become PNG bytes
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -114,6 +115,7 @@ def learning_curves(metrics: pd.DataFrame, title: str) -> str | None:
     sns.lineplot(data=long, x="epoch", y="error", hue="variant", style="split", markers=True, errorbar=t_band,
                  ax=ax, style_order=["validation", "training"])
     ax.set(xlabel="epoch", ylabel="top-1 error (%)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(plain(title), fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     return to_data_uri(fig)
