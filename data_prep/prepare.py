@@ -139,6 +139,8 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
 
     from data_prep.writer import make_progress, write_split  # imports ffcv (seconds): not on the up-to-date path
 
+    start = time.time()  # the clock for the summary's rate starts after the imports
+
     data = load_source(source, root, opts)
     rng = np.random.default_rng(opts.seed)
     keep = list(range(len(data.class_ids))) if source == "synthetic" else select_classes(data, opts.classes)

@@ -17,6 +17,7 @@ from time import sleep
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -35,7 +36,8 @@ class RateColumn(ProgressColumn):
 
 def make_progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
+                    TimeRemainingColumn(), disable=not enabled, transient=False,
+                    console=Console(stderr=True))  # stdout carries only the summary line
 
 
 class SplitDataset:

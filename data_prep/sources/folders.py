@@ -49,7 +49,7 @@ def list_files(folder: Path) -> list[str]:
 
 
 def class_folders(split_dir: Path) -> list[str]:
-    """Names of the class folders in `split_dir` (sorted), refusing loose files and link loops."""
+    """Names of the class folders in `split_dir` (sorted); loose files there are not classes and are ignored."""
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} not found; expected class folders in {split_dir}/<class>/")
     names = []
