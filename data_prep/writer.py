@@ -123,9 +123,9 @@ class _Writer(DatasetWriter):
                 previous = value
                 dead = [p for p in processes if p.exitcode not in (None, 0)]
                 if dead:
-                    raise UserError(f"writing {self.fname} failed: a worker exited with code {dead[0].exitcode} "
-                                    f"(disk full or output not writable?); free space in "
-                                    f"{os.path.dirname(self.fname)} and run again")
+                    raise UserError(f"writing {self.fname} failed: a worker process died (exit code "
+                                    f"{dead[0].exitcode}: disk full, out of memory, or see its message above); "
+                                    f"check free space in {os.path.dirname(self.fname)} and run again")
                 sleep(0.05)
             allocations = []
             for _ in processes:

@@ -183,3 +183,38 @@ def test_bad_classes_option(tmp_path, classes, words):
         classes = str(tmp_path / classes)
     assert_refused(run("fashion-mnist", "--root", tmp_path / "fm", "--out", tmp_path / "out", "--classes", classes),
                    words, out=tmp_path / "out")
+
+
+def test_worker_that_dies_fails_cleanly_instead_of_hanging(tmp_path, monkeypatch):
+    make_fashion(tmp_path / "fm")
+    import data_prep.writer as writer
+
+    def die(self, i):
+        os._exit(3)  # what a worker killed by the OOM killer or a full disk looks like to the parent
+
+    monkeypatch.setattr(writer.SplitDataset, "__getitem__", die)
+    assert_refused(run("fashion-mnist", "--root", tmp_path / "fm", "--out", tmp_path / "out"),
+                   "worker process died", "exit code 3")
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_files_are_listed_not_fatal(tmp_path):
+    """Truncated, text-named-.JPEG and zero-byte files: exit 0, counted in the summary, listed in the manifest."""
+    from conftest_data import class_image
+
+    make_tree(tmp_path / "d" / "train", ["a"], 2)
+    make_tree(tmp_path / "d" / "val", ["a"], 1)
+    folder = tmp_path / "d" / "train" / "a"
+    good = (folder / "a_0.JPEG").read_bytes()
+    (folder / "cut.JPEG").write_bytes(good[: len(good) // 2])
+    (folder / "page.JPEG").write_text("<html>not found</html>")
+    (folder / "zero.JPEG").write_bytes(b"")
+    class_image(0).save(folder / "fine.JPEG")
+    result = run("imagefolder", "--root", tmp_path / "d", "--out", tmp_path / "out", "--res", "16")
+    assert result.exit_code == 0, result.output
+    assert "skipped 3" in result.output and "Traceback" not in result.output
+    import json
+
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(os.path.basename(s["path"]) for s in m["skipped"]) == ["cut.JPEG", "page.JPEG", "zero.JPEG"]
+    assert m["splits"]["train"]["count"] == 3
