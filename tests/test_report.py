@@ -255,3 +255,14 @@ def test_hostile_names_notes_and_class_names_are_escaped(tmp_path):
     assert "<script>alert" not in text and "&lt;script&gt;alert(" in text
     # the figures with the hostile class names and variant names still rendered
     assert sum(1 for tag, k, v in tags.attrs if tag == "img" and k == "src") >= 3
+
+
+def test_provenance_and_published_reproductions_on_the_page(rendered):
+    _, runs, out = rendered
+    text = out.read_text()
+    failed = collect(runs).query("status == 'failed'").iloc[0]
+    # the run is named by its experiment/variant/seed link, not the store directory it points to
+    assert f"ablation-lrn/no-lrn/seed7-{failed['config_hash']}" in text
+    assert "torch 2.14.1" in text and "numpy 2.4.6" in text and "feedbeef00112233" in text and "abc1234" in text
+    # published reproductions as error rates: 100 - 56.522 (torchvision), 100 - 57.45 (cuda-convnet2)
+    assert f"{100 - 56.522:.2f}" in text and f"{100 - 57.45:.2f}" in text

@@ -59,7 +59,7 @@ def _comparison_rows(r: ClaimResult) -> list[dict]:
     return out
 
 
-def _claim_figures(r: ClaimResult, exp, runs_dir: Path, analysis: dict | None, npz: dict | None,
+def _claim_figures(r: ClaimResult, runs_dir: Path, analysis: dict | None, npz: dict | None,
                    class_names) -> list[dict]:
     """The figures of one claim's section, each {'title', 'src', 'caption'}."""
     out = []
@@ -175,7 +175,7 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
         r = evaluate(exp, df, analysis, runs_dir)
         results.append(r)
         sections.append(dict(
-            r=r, comparisons=_comparison_rows(r), figures=_claim_figures(r, exp, runs_dir, analysis, npz,
+            r=r, comparisons=_comparison_rows(r), figures=_claim_figures(r, runs_dir, analysis, npz,
                                                                       _class_names(r.runs)),
             context=tables.CONTEXT.get(name, []), provenance=tables.provenance(r.runs, runs_dir),
             other_scales=sorted({str(s) for s in r.runs.get("scale", pd.Series(dtype=str)).dropna()} - {r.scale}),

@@ -6,7 +6,9 @@ into error rates: error = 100 - accuracy). Every function returns plain lists of
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -101,6 +103,11 @@ def table1(df: pd.DataFrame) -> list[dict]:
 
 
 def _packages(value) -> str:
+    if isinstance(value, str) and value.startswith("{"):  # collect() stores dicts as JSON text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
     if isinstance(value, dict):
         return ", ".join(f"{k} {v}" for k, v in value.items())
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
@@ -118,7 +125,8 @@ def provenance(rows: pd.DataFrame, runs_dir: Path) -> list[dict]:
                 v = pk or None
             if col == "run_dir" and isinstance(v, str):
                 try:
-                    v = str(Path(v).resolve().relative_to(Path(runs_dir).resolve()))
+                    # abspath, not resolve: the experiment/variant/seed link is the name users know
+                    v = os.path.relpath(os.path.abspath(v), os.path.abspath(runs_dir))
                 except ValueError:
                     pass
             if col == "prov.wall_time_s":
