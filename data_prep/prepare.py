@@ -118,9 +118,19 @@ def check_output(out: Path, estimate: int) -> None:
                         f"free; free some space or choose another --out")
 
 
+def _class_file_unchanged(classes: str | None, manifest: dict) -> bool:
+    """A --classes file may have been edited since the last run: compare its ids with the manifest's."""
+    if classes is None or classes.isdigit():
+        return True
+    try:
+        ids = [s.split()[0] for s in Path(classes).read_text().splitlines() if s.strip() and not s.startswith("#")]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return ids == manifest["classes"]["ids"]
+
+
 def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, progress: bool = True) -> str:
     """Convert `source` at `root` into `out/{train,val}.beton` + `out/manifest.json`; return the summary line."""
-    start = time.time()
     if source not in DEFAULT_RES:
         raise UserError(f"unknown source {source!r}; use one of {', '.join(DEFAULT_RES)}")
     if root is None and source in DEFAULT_ROOTS:
@@ -133,7 +143,7 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
 
     old = read_existing(out)
     if old and not opts.force and old.get("source") == source and old.get("root") == root_str \
-            and old.get("settings") == settings:
+            and old.get("settings") == settings and _class_file_unchanged(opts.classes, old):
         total = sum(s["count"] for s in old["splits"].values())
         return f"{out} is up to date ({total:,} images, hash {old.get('hash')}); use --force to rebuild"
 

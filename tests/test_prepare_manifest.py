@@ -110,3 +110,15 @@ def test_settings_default_resolution_per_source():
     assert prep.resolve_settings("imagenet", opts())["res"] == 256
     assert prep.resolve_settings("imagenet", opts())["write_mode"] == "jpg"
     assert prep.resolve_settings("fashion-mnist", opts())["res"] == 28
+
+
+def test_edited_classes_file_rebuilds(tmp_path):
+    make_fashion(tmp_path / "fm", n_train=20, n_val=10)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("0\n1\n")
+    o = opts(classes=str(ids))
+    prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", o, progress=False)
+    assert "up to date" in prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", o, progress=False)
+    ids.write_text("0\n2\n")
+    assert "up to date" not in prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", o, progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["classes"]["ids"] == ["0", "2"]
