@@ -33,11 +33,15 @@ class BatchTransform:
         return (offset * 255.0).view(n, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """`alpha` (N, 3) replaces the random lighting draws (tests); lighting applies when given."""
         x = images.float()
         device = x.device
+        if self.mean.device != device:  # move the constants once, not per batch
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+            self.eigval, self.eigvec = self.eigval.to(device), self.eigvec.to(device)
         if self.sigma > 0 or alpha is not None:
             x = x + self.lighting(x.shape[0], device, alpha)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        x = (x - self.mean) / self.std
         if device.type == "cuda" and self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
