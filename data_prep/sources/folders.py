@@ -25,6 +25,8 @@ def _entries(folder: Path) -> list[os.DirEntry]:
 
 def _kind(entry: os.DirEntry) -> str:
     """'dir', 'file' or 'loop' (following links, as the dataset's owner meant them)."""
+    if not entry.is_symlink():  # no stat call: scandir's d_type answers, which matters for 1.28M files
+        return "dir" if entry.is_dir(follow_symlinks=False) else "file"
     try:
         os.stat(entry.path)
     except OSError as e:
@@ -43,7 +45,7 @@ def list_files(folder: Path) -> list[str]:
         kind = _kind(e)
         if kind == "loop":
             raise UserError(f"{e.path} is a symlink loop; remove or fix the link")
-        if kind == "file":
+        if kind in ("file", "broken"):  # a dangling link fails to open later: skipped and listed, not lost
             files.append(e.path)
     return files
 
