@@ -43,8 +43,9 @@ def broken_files(folder):
     (folder / "truncated.JPEG").write_bytes(good[: len(good) // 2])
     (folder / "text.JPEG").write_text("<html>404 Not Found</html>")
     (folder / "empty.JPEG").write_bytes(b"")
+    os.symlink("moved_away.JPEG", folder / "dangling.JPEG")
     return {"truncated.JPEG": "truncated image", "text.JPEG": "not an image (unknown format)",
-            "empty.JPEG": "empty file"}
+            "empty.JPEG": "empty file", "dangling.JPEG": "unreadable"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_quirks_and_broken_files_in_one_run(tmp_path):
     assert skipped == reasons
     assert all(s["split"] == "train" for s in m["skipped"])
     assert m["splits"]["train"]["per_class"] == [2 + 7, 2] and m["splits"]["train"]["count"] == 11
-    assert "skipped 3" in summary and "manifest.json" in summary
+    assert "skipped 4" in summary and "manifest.json" in summary
     images, labels = read_beton(tmp_path / "out" / "train.beton")
     assert len(images) == 11 and sorted(labels.tolist()) == [0] * 9 + [1] * 2
     assert all(im.shape == (40, 40, 3) for im in images)
