@@ -266,3 +266,24 @@ def test_provenance_and_published_reproductions_on_the_page(rendered):
     assert "torch 2.14.1" in text and "numpy 2.4.6" in text and "feedbeef00112233" in text and "abc1234" in text
     # published reproductions as error rates: 100 - 56.522 (torchvision), 100 - 57.45 (cuda-convnet2)
     assert f"{100 - 56.522:.2f}" in text and f"{100 - 57.45:.2f}" in text
+
+
+def test_convergence_never_reached_falls_back_to_the_relative_threshold(tmp_path):
+    runs = tmp_path / "runs"
+    exp = experiment("relu-vs-tanh", kind="convergence", control="tanh", treatments=("relu",),
+                     paper={"speedup": 6.0}, variants={"relu": {}, "tanh": {}})
+    # neither reaches 25%; relu falls below 60% at iteration 20 and 30, tanh at 60 and 60
+    shapes = {"relu": ([70, 55, 50, 45, 40, 40], [70, 65, 58, 50, 45, 40]),
+              "tanh": ([80, 78, 75, 70, 65, 59], [80, 79, 76, 72, 66, 58])}
+    for v, per_seed in shapes.items():
+        for s, errs in enumerate(per_seed):
+            curve = [{"iteration": 10 * (i + 1), "epoch": 0, "train_loss": 1.0, "train_top1_err": e}
+                     for i, e in enumerate(errs)]
+            make_run(runs, exp.name, v, s, scale="demo", metrics={"top1_err": 50.0, "iters_to_target": None},
+                     overrides={"model.activation": v}, curve=curve)
+    analysis = {"best": {"relu": "relu", "tanh": "tanh"}, "relative_train_err": 60.0}
+    r = evaluate(exp, collect(runs), analysis, runs)
+    at25, rel = r.comparisons
+    assert at25.context and at25.verdict == "inconclusive" and at25.measured.n == 0
+    assert not rel.context and rel.values == {0: pytest.approx(3.0), 1: pytest.approx(2.0)}
+    assert r.headline is rel and r.verdict == "inconclusive"  # two seeds: 3x and 2x, interval spans 1x

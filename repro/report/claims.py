@@ -122,7 +122,7 @@ def _speedups(exp, rows, best, iters: dict, inverse: bool, pnum, what: str, cont
     """Per-seed ratio of iterations (`iters[arm]`: Series by seed), judged on the log scale."""
     comps = []
     for t in exp.treatments:
-        notes, series = [], {}
+        notes, series, censored = [], {}, {}
         for arm in (exp.control, t):
             it = iters[arm]
             total = _by_seed(rows, [best[arm]], "iterations").reindex(it.index)
@@ -131,11 +131,19 @@ def _speedups(exp, rows, best, iters: dict, inverse: bool, pnum, what: str, cont
                 notes.append(f"{arm} did not reach {what} in {int(missing.sum())} of {len(it)} runs "
                              "(counted at its total iterations, so the ratio is a bound)")
             series[arm] = it.fillna(total)
+            censored[arm] = missing
         c, tr = series[exp.control], series[t]
         common = c.index.intersection(tr.index)
+        # a seed where neither arm reached the threshold says nothing about the ratio
+        neither = [k for k in common if censored[exp.control].get(k, False) and censored[t].get(k, False)]
+        if neither:
+            notes.append(f"neither reached {what} in {len(neither)} run(s), left out")
+            common = common.difference(neither)
         ratio = (tr.loc[common] / c.loc[common]) if inverse else (c.loc[common] / tr.loc[common])
         label = (f"{t} / {exp.control}" if inverse else f"{exp.control} / {t}") + f" iterations to {what}"
         comp = V.log_ratio_comparison(label, "iters_to_target", pnum, ratio, "; ".join(notes))
+        if comp.measured.n == 0 and neither:
+            comp.verdict, comp.reason = "inconclusive", f"neither arm reached {what} in any run"
         comp.context = context
         comps.append(comp)
     return comps
@@ -166,9 +174,11 @@ def _convergence(exp, rows, groups, analysis: dict | None, curves: pd.DataFrame)
         rel = _speedups(exp, rows, best, at_rel, inverse, pnum, f"{float(relative):.1f}% (dataset-relative)", True)
         first = curves.groupby("variant")["iteration"].min() if len(curves) else pd.Series(dtype=float)
         trivial = all(len(s) and (s == first.get(best[a], math.nan)).all() for a, s in at_target.items())
-        if trivial:
+        if trivial or all(c.measured.n == 0 for c in comps):
+            why = (f"every run reached {target:g}% at its first logged point" if trivial
+                   else f"no run pair reached {target:g}%")
             for c in comps:
-                c.context, c.reason = True, f"{c.reason}; every run reached {target:g}% at its first logged point"
+                c.context, c.reason = True, f"{c.reason}; {why}, so the dataset-relative threshold is judged"
             for c in rel:
                 c.context = False
         comps += rel

@@ -60,7 +60,7 @@ def relu_tanh_curves(curves: pd.DataFrame, target: float, speedup: str = "") -> 
     fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     palette = {"relu": "#1565c0", "tanh": "#e65100"}
     sns.lineplot(data=curves, x="iteration", y="train_top1_err", hue="arm", errorbar=t_band, ax=ax,
-                 palette={a: palette.get(a.split("-")[0], None) or "#444" for a in curves["arm"].unique()},
+                 palette={a: palette.get(a.split(" ")[0].split("-")[0], "#444") for a in curves["arm"].unique()},
                  style="arm", dashes={a: ("" if a.startswith("relu") else (4, 2)) for a in curves["arm"].unique()})
     ax.axhline(target, color="#555", lw=1, ls=":")
     ax.text(ax.get_xlim()[1], target, f" {target:g}% target", va="bottom", ha="right", fontsize=8, color="#333")
@@ -92,7 +92,7 @@ def deltas_chart(rows: pd.DataFrame) -> str | None:
     ax.axvline(0, color="#222", lw=0.8)
     ax.set_yticks(y, [plain(t) for t in rows["label"]])
     ax.invert_yaxis()
-    ax.set_xlabel("effect on error, points (negative = the paper's change lowers the error)")
+    ax.set_xlabel("effect on error (points; negative = lower error)")
     ax.legend(loc="lower right", fontsize=8, frameon=True)
     ax.set_title("Paper against measured effects", fontsize=10)
     return to_data_uri(fig)
@@ -103,7 +103,7 @@ def learning_curves(metrics: pd.DataFrame, title: str) -> str | None:
 
     `metrics` has columns variant, seed, epoch, val_top1_err, train_top1_err.
     """
-    if metrics.empty:
+    if metrics.empty or metrics["epoch"].nunique() < 2:  # one epoch is a point, not a curve
         return None
     long = metrics.melt(id_vars=["variant", "seed", "epoch"], value_vars=["val_top1_err", "train_top1_err"],
                         var_name="split", value_name="error").dropna(subset=["error"])
