@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -164,7 +165,12 @@ def _train_epoch(run, net, optimizer, loader, transform, epoch: int, bar, task) 
     curve_acc = torch.tensor(run["curve_acc"], device=device, dtype=torch.float64)
     images_seen, t0 = 0, time.perf_counter()
     net.train()
-    for images, labels in loader:
+    batches = iter(loader)
+    first = next(batches, None)
+    # Seed once the loader has started: a DataLoader draws from torch's generator when it starts its workers,
+    # which persistent workers do in a process's first epoch only, so a resumed run would draw once more.
+    torch.manual_seed(epoch_seed(t.seed, epoch, run["rank"]))
+    for images, labels in itertools.chain([first] if first is not None else [], batches):
         x = transform(images)
         if run["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -261,7 +267,6 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
             lr = schedule.lr_for_epoch(t, sched, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(epoch_seed(t.seed, epoch, run["rank"]))
             set_loader_epoch(loaders.train, epoch)
             if bar is not None:
                 bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}")

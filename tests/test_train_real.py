@@ -1,0 +1,115 @@
+"""The engine with the real pieces: synthetic betons from data_prep, repro.data loaders (torch and FFCV backends),
+the four-layer net from repro.models, and torchrun with the package's own entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from repro.config import RunConfig, apply_overrides
+from repro.data import make_loaders
+from repro.data.augment import BatchTransform
+from repro.engine import checkpoint, evaluate, fit, load_model
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data_prep.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare("synthetic", None, out, PrepareOptions(res=32, classes="4", train_per_class=16, val_per_class=8),
+            progress=False)
+    return out
+
+
+def real_config(data_dir, **overrides):
+    base = {"data.dir": str(data_dir), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
+            "model.num_classes": 4, "model.input_size": 28, "model.stem": "tiny", "train.epochs": 2,
+            "train.batch_size": 16, "train.device": "cpu", "train.schedule": "constant", "train.log_every": 3}
+    base.update(overrides)
+    return apply_overrides(RunConfig(), base)
+
+
+def interrupt_after_first_save(monkeypatch):
+    real = checkpoint.save
+
+    def save(run_dir, state):
+        real(run_dir, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv"])
+def test_resume_matches_a_straight_run(tmp_path, data_dir, monkeypatch, backend):
+    torch.set_num_threads(1)
+    cfg = real_config(data_dir, **{"data.backend": backend})
+    straight = fit(cfg, tmp_path / "a", progress=False)
+    assert straight["status"] == "done" and straight["provenance"]["data_backend"] == backend
+    with monkeypatch.context() as m:
+        interrupt_after_first_save(m)
+        with pytest.raises(KeyboardInterrupt):
+            fit(cfg, tmp_path / "b", progress=False)
+    resumed = fit(cfg, tmp_path / "b", progress=False)
+    assert resumed["metrics"] == straight["metrics"] and resumed["iterations"] == straight["iterations"] == 8
+    wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_record_agrees_with_an_independent_scoring(tmp_path, data_dir):
+    torch.set_num_threads(1)
+    cfg = real_config(data_dir)
+    result = fit(cfg, tmp_path, progress=False)
+    assert result["provenance"]["data_manifest_hash"] == json.loads((data_dir / "manifest.json").read_text())["hash"]
+
+    model, cfg2 = load_model(tmp_path)
+    loaders = make_loaders(cfg2, device="cpu")
+    images = torch.cat([x for x, _ in loaders.val])
+    labels = torch.cat([y for _, y in loaders.val])
+    with torch.no_grad():
+        logits = model(BatchTransform(loaders.manifest, cfg2, train=False)(images[..., 2:30, 2:30]))
+    stored = np.load(tmp_path / "val_logits.npy").astype(np.float32)
+    np.testing.assert_allclose(stored, logits.numpy(), rtol=1e-2, atol=1e-2)
+    assert result["metrics"]["top1_err"] == pytest.approx(100.0 * (logits.argmax(1) != labels).float().mean().item())
+    metrics, _ = evaluate(model, loaders.val, BatchTransform(loaders.manifest, cfg2, train=False), crop=28)
+    assert metrics["top1_err"] == result["metrics"]["top1_err"]
+
+
+def test_tanh_with_a_huge_learning_rate_diverges_quietly(tmp_path, data_dir):
+    cfg = real_config(data_dir, **{"model.activation": "tanh", "train.lr": 1e4, "train.epochs": 20,
+                                   "train.log_every": 1})
+    result = fit(cfg, tmp_path, progress=False)
+    assert result["status"] == "diverged" and result["epochs_done"] < 20
+    assert result["metrics"]["top1_err_10crop"] is None  # never scored as if it had finished
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = real_config(data_dir, **{"train.ten_crop": False})
+    from repro.config import config_hash, to_dict
+
+    (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "config_hash": config_hash(cfg)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           "-m", "repro.engine.distributed", str(run_dir), "--quiet", "--set", "data.workers=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: top-1 err") == 1  # rank 0 alone reports
+
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "done" and result["epochs_done"] == 2
+    assert result["iterations"] == 2 * 2  # 64 images over 2 processes of batch 16: 2 steps per epoch
+    # Scored again in one process, the final weights give the error the two processes recorded together.
+    model, cfg2 = load_model(run_dir)
+    loaders = make_loaders(cfg2, device="cpu")
+    metrics, logits = evaluate(model, loaders.val, BatchTransform(loaders.manifest, cfg2, train=False), crop=28)
+    assert metrics["top1_err"] == result["metrics"]["top1_err"]
+    np.testing.assert_allclose(np.load(run_dir / "val_logits.npy").astype(np.float32), logits.numpy(),
+                               rtol=1e-2, atol=1e-2)
