@@ -258,3 +258,17 @@ def test_ten_crop_averages_the_softmax_of_ten_views():
     assert (metrics["top1_err_10crop"], metrics["top5_err_10crop"]) == pytest.approx(errors(probs))
     assert (metrics["top1_err"], metrics["top5_err"]) == pytest.approx(errors(centre))
     assert metrics["top5_err"] == 0.0 and 0 < metrics["top1_err"] < 100  # 5 classes; a random net errs sometimes
+
+
+def test_max_iters_stops_mid_epoch_and_counts_that_epoch(tmp_path):
+    result = fit(sup.tiny_config(**{"train.epochs": 5, "train.max_iters": 6}), tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert result["status"] == "done" and result["iterations"] == 6 and result["epochs_done"] == 2
+    assert [r["iteration"] for r in rows] == [4, 6]
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
+    cfg = sup.tiny_config(**{"train.precision": "bf16", "train.channels_last": True})
+    assert train_mod.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert train_mod.autocast_dtype("auto", torch.device("cpu")) is None
+    assert fit(cfg, tmp_path, progress=False)["status"] == "done"

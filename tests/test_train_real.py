@@ -91,14 +91,14 @@ def test_tanh_with_a_huge_learning_rate_diverges_quietly(tmp_path, data_dir):
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = real_config(data_dir, **{"train.ten_crop": False})
-    from repro.config import config_hash, to_dict
+    from repro.config import to_dict
 
-    (run_dir / "config.json").write_text(json.dumps({"config": to_dict(cfg), "config_hash": config_hash(cfg)}))
+    run_dir = tmp_path / "run"
+    cfg = real_config(data_dir, **{"train.ten_crop": False})
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-           "-m", "repro.engine.distributed", str(run_dir), "--quiet", "--set", "data.workers=1"]
+           "-m", "repro.engine.distributed", str(run_dir), "--config", str(tmp_path / "cfg.json"), "--quiet",
+           "--set", "data.workers=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: top-1 err") == 1  # rank 0 alone reports

@@ -2,10 +2,11 @@
 DistributedDataParallel averages gradients, the loaders shard every split, validation outputs are gathered back
 into sample order (so every rank sees the same error and schedule), and only rank 0 writes files.
 
-    torchrun --nproc_per_node 8 -m repro.engine.distributed RUN_DIR [--set key=value ...]
+    torchrun --nproc_per_node 8 -m repro.engine.distributed RUN_DIR [--config FILE] [--set key=value ...]
 
-RUN_DIR must hold the run's `config.json` (as `fit` or `repro run --dry-run` writes it); `--set` overrides apply
-on top (keys that change results are refused for an existing run folder; give a new one).
+The config comes from `--config FILE` (a `config.json` or `result.json` of another run, or a plain
+{"model": {...}, "data": {...}, "train": {...}} file), else from RUN_DIR/config.json (an earlier or interrupted
+run there); `--set` overrides apply on top. A folder that already holds another config is refused.
 """
 
 from __future__ import annotations
@@ -85,18 +86,20 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m repro.engine.distributed",
                                      description="Train one run on several processes.")
-    parser.add_argument("run_dir", type=Path, help="run folder holding config.json")
+    parser.add_argument("run_dir", type=Path, help="run folder (created if missing)")
+    parser.add_argument("--config", type=Path, help="config file; default RUN_DIR/config.json")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     rank, _ = init_from_env()
     try:
-        cfg_path = args.run_dir / "config.json"
+        cfg_path = args.config or args.run_dir / "config.json"
         try:
-            raw = json.loads(cfg_path.read_text())["config"]
-        except (OSError, ValueError, KeyError) as e:
+            raw = json.loads(cfg_path.read_text())
+            raw = raw.get("config", raw)
+        except (OSError, ValueError, AttributeError) as e:
             raise UserError(f"{cfg_path}: cannot read a run config ({type(e).__name__}); "
-                            f"write one with `repro run ... --dry-run` or fit()") from None
+                            f"give one with --config FILE") from None
         cfg = apply_overrides(from_dict(raw, source=str(cfg_path)), parse_set(args.sets))
         result = fit(cfg, args.run_dir, progress=not args.quiet)
         if rank == 0:

@@ -20,10 +20,12 @@ from repro.models import build_model
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
     while True:
-        if hasattr(model, "module"):
+        if isinstance(model, DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # what torch.compile returns
             model = model._orig_mod
         else:
             return model
