@@ -304,3 +304,55 @@ def test_fallback_runs_without_ffcv(raw_data):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["torch", str(int(arrays["val"][0].astype(np.int64).sum()))]
+
+
+def test_crop_draws_cover_every_position_evenly():
+    from scipy.stats import chisquare
+
+    from repro.data.crops import crop_window, draw_words, flip_bit
+
+    words = draw_words(np.arange(20000, dtype=np.uint64))
+    windows = np.array([crop_window(w, 32, 32, 27, 32) for w in words])
+    assert (windows[:, 2] == 27).all()
+    for column in (0, 1):  # tops and lefts: all 6 positions 0..5, uniformly
+        counts = np.bincount(windows[:, column], minlength=6)
+        assert len(counts) == 6 and chisquare(counts).pvalue > 1e-3
+    flips = np.array([flip_bit(w) for w in words])
+    assert abs(flips.mean() - 0.5) < 0.02
+    # a different batch (same ids, another order) draws other crops
+    again = draw_words(np.arange(20000, dtype=np.uint64)[::-1].copy())
+    assert (again[::-1] != words).any(axis=1).mean() > 0.99
+
+
+def test_variable_size_images(tmp_path):
+    """--max-side data: train crops come from the centre square scaled to res; val is that square at res."""
+    rng = np.random.default_rng(2)
+    shapes = [(16, 24), (24, 16), (20, 20), (32, 16)] * 3
+    images = [np.kron(rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
+              for h, w in shapes]
+    labels = np.arange(len(images)) % CLASSES
+    splits = {}
+    for name in ("train", "val"):
+        path = tmp_path / f"{name}.beton"
+        DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                      num_workers=1).from_indexed_dataset(_Arrays(images, labels))
+        splits[name] = {"file": path.name, "count": len(images), "bytes": path.stat().st_size}
+    manifest = {"format": 1, "source": "synthetic", "settings": {"res": RES, "max_side": True},
+                "image": {"height": 32, "width": 24, "fixed_size": False}, "classes": {}, "splits": splits,
+                "mean": [0, 0, 0], "std": [1, 1, 1], "pca": {"eigval": [0, 0, 0], "eigvec": np.eye(3).tolist()},
+                "hash": "0" * 16}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    out = {}
+    for backend in ("ffcv", "torch"):
+        loaders = make_loaders(config(tmp_path, **{"data.backend": backend, "train.batch_size": 4}), device="cpu")
+        out[backend] = collect(loaders.train), collect(loaders.val)
+        (tx, ty), (vx, vy) = out[backend]
+        assert tx.shape == (12, 3, CROP, CROP) and vx.shape == (12, 3, RES, RES)
+        np.testing.assert_array_equal(vy.numpy(), labels)
+        # the 20x20 images: the val image is the whole image scaled by 16/20, so its mean colour is kept
+        for i in range(2, 12, 4):
+            np.testing.assert_allclose(vx[i].float().mean((1, 2)).numpy(), images[i].mean((0, 1)), atol=3)
+    # OpenCV (FFCV) and torchvision resize the window slightly differently; the windows are the same
+    for k in range(2):
+        diff = (out["ffcv"][k][0].float() - out["torch"][k][0].float()).abs()
+        assert diff.mean() < 2
