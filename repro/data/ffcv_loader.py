@@ -2,7 +2,9 @@
 
 Train images are cropped by `CropFlipDecoder`, an FFCV decoder that cuts the paper's fixed-size random crop out of
 the stored image (a true sub-window, no resize, for fixed-size data) and flips half of them, with draws from
-`repro.data.crops` so that a seed repeats exactly. Normalisation happens later in torch (`repro.data.augment`):
+`repro.data.crops` so that a seed repeats exactly. (FFCV's RandomResizedCropRGBImageDecoder with scale fixed at
+(crop/res)^2 and ratio 1 cuts the same kind of window, but draws from numba's per-thread random states, which no
+seed reaches: a run would not repeat, nor a resumed run match an uninterrupted one.) Normalisation happens later in torch (`repro.data.augment`):
 FFCV's `NormalizeImage` after `ToTensor` spins forever on CPU and needs cupy on GPU.
 
 An FFCV Loader compiles its pipeline with numba on its first epoch (seconds), so Loaders are kept in a small
