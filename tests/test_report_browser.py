@@ -108,6 +108,29 @@ def test_page_loads_offline_with_every_figure_decoded(page, tmp_path):
     assert result["resources"] == []
 
 
+def test_page_of_runs_made_by_the_runner(fake_engine, tmp_path, capsys):
+    """The runner's own run store at smoke scale (stand-in engine: no training), rendered and loaded in the browser.
+
+    The claims whose analyses need a trained model and real data (ensemble, filters, retrieval) are not run here,
+    so they must show as "not run".
+    """
+    from repro.runner import run_experiments
+
+    skipped = {"ensemble", "first-layer-filters", "retrieval"}
+    for name in sorted(set(load_registry()) - skipped):
+        run_experiments(name, "smoke", data_dir="data/x", runs_dir=tmp_path / "runs", seeds=2, progress=False)
+    page = build_report(tmp_path / "runs", tmp_path / "report" / "index.html")
+    result, _ = inspect(page.read_text(), tmp_path)
+    assert result["errors"] == [] and result["resources"] == []
+    assert sorted(result["claims"]) == sorted(load_registry())
+    assert result["widths"] and all(w > 0 for w in result["widths"])
+    text = page.read_text()
+    rows = re.findall(r'<tr class="claim-row" data-claim="([^"]+)">(.*?)</tr>', text, re.S)
+    assert len(rows) == len(load_registry())
+    for name, row in rows:
+        assert ('class="verdict v-not-run"' in row) == (name in skipped), name
+
+
 def test_screenshot_renders(page, tmp_path):
     shot = tmp_path / "report.png"
     proc = chromium(["--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()], tmp_path)

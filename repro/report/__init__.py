@@ -71,11 +71,13 @@ def _claim_figures(r: ClaimResult, runs_dir: Path, analysis: dict | None, npz: d
             group_of = {v: g for g, v in r.best_variants.items()}
             curves["arm"] = curves["variant"].map(lambda v: f"{group_of.get(v, v)} ({v})")
             target = pd.to_numeric(rows.get("train.target_train_err"), errors="coerce").dropna()
-            head = r.comparisons[0] if r.comparisons else None
+            head = r.headline
             speed = fmt_effect(head.measured, "x")[0] if head else ""
+            if head and "dataset-relative" in head.label:
+                speed += " to the dataset-relative threshold"
             out.append(dict(title="Figure 1", src=figures.relu_tanh_curves(
                 curves[["arm", "seed", "iteration", "train_top1_err"]], float(target.iloc[0]) if len(target) else 25.0,
-                speed), caption="Training error against iterations, best learning rate per activation; band: 95% "
+                speed, (analysis or {}).get("relative_train_err")), caption="Training error against iterations, best learning rate per activation; band: 95% "
                                 "interval over seeds; dotted: the target error."))
     elif r.kind in ("effect", "absolute", "ten-crop", "ensemble"):
         metrics = stack(rows[rows["status"].isin(["done", "diverged", "interrupted"])], runs_dir, "metrics.jsonl")

@@ -49,7 +49,7 @@ def to_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def relu_tanh_curves(curves: pd.DataFrame, target: float, speedup: str = "") -> str | None:
+def relu_tanh_curves(curves: pd.DataFrame, target: float, speedup: str = "", relative: float | None = None) -> str | None:
     """Figure 1: training error against iterations, one line per arm (mean over seeds, band = 95% CI).
 
     `curves` has columns arm, seed, iteration, train_top1_err.
@@ -64,6 +64,10 @@ def relu_tanh_curves(curves: pd.DataFrame, target: float, speedup: str = "") -> 
                  style="arm", dashes={a: ("" if a.startswith("relu") else (4, 2)) for a in curves["arm"].unique()})
     ax.axhline(target, color="#555", lw=1, ls=":")
     ax.text(ax.get_xlim()[1], target, f" {target:g}% target", va="bottom", ha="right", fontsize=8, color="#333")
+    if relative is not None and math.isfinite(relative):
+        ax.axhline(relative, color="#6a1b9a", lw=1, ls="-.")
+        ax.text(ax.get_xlim()[1], relative, f" {relative:.1f}% (dataset-relative)", va="bottom", ha="right",
+                fontsize=8, color="#6a1b9a")
     ax.set(xlabel="iterations", ylabel="training error (%)", ylim=(0, max(60.0, float(curves["train_top1_err"].max()) * 1.05)))
     ax.set_title("Figure 1: ReLU against tanh" + (f" (speed-up {speedup})" if speedup else ""), fontsize=10)
     return to_data_uri(fig)
@@ -77,7 +81,7 @@ def deltas_chart(rows: pd.DataFrame) -> str | None:
     rows = rows[rows["paper"].notna()].reset_index(drop=True)
     if rows.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(rows) + 1.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.4, 0.42 * len(rows) + 1.2), layout="constrained")
     y = np.arange(len(rows))
     ax.barh(y - 0.2, rows["paper"], height=0.38, color="#b0bec5", label="paper")
     mean = rows["mean"].astype(float)
@@ -92,7 +96,7 @@ def deltas_chart(rows: pd.DataFrame) -> str | None:
     ax.axvline(0, color="#222", lw=0.8)
     ax.set_yticks(y, [plain(t) for t in rows["label"]])
     ax.invert_yaxis()
-    ax.set_xlabel("effect on error (points; negative = lower error)")
+    ax.set_xlabel("effect on error (points)")
     ax.legend(loc="lower right", fontsize=8, frameon=True)
     ax.set_title("Paper against measured effects", fontsize=10)
     return to_data_uri(fig)
@@ -141,7 +145,8 @@ def filters_grid(towers: list[np.ndarray | None], scores: list[float | None]) ->
     towers = [t for t in towers if t is not None]
     if not towers:
         return None
-    fig, axes = plt.subplots(1, len(towers), figsize=(3.6 * len(towers), 3.2), squeeze=False,
+    rows = math.ceil(len(towers[0]) / (8 if len(towers[0]) <= 48 else 16))
+    fig, axes = plt.subplots(1, len(towers), figsize=(3.6 * len(towers), 0.5 * rows + 0.6), squeeze=False,
                              layout="constrained")
     for i, (ax, w) in enumerate(zip(axes[0], towers)):
         ax.imshow(_tile(np.asarray(w)), interpolation="nearest")
