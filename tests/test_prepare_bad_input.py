@@ -125,9 +125,10 @@ def test_read_only_output(tmp_path, monkeypatch):
 
 def test_full_disk(tmp_path, monkeypatch):
     make_fashion(tmp_path / "fm")
-    import shutil
+    from collections import namedtuple
 
-    monkeypatch.setattr("data_prep.prepare.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    usage = namedtuple("usage", "total used free")(10**9, 10**9 - 1000, 1000)  # 1 kB left
+    monkeypatch.setattr("data_prep.prepare.shutil.disk_usage", lambda path: usage)
     assert_refused(run("fashion-mnist", "--root", tmp_path / "fm", "--out", tmp_path / "out"),
                    "not enough space", out=tmp_path / "out")
 
