@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from data_prep import __version__
 from data_prep.manifest import FORMAT, content_hash, pixel_stats, read_existing, sha256_file, write_json_atomic
