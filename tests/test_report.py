@@ -287,3 +287,15 @@ def test_convergence_never_reached_falls_back_to_the_relative_threshold(tmp_path
     assert at25.context and at25.verdict == "inconclusive" and at25.measured.n == 0
     assert not rel.context and rel.values == {0: pytest.approx(3.0), 1: pytest.approx(2.0)}
     assert r.headline is rel and r.verdict == "inconclusive"  # two seeds: 3x and 2x, interval spans 1x
+
+
+def test_cli_report_without_runs_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from repro.cli import app
+
+    res = CliRunner().invoke(app, ["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no runs under" in lines[0] and "repro run all --scale demo" in lines[0]
+    assert not (tmp_path / "r.html").exists() and "Traceback" not in res.output
