@@ -122,3 +122,12 @@ def test_edited_classes_file_rebuilds(tmp_path):
     ids.write_text("0\n2\n")
     assert "up to date" not in prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", o, progress=False)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["classes"]["ids"] == ["0", "2"]
+
+
+def test_progress_bar_only_when_asked(tmp_path, capfd):
+    o = opts(classes="2", train_per_class=5, val_per_class=2, res=8)
+    prepare("synthetic", None, tmp_path / "quiet", o, progress=False)
+    assert capfd.readouterr() == ("", "")  # silent: the caller prints the summary line
+    prepare("synthetic", None, tmp_path / "loud", o, progress=True)
+    err = capfd.readouterr().err
+    assert "synthetic train" in err and "img/s" in err and "10/10" in err
