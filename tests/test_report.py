@@ -299,3 +299,16 @@ def test_cli_report_without_runs_exits_2_with_one_line(tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no runs under" in lines[0] and "repro run all --scale demo" in lines[0]
     assert not (tmp_path / "r.html").exists() and "Traceback" not in res.output
+
+
+def test_qualitative_effect_also_shows_the_generalisation_gap():
+    df = table([("dropout", v, s, "demo", "done", val, 10.0, None, 100)
+                for v, s, val in [("dropout", 0, 30.0), ("dropout", 1, 31.0), ("no-dropout", 0, 32.0),
+                                  ("no-dropout", 1, 33.5)]])
+    df["train_top1_err"] = [25.0, 26.5, 20.0, 21.0]  # gaps: dropout 5.0, 4.5; no-dropout 12.0, 12.5
+    exp = experiment("dropout", control="no-dropout", treatments=("dropout",), paper={"note": "qualitative"})
+    r = evaluate(exp, df)
+    head, gap = r.comparisons
+    assert head.paper is None and head.values == {0: -2.0, 1: -2.5} and not head.context
+    assert gap.context and gap.values == {0: -7.0, 1: -8.0}
+    assert r.headline is head

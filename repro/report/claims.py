@@ -96,6 +96,17 @@ def _effect(exp, rows, groups) -> tuple[list[V.Comparison], dict]:
             p = paper.get(m)
             verdict, reason = V.signed_verdict(p, iv)
             comps.append(V.Comparison(f"{t} - {exp.control}", m, "points", p, iv, verdict, reason, per_seed))
+    if not paper and "train_top1_err" in rows:
+        # a qualitative claim (dropout: "prevents substantial overfitting"): show the generalisation gap too
+        gap = rows.assign(gap=pd.to_numeric(rows[exp.metric], errors="coerce")
+                          - pd.to_numeric(rows["train_top1_err"], errors="coerce"))
+        for t in exp.treatments:
+            iv, per_seed = V.diff_ci(_by_seed(gap, [best[t]], "gap"), _by_seed(gap, [best[exp.control]], "gap"))
+            verdict, reason = V.signed_verdict(None, iv)
+            comps.append(V.Comparison(f"{t} - {exp.control}", f"{exp.metric} - train_top1_err", "points", None, iv,
+                                      verdict, "context: change in the gap between validation and training error "
+                                      "(training error as logged during training); " + reason, per_seed,
+                                      context=True))
     # variants outside control/treatments (two-gpu-split's one-full) are reported beside the claim
     for g in groups:
         if g in best:

@@ -17,7 +17,9 @@ magnitude is sqrt(P). Absolute numbers (the baseline) are only compared at full 
 interval comes within ABS_TOLERANCE points of the paper's value, else "not reproduced"; at smaller scales they are
 "not comparable". Qualitative claims use their analysis number: filters are "reproduced" when every analysed run has
 a tower-to-tower colour-specificity gap of at least FILTER_GAP ("inconclusive" when only some do, "opposite" when
-none do); retrieval is judged by the rule above on (label agreement - chance) with a binomial interval.
+none do); retrieval compares how often the nearest training images in the last hidden layer share the query's
+label with the same rate for nearest neighbours in pixel space (Wald interval of the difference) and with chance
+(Wilson interval): "reproduced" when the interval lies above zero, "opposite" below, else "inconclusive".
 """
 
 from __future__ import annotations
