@@ -269,7 +269,8 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
                 group["lr"] = lr
             set_loader_epoch(loaders.train, epoch)
             if bar is not None:
-                bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}")
+                last = f", val err {run['rows'][-1]['val_top1_err']:.1f}%" if run["rows"] else ""
+                bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}{last}")
             stats = _train_epoch(run, net, optimizer, loaders.train, train_tf, epoch, bar, task)
             val, _ = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"],
                               count=val_count)
