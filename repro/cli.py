@@ -95,7 +95,7 @@ def prepare_data(
                           val_per_class=val_per_class, jpeg_quality=jpeg_quality, workers=workers, seed=seed,
                           force=force)
     summary = prepare(source.value, root, out or Path("data") / source.value, opts, progress=not quiet)
-    console.print(summary)
+    console.print(summary, soft_wrap=True, markup=False)
 
 
 @app.command("run")
