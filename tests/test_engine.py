@@ -272,3 +272,11 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     assert train_mod.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert train_mod.autocast_dtype("auto", torch.device("cpu")) is None
     assert fit(cfg, tmp_path, progress=False)["status"] == "done"
+
+
+def test_a_training_set_smaller_than_a_batch_is_a_user_error(tmp_path):
+    from repro.errors import UserError
+
+    with pytest.raises(UserError, match="train.batch_size"):
+        fit(sup.tiny_config(**{"data.train_limit": 8}), tmp_path, progress=False)  # 8 images, batch 16
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"

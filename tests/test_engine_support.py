@@ -91,13 +91,13 @@ class TrainLoader:
         self.epoch = epoch
 
     def __len__(self):
-        return -(-len(self.labels) // (self.batch_size * self.world))
+        return len(self.labels) // (self.batch_size * self.world)  # full batches only, as the real loaders
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         self.epoch += 1
         order = torch.randperm(len(self.labels), generator=g)[self.rank::self.world]  # as DistributedSampler
-        for i in range(0, len(order), self.batch_size):
+        for i in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[i:i + self.batch_size]
             x = self.images[idx]
             flip = torch.rand(len(idx), generator=g) < 0.5

@@ -226,6 +226,9 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
     run["prov"] = provenance(device)
     loaders = make_loaders(cfg, device=device, distributed=run["world"] > 1)
     run["prov"].update(data_manifest_hash=loaders.manifest.get("hash"), data_backend=loaders.backend)
+    if loaders.batches_per_epoch < 1:
+        raise UserError(f"{cfg.data.dir}: {loaders.num_train} training images make no full batch of "
+                        f"{t.batch_size} per process; lower train.batch_size or raise data.train_limit")
     train_tf = BatchTransform(loaders.manifest, cfg, train=True)
     val_tf = BatchTransform(loaders.manifest, cfg, train=False)
 
