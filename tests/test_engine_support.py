@@ -16,44 +16,6 @@ from torch import nn
 from repro.config import RunConfig, apply_overrides
 
 
-def _install_missing_modules() -> None:
-    """Until repro.data / repro.models exist, give the engine modules to import (replaced by the fakes below)."""
-    try:
-        import repro.data  # noqa: F401
-        import repro.data.augment  # noqa: F401
-        import repro.models  # noqa: F401
-        return
-    except ImportError:
-        pass
-    data = types.ModuleType("repro.data")
-    augment = types.ModuleType("repro.data.augment")
-    models = types.ModuleType("repro.models")
-    data.make_loaders = lambda *a, **k: None
-    augment.BatchTransform = None
-    augment.center_crop = center_crop
-    augment.ten_crop = ten_crop
-    models.build_model = lambda *a, **k: None
-    data.augment = augment
-    sys.modules.update({"repro.data": data, "repro.data.augment": augment, "repro.models": models})
-
-
-def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
-
-
-def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    views = [x[..., :size, :size], x[..., :size, w - size:], x[..., h - size:, :size], x[..., h - size:, w - size:],
-             center_crop(x, size)]
-    views += [v.flip(-1) for v in views]
-    return torch.stack(views)
-
-
-_install_missing_modules()
-
-
 class TinyNet(nn.Module):
     """conv -> act -> global pool -> fc (the features) -> act -> dropout -> fc."""
 
@@ -160,8 +122,7 @@ def use_stand_ins(monkeypatch_or_module) -> None:
     tr = importlib.import_module("repro.engine.train")
 
     for mod, name, value in [(tr, "make_loaders", make_loaders), (tr, "build_model", build_model),
-                             (tr, "BatchTransform", Transform), (ev, "build_model", build_model),
-                             (ev, "center_crop", center_crop), (ev, "ten_crops", ten_crop)]:
+                             (tr, "BatchTransform", Transform), (ev, "build_model", build_model)]:
         if monkeypatch_or_module is None:
             setattr(mod, name, value)
         else:

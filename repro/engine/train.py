@@ -159,7 +159,7 @@ def _progress_bar(enabled: bool):
 
 def _train_epoch(run, net, optimizer, loader, transform, epoch: int, bar, task) -> dict:
     """One pass over the training data; returns the epoch's training loss, error and throughput."""
-    cfg, t = run["cfg"], run["cfg"].train
+    t = run["cfg"].train
     device, dtype = run["device"], run["dtype"]
     epoch_acc = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, errors, images
     curve_acc = torch.tensor(run["curve_acc"], device=device, dtype=torch.float64)
@@ -183,7 +183,7 @@ def _train_epoch(run, net, optimizer, loader, transform, epoch: int, bar, task) 
         # Accumulate on the device; synchronise only at curve points (a .item() per step stalls a GPU).
         step = torch.stack([loss.detach().double() * labels.shape[0],
                             (out.argmax(1) != labels).sum().double(),
-                            torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
+                            torch.full((), labels.shape[0], device=device, dtype=torch.float64)])  # a fill, no copy
         epoch_acc += step
         curve_acc += step
         run["iteration"] += 1
