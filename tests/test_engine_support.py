@@ -138,21 +138,26 @@ if __name__ == "__main__":
 
     import repro.engine.checkpoint as ck
 
-    use_stand_ins(None)
     torch.set_num_threads(1)
     overrides = json.loads(sys.argv[2])
+    real = overrides.pop("_real", False)  # the real loaders and models: overrides are then the whole config
+    if not real:
+        use_stand_ins(None)
     sleep = overrides.pop("_sleep", 0)  # seconds per training batch, so a signal lands mid-run
     kill_at = overrides.pop("_kill_in_save", None)  # [save number, "write" | "rename"]: SIGKILL inside a save
     if sleep:
         import repro.engine.train as tr
 
-        class Slow(Transform):
-            def __call__(self, x):
-                if self.train:
-                    time.sleep(sleep)
-                return super().__call__(x)
+        def slow(manifest, cfg, train, base=tr.BatchTransform):
+            inner = base(manifest, cfg, train)
 
-        tr.BatchTransform = Slow
+            def call(x):
+                if train:
+                    time.sleep(sleep)
+                return inner(x)
+            return call
+
+        tr.BatchTransform = slow
     if kill_at:
         saves = {"n": 0}
         real_save, real_replace = ck.torch.save, ck.os.replace
@@ -172,7 +177,7 @@ if __name__ == "__main__":
 
         ck.torch.save = torch_save
         ck.os.replace = replace
-    cfg = tiny_config(**overrides)
+    cfg = apply_overrides(RunConfig(), overrides) if real else tiny_config(**overrides)
     run_dir = Path(sys.argv[1])
     if "WORLD_SIZE" in os.environ:  # under torchrun: log every file write per rank, keep each rank's final weights
         import repro.engine.train as tr

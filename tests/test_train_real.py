@@ -113,3 +113,38 @@ def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
     assert metrics["top1_err"] == result["metrics"]["top1_err"]
     np.testing.assert_allclose(np.load(run_dir / "val_logits.npy").astype(np.float32), logits.numpy(),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, data_dir):
+    """Smoke scale end to end: a child process training on the real loaders is killed with SIGKILL after its
+    first checkpoint; running the config again finishes with the numbers of an uninterrupted run."""
+    import signal
+    import time
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    overrides = {"data.dir": str(data_dir), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
+                 "model.num_classes": 4, "model.input_size": 28, "model.stem": "tiny", "train.epochs": 4,
+                 "train.batch_size": 16, "train.device": "cpu", "train.schedule": "plateau",
+                 "train.plateau_patience": 1, "train.log_every": 3}
+    cfg = apply_overrides(RunConfig(), overrides)
+    straight = fit(cfg, tmp_path / "straight", progress=False)
+
+    script = Path(__file__).with_name("test_engine_support.py")
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir),
+                             json.dumps({**overrides, "_real": True, "_sleep": 0.1})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < end
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "result.json").exists()
+
+    resumed = fit(cfg, run_dir, progress=False)
+    assert resumed["status"] == "done" and resumed["metrics"] == straight["metrics"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
