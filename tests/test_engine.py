@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 import test_engine_support as sup
 from repro.config import config_hash
-from repro.engine import checkpoint, evaluate, fit, load_model, predict, schedule
+from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import train as train_mod
 
 
@@ -75,6 +77,9 @@ def test_fit_writes_the_run_files_and_record(tmp_path):
     assert result["metrics"]["best_val_top1_err"] == min(r["val_top1_err"] for r in rows)
     assert result["metrics"]["top1_err_10crop"] is not None
     prov = result["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    assert prov["wall_time_s"] > 0 and prov["images_per_s"] > 0 and prov["started"] <= prov["finished"]
     assert prov["device"] == "cpu" and prov["data_backend"] == "torch" and prov["data_manifest_hash"] == "stand-in"
     assert prov["packages"]["torch"] == torch.__version__.split("+")[0] or prov["packages"]["torch"] == torch.__version__
 
@@ -280,3 +285,18 @@ def test_a_training_set_smaller_than_a_batch_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="train.batch_size"):
         fit(sup.tiny_config(**{"data.train_limit": 8}), tmp_path, progress=False)  # 8 images, batch 16
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_extract_features_is_the_last_hidden_layer_in_loader_order():
+    torch.manual_seed(0)
+    model = sup.TinyNet().eval()
+    images = torch.randint(0, 256, (9, 3, 10, 10), dtype=torch.uint8)
+    labels = torch.arange(9) % 4
+    loader = [(images[:5], labels[:5]), (images[5:], labels[5:])]
+    tf = sup.Transform(None, None, False)
+    feats, got = extract_features(model, loader, tf, crop=8)
+    with torch.no_grad():
+        expected = model.forward_features(tf(images[..., 1:9, 1:9]))
+    assert feats.shape == (9, model.features_dim)
+    torch.testing.assert_close(feats, expected)
+    assert torch.equal(got, labels)
