@@ -63,7 +63,8 @@ def val_labels(cfg) -> np.ndarray:
     from repro.data import make_loaders
 
     loaders = make_loaders(cfg, device="cpu")
-    return torch.cat([y.cpu() for _, y in loaders.val]).numpy()
+    # clone: FFCV reuses its batch buffers, so a kept reference would be overwritten by later batches
+    return torch.cat([y.cpu().clone() for _, y in loaders.val]).numpy()
 
 
 def ensemble(done, labels: np.ndarray | None = None) -> dict[str, Any]:
@@ -183,11 +184,11 @@ def _embed(model, loader, transform, crop: int, limit: int):
 
     feats, pixels, labels, thumbs, n = [], [], [], [], 0
     for images, y in loader:
-        images = images[: limit - n].cpu()
+        images = images[: limit - n].cpu().clone()  # FFCV reuses its batch buffers
         x = center_crop(images, crop)
         feats.append(model.forward_features(transform(x)).float())
         pixels.append(x.float().flatten(1))
-        labels.append(y[: len(images)].cpu())
+        labels.append(y[: len(images)].cpu().clone())
         thumbs.append(_thumbs(x))
         n += len(images)
         if n >= limit:
