@@ -186,3 +186,29 @@ def test_missing_data_folder_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["run", "baseline", "--scale", "smoke", "--data", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
+
+
+def _copy_data(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_beton_is_one_line(synthetic_data, tmp_path, monkeypatch):
+    data = _copy_data(synthetic_data, tmp_path / "data")
+    (data / "train.beton").unlink()
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "baseline", "--scale", "smoke", "--data", str(data), "--runs", "r"])
+    assert res.exit_code == 2 and "train.beton" in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r" / "store").exists()
+
+
+def test_beton_not_matching_its_manifest_is_one_line(synthetic_data, tmp_path, monkeypatch):
+    data = _copy_data(synthetic_data, tmp_path / "data")
+    with open(data / "val.beton", "ab") as f:
+        f.write(b"extra bytes")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "baseline", "--scale", "smoke", "--data", str(data), "--runs", "r"])
+    assert res.exit_code == 2 and "val.beton" in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r" / "store").exists()
