@@ -55,7 +55,7 @@ def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bo
                     n = images.shape[0]
                     out = model(transform(crops.reshape(10 * n, *crops.shape[2:]))).float()
                     avg.append(F.softmax(out, dim=1).reshape(10, n, -1).mean(0).cpu())
-            labels.append(y.cpu())
+            labels.append(y.cpu().clone())  # FFCV reuses its batch buffers: keep a copy
     finally:
         model.train(was_training)
     out = {"centre": torch.cat(centre), "labels": torch.cat(labels)}
