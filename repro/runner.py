@@ -201,6 +201,10 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
     registry, planned = plan([name_or_all], scale, data_dir=data_dir, seeds=seeds, sets=sets,
                              experiments_dir=experiments_dir)
     if dry_run:
+        # Record each planned run's config (planned.json, status "pending") so that a run can also be trained
+        # on several GPUs: `torchrun --nproc_per_node N -m repro.engine.distributed runs/store/<hash>`.
+        for r in (r for runs in planned.values() for r in runs):
+            store.ensure_run(runs_dir, r)
         return print_plan(planned, runs_dir, console)
     t0 = time.time()
     statuses = train_all(planned, runs_dir, progress=progress, console=console)

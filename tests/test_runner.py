@@ -100,7 +100,10 @@ def test_a_failed_run_does_not_stop_the_sweep(fake_engine, tmp_path, monkeypatch
 
 def test_dry_run_plans_without_training(fake_engine, tmp_path):
     code, out = _run("all", tmp_path, dry_run=True)
-    assert code == 0 and fake_engine.calls == [] and not (tmp_path / "store").exists()
+    assert code == 0 and fake_engine.calls == []
+    # Each planned run is recorded as pending (planned.json, for torchrun), none trained.
+    stored = list((tmp_path / "store").iterdir())
+    assert stored and all((d / "planned.json").exists() and not (d / "result.json").exists() for d in stored)
     assert "relu-vs-tanh" in out and "tanh-lr0.01" in out and "rough guess" in out
     # smoke: 200 training images (the stand-in manifest) x 1 epoch per distinct run
     assert "shared" in out and "training images" in out

@@ -87,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m repro.engine.distributed",
                                      description="Train one run on several processes.")
     parser.add_argument("run_dir", type=Path, help="run folder (created if missing)")
-    parser.add_argument("--config", type=Path, help="config file; default RUN_DIR/config.json")
+    parser.add_argument("--config", type=Path, help="config file; default RUN_DIR/config.json, else RUN_DIR/planned.json")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     rank, _ = init_from_env()
     try:
         cfg_path = args.config or args.run_dir / "config.json"
+        if args.config is None and not cfg_path.exists():  # a run planned by `repro run --dry-run`, not started
+            cfg_path = args.run_dir / "planned.json"
         try:
             raw = json.loads(cfg_path.read_text())
             raw = raw.get("config", raw)
