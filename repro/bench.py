@@ -82,7 +82,8 @@ def _config(data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int) 
         overrides = {k: v for k, v in load_scales()["demo"].items() if "." in k and not k.startswith("data.")}
     overrides.update({"data.dir": str(data_dir), "model.input_size": crop, "train.batch_size": batch_size,
                       "train.epochs": 1, "train.max_iters": iters, "train.ten_crop": False, "model.num_classes": 10,
-                      "data.pca_lighting": 0.1, "data.flip": True, "train.schedule": "constant"})
+                      "data.pca_lighting": 0.1, "data.flip": True, "train.schedule": "constant",
+                      "train.lr": 0.001})  # random images: a small lr keeps the loss finite
     return apply_overrides(RunConfig(), overrides, source="bench")
 
 
@@ -134,6 +135,8 @@ def bench_training(folder: Path, data_dir: Path, crop: int, demo: bool, batch_si
     cfg = _config(data_dir, crop, demo, batch_size, iters)
     base = _reference_train(folder, cfg, iters)
     record = fit(cfg, runs / f"train-{crop}-{int(demo)}", progress=False)
+    if record["status"] != "done":
+        raise RuntimeError(f"benchmark run ended {record['status']}: {record['error']}")
     return base, float(record["provenance"]["images_per_s"])
 
 
