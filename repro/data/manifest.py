@@ -5,10 +5,10 @@ Sizes are always checked (cheap); sha256 content hashes only with `verify=True` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from data_prep.manifest import sha256_file  # the writer's own hash, so both sides agree
 from repro.errors import UserError
 
 MANIFEST_FORMAT = 1
@@ -18,14 +18,6 @@ REQUIRED = ("source", "settings", "image", "classes", "splits", "mean", "std", "
 def _prepare_hint(folder: Path, manifest: dict | None = None) -> str:
     source = (manifest or {}).get("source") or folder.name or "SOURCE"
     return f"run `repro prepare-data {source} --out {folder}`"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path, verify: bool = False) -> dict:
