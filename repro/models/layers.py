@@ -55,22 +55,22 @@ def activation(name: str) -> nn.Module:
     raise UserError(f"model.activation = {name!r} is not one of relu, tanh")
 
 
+def _pool(cls: type[nn.Module], pooling: str) -> nn.Module:
+    if pooling == "overlap":
+        return cls(kernel_size=3, stride=2, ceil_mode=True)
+    if pooling == "non-overlap":
+        return cls(kernel_size=2, stride=2)
+    raise UserError(f"model.pooling = {pooling!r} is not one of overlap, non-overlap")
+
+
 def max_pool(pooling: str) -> nn.MaxPool2d:
     """Overlapping 3/2 (cuda-convnet's ceil rule) or non-overlapping 2/2 max-pool, same output size."""
-    if pooling == "overlap":
-        return nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
-    if pooling == "non-overlap":
-        return nn.MaxPool2d(kernel_size=2, stride=2)
-    raise UserError(f"model.pooling = {pooling!r} is not one of overlap, non-overlap")
+    return _pool(nn.MaxPool2d, pooling)
 
 
 def avg_pool(pooling: str) -> nn.AvgPool2d:
     """Average-pool counterpart of `max_pool` (the four-layer CIFAR net pools by averaging after conv2, conv3)."""
-    if pooling == "overlap":
-        return nn.AvgPool2d(kernel_size=3, stride=2, ceil_mode=True)
-    if pooling == "non-overlap":
-        return nn.AvgPool2d(kernel_size=2, stride=2)
-    raise UserError(f"model.pooling = {pooling!r} is not one of overlap, non-overlap")
+    return _pool(nn.AvgPool2d, pooling)
 
 
 def pool_out(n: int) -> int:

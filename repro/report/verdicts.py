@@ -169,6 +169,15 @@ def log_ratio_comparison(label: str, metric: str, paper: float | None, ratios: p
     return Comparison(label, metric, "x", paper, iv, verdict, reason, {k: float(v) for k, v in r.items()})
 
 
+def _side_of_zero(iv: Interval, above: str, below: str, spans: str) -> tuple[str, str]:
+    """Verdict and reason for a claim that the measured difference is positive."""
+    if iv.lo > 0:
+        return "reproduced", above
+    if iv.hi < 0:
+        return "opposite", below
+    return "inconclusive", spans
+
+
 def proportion_comparison(label: str, hits: int, total: int, chance: float) -> Comparison:
     """Label agreement of retrieved neighbours against chance, with a Wilson interval (scipy binomtest)."""
     if total <= 0:
@@ -177,12 +186,9 @@ def proportion_comparison(label: str, hits: int, total: int, chance: float) -> C
     ci = res.proportion_ci(CONFIDENCE, method="wilson")
     iv = Interval(100 * (hits / total - chance), 100 * (ci.low - chance), 100 * (ci.high - chance), int(total),
                   method="binomial, Wilson interval")
-    if iv.lo > 0:
-        verdict, reason = "reproduced", "neighbours share the query's label more often than chance"
-    elif iv.hi < 0:
-        verdict, reason = "opposite", "neighbours share the query's label less often than chance"
-    else:
-        verdict, reason = "inconclusive", "the 95% interval includes chance"
+    verdict, reason = _side_of_zero(iv, "neighbours share the query's label more often than chance",
+                                    "neighbours share the query's label less often than chance",
+                                    "the 95% interval includes chance")
     return Comparison(label, "label agreement - chance", "points", None, iv, verdict,
                       f"{reason} ({hits}/{total} neighbours, chance {100 * chance:.1f}%)")
 
@@ -197,12 +203,9 @@ def two_proportion_comparison(label: str, hits_a: int, hits_b: int, total: int) 
     z = stats.norm.ppf(0.5 + CONFIDENCE / 2)
     iv = Interval(100 * (pa - pb), 100 * (pa - pb - z * se), 100 * (pa - pb + z * se), int(total),
                   method="difference of proportions, Wald interval")
-    if iv.lo > 0:
-        verdict, reason = "reproduced", "feature-space neighbours share the label more often than pixel-space ones"
-    elif iv.hi < 0:
-        verdict, reason = "opposite", "pixel-space neighbours share the label more often"
-    else:
-        verdict, reason = "inconclusive", "the 95% interval spans zero"
+    verdict, reason = _side_of_zero(iv, "feature-space neighbours share the label more often than pixel-space ones",
+                                    "pixel-space neighbours share the label more often",
+                                    "the 95% interval spans zero")
     return Comparison(label, "label agreement difference", "points", None, iv, verdict,
                       f"{reason} ({100 * pa:.1f}% against {100 * pb:.1f}% of {total} neighbours)")
 
