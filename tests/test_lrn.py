@@ -64,3 +64,19 @@ def test_two_towers_normalise_only_within_their_own_channels(activations):
 def test_unknown_alpha_mode_is_a_user_error():
     with pytest.raises(UserError, match="lrn_alpha_mode"):
         LRN(alpha_mode="caffe")
+
+
+def test_gradients_match_torchs_module_in_both_layouts(activations):
+    # the window sum is a 1x1 convolution: its backward must equal torch's avg_pool-based LocalResponseNorm
+    ref_in = torch.from_numpy(activations).requires_grad_(True)
+    torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)(ref_in).pow(2).sum().backward()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.from_numpy(activations).contiguous(memory_format=layout).requires_grad_(True)
+        LRN(alpha_mode="per-size")(x).pow(2).sum().backward()
+        np.testing.assert_allclose(x.grad.numpy(), ref_in.grad.numpy(), rtol=1e-10)
+
+
+def test_float32_matches_float64_by_hand(activations):
+    out = run(LRN(alpha_mode="paper", towers=2), activations.astype(np.float32))
+    halves = [lrn_by_hand(h, 5, 1e-4, 0.75, 2.0) for h in np.split(activations, 2, axis=1)]
+    np.testing.assert_allclose(out, np.concatenate(halves, axis=1), rtol=1e-5)

@@ -55,7 +55,7 @@ def test_activation(name):
 @pytest.mark.parametrize("name", ["alexnet-paper", "alexnet-owt", "cifar4"])
 def test_lrn_switch_and_mode(name):
     base = {**SMALL, "name": name}
-    assert of_type(build_model(ModelConfig(**base, lrn=False)), nn.LocalResponseNorm) == []
+    assert of_type(build_model(ModelConfig(**base, lrn=False)), LRN) == []
     for mode in ("paper", "per-size"):
         lrns = of_type(build_model(ModelConfig(**base, lrn=True, lrn_alpha_mode=mode)), LRN)
         assert len(lrns) == 2 and {m.alpha_mode for m in lrns} == {mode}

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from repro.config import ModelConfig
+from repro.models.layers import LRN
 from repro.models.registry import build_model, default_config, default_overrides, list_models, model_summary
 
 
@@ -16,13 +17,20 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: int) -> int:
-    """Multiply-adds of one forward pass on one image (conv and linear layers; torch counts 2 flops per MAC)."""
+    """Multiply-adds of one forward pass on one image in the conv and linear layers (torch counts 2 flops per MAC).
+
+    LRN computes its window sums as a 1x1 convolution; that is normalisation, not a layer of the paper's table,
+    so its flops are left out.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(torch.zeros(1, 3, input_size, input_size, device=device))
     model.train(was_training)
-    return counter.get_total_flops() // 2
+    by_module = counter.get_flop_counts()
+    lrn = [f"{type(model).__name__}.{name}" for name, m in model.named_modules() if isinstance(m, LRN)]
+    lrn_flops = sum(sum(by_module.get(name, {}).values()) for name in lrn)
+    return (counter.get_total_flops() - lrn_flops) // 2
 
 
 def describe(cfg: ModelConfig) -> dict:
