@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 from repro.errors import UserError
 
-CONFIG_FORMAT = 1
+CONFIG_FORMAT = 2  # 2: cosine anneals per iteration
 
 
 def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "") -> Any:
@@ -71,6 +71,7 @@ class TrainConfig:
                        help="plateau: divide by 10 when val error stops improving (section 5)")
     lr_drops: int = _f(3, help="plateau/step: how many times the lr is divided by 10")
     plateau_patience: int = _f(3, help="plateau: epochs without improvement before a drop")
+    warmup_epochs: float = _f(0.0, help="linear lr warm-up over this many epochs (not in the paper; 0 = none)")
     max_iters: int = _f(0, help="stop after this many iterations; 0 = run all epochs")
     target_train_err: float = _f(25.0, help="record the first iteration where train top-1 error falls below this")
     log_every: int = _f(20, help="iterations between points of the training curve")

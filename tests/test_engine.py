@@ -214,7 +214,7 @@ def test_plateau_waits_for_patience_and_resets_on_improvement():
                            "train.lr_drops": 3}).train
     state, lrs = schedule.initial_state(t), []
     for err in [50, 40, 45, 41, 39, 39, 39, 39, 39]:
-        lrs.append(schedule.lr_for_epoch(t, state, len(lrs)))
+        lrs.append(schedule.lr_at(t, state, len(lrs)))
         state = schedule.after_epoch(t, state, err)
     # improvements at 50, 40, 39; two epochs without one after 40 (45, 41) -> drop; after 39, two more -> drop
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.0001, 0.0001])
@@ -223,11 +223,23 @@ def test_plateau_waits_for_patience_and_resets_on_improvement():
 def test_step_and_cosine_schedules():
     t = sup.tiny_config(**{"train.schedule": "step", "train.epochs": 90, "train.lr_drops": 3, "train.lr": 0.01}).train
     s = schedule.initial_state(t)
-    got = [schedule.lr_for_epoch(t, s, e) for e in (0, 22, 23, 44, 45, 67, 68, 89)]
+    got = [schedule.lr_at(t, s, e) for e in (0, 22, 23, 44, 45, 67, 68, 89)]
     assert got == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
     t = sup.tiny_config(**{"train.schedule": "cosine", "train.epochs": 10, "train.lr": 0.1}).train
-    got = [schedule.lr_for_epoch(t, s, e) for e in (0, 5, 9)]
+    got = [schedule.lr_at(t, s, e) for e in (0, 5, 9)]
     assert got == pytest.approx([0.1, 0.05, 0.05 * (1 + math.cos(math.pi * 0.9))])
+    # within an epoch the cosine moves every step: step 50 of 100 in epoch 5 is position 5.5 of 10
+    assert schedule.lr_at(t, s, 5, 50, 100) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.55)))
+    assert schedule.changes_within_epoch(t, 9)
+
+
+def test_warmup_rises_linearly_then_hands_over():
+    t = sup.tiny_config(**{"train.schedule": "constant", "train.lr": 0.1, "train.warmup_epochs": 0.5}).train
+    s = schedule.initial_state(t)
+    # 10 steps an epoch, warm-up over the first 5: lr * (i + 1) / 5
+    assert [schedule.lr_at(t, s, 0, i, 10) for i in range(6)] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1, 0.1])
+    assert schedule.changes_within_epoch(t, 0) and not schedule.changes_within_epoch(t, 1)
+    assert schedule.lr_at(t, s, 1, 0, 10) == pytest.approx(0.1)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
