@@ -32,6 +32,7 @@ class PrepareOptions:
     classes: str | None = None
     train_per_class: int | None = None
     val_per_class: int | None = None
+    write_mode: str = "auto"  # auto | jpg | raw
     jpeg_quality: int = 90
     workers: int = 0
     seed: int = 0
@@ -41,9 +42,10 @@ class PrepareOptions:
 def resolve_settings(source: str, opts: PrepareOptions) -> dict:
     """The settings recorded in (and compared against) the manifest, defaults filled in."""
     res = opts.res or DEFAULT_RES[source]
+    write_mode = opts.write_mode if opts.write_mode != "auto" else "raw" if res <= RAW_MAX_SIDE else "jpg"
     settings = {"res": res, "max_side": opts.max_side, "classes": opts.classes,
                 "train_per_class": opts.train_per_class, "val_per_class": opts.val_per_class,
-                "jpeg_quality": opts.jpeg_quality, "write_mode": "raw" if res <= RAW_MAX_SIDE else "jpg",
+                "jpeg_quality": opts.jpeg_quality, "write_mode": write_mode,
                 "seed": opts.seed}
     if source == "synthetic":  # the synthetic counts are what it generates, not caps
         from data_prep.sources import synthetic

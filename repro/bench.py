@@ -3,7 +3,7 @@
 Each row measures the harness and a plain baseline in the same process, on the same images, with the same
 augmentation, one right after the other, so that the ratio survives a noisy shared machine:
 1. loading: the FFCV pipelines of `repro.data` against torchvision's ImageFolder + DataLoader (PIL decode, random
-   crop, flip), at demo resolution and at 224 px;
+   crop, flip), at demo resolution and at 224 px (betons stored as jpg, and raw: `prepare-data --write-mode raw`);
 2. training: `repro.engine.fit` against a loop written as torchvision's reference train.py writes it (fp32, NCHW,
    DataLoader over the ImageFolder), for `alexnet-paper` at demo scale and at 224 px;
 3. preparation: `repro prepare-data imagefolder` against a single-process PIL loop writing the same beton;
@@ -249,10 +249,12 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
             base, ours = bench_prepare(big, tmp / "prep", 256)
         rows.append(("prepare-data, 256 px JPEG", base, ours, "-"))
         prepare("imagefolder", small, tmp / "small", PrepareOptions(res=28), progress=False)
-        big_data = tmp / "prep" / "prepared"
+        big_data, big_raw = tmp / "prep" / "prepared", tmp / "prep" / "raw"
+        prepare("imagefolder", big, big_raw, PrepareOptions(res=256, write_mode="raw"), progress=False)
         with console.status("loading: torchvision DataLoader vs FFCV"):
             for label, folder, data, crop in [("loader, demo (24 of 28 px)", small, tmp / "small", 24),
-                                              ("loader, 224 of 256 px", big, big_data, 224)]:
+                                              ("loader, 224 of 256 px, jpg beton", big, big_data, 224),
+                                              ("loader, 224 of 256 px, raw beton", big, big_raw, 224)]:
                 base, ours = bench_loader(folder, data, crop, 128 if crop < 100 else 64)
                 rows.append((label, base, ours, ">= 3x"))
         with console.status("training: reference loop vs repro.engine"):

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest_data import make_cifar, make_fashion, opts, read_beton
+from conftest_data import make_cifar, make_fashion, make_tree, opts, read_beton
 
 import data_prep.prepare as prep
 from data_prep.prepare import prepare
@@ -131,3 +131,27 @@ def test_progress_bar_only_when_asked(tmp_path, capfd):
     prepare("synthetic", None, tmp_path / "loud", o, progress=True)
     err = capfd.readouterr().err
     assert "synthetic train" in err and "img/s" in err and "10/10" in err
+
+
+def test_write_mode_raw_stores_large_images_uncompressed_and_switching_rebuilds(tmp_path):
+    make_tree(tmp_path / "d" / "train", ["a", "b"], per_class=2)
+    make_tree(tmp_path / "d" / "val", ["a", "b"], per_class=1)
+    out = tmp_path / "out"
+    prepare("imagefolder", tmp_path / "d", out, opts(res=80), progress=False)
+    jpg_images, _ = read_beton(out / "val.beton")
+    assert stored_modes(out / "train.beton") == {"jpg"}
+    assert json.loads((out / "manifest.json").read_text())["settings"]["write_mode"] == "jpg"
+    summary = prepare("imagefolder", tmp_path / "d", out, opts(res=80, write_mode="raw"), progress=False)
+    assert "up to date" not in summary
+    assert json.loads((out / "manifest.json").read_text())["settings"]["write_mode"] == "raw"
+    raw_images, _ = read_beton(out / "val.beton")
+    assert raw_images[0].shape == jpg_images[0].shape == (80, 80, 3)
+    assert stored_modes(out / "train.beton") == {"raw"}
+
+
+def stored_modes(path) -> set[str]:
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    names = {code: name for name, code in IMAGE_MODES.items()}
+    return {names[int(m)] for m in Reader(str(path)).metadata["f0"]["mode"]}
