@@ -42,7 +42,7 @@ class BatchTransform:
         if self.sigma > 0 or alpha is not None:
             x = x + self.lighting(x.shape[0], device, alpha)
         x = (x - self.mean) / self.std
-        if device.type == "cuda" and self.channels_last:
+        if self.channels_last:  # the engine's models are channels_last on every device
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

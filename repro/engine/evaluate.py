@@ -40,7 +40,10 @@ def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
 @torch.no_grad()
 def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bool, dtype,
             count: int | None = None) -> dict[str, torch.Tensor]:
-    """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops.
+    if ten_crop and features:
+        raise ValueError("features come from the centre crop only")
+    """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops (whose
+    fifth view is the centre crop, so ten_crop costs ten forward passes, not eleven; not with `features`).
     `count`: the split's size, when the loader is sharded over processes (distributed runs)."""
     was_training = model.training
     model.eval()
@@ -49,12 +52,14 @@ def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bo
     try:
         for images, y in loader:
             with _autocast(images, dtype):
-                centre.append(fwd(transform(center_crop(images, crop))).float().cpu())
                 if ten_crop:
-                    crops = ten_crops(images, crop)  # (10, N, C, crop, crop)
+                    crops = ten_crops(images, crop)  # (10, N, C, crop, crop); view 4 is the centre crop
                     n = images.shape[0]
-                    out = model(transform(crops.reshape(10 * n, *crops.shape[2:]))).float()
-                    avg.append(F.softmax(out, dim=1).reshape(10, n, -1).mean(0).cpu())
+                    out = model(transform(crops.reshape(10 * n, *crops.shape[2:]))).float().reshape(10, n, -1)
+                    centre.append(out[4].cpu())
+                    avg.append(F.softmax(out, dim=2).mean(0).cpu())
+                else:
+                    centre.append(fwd(transform(center_crop(images, crop))).float().cpu())
             labels.append(y.cpu().clone())  # FFCV reuses its batch buffers: keep a copy
     finally:
         model.train(was_training)

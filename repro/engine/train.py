@@ -176,9 +176,7 @@ def _train_epoch(run, net, optimizer, loader, transform, epoch: int, bar, task) 
         if per_step:
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(t, run["sched"], epoch, step, steps)
-        x = transform(images)
-        if run["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = transform(images)  # channels_last when the model is
         with contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype):
             out = net(x)
             loss = F.cross_entropy(out.float(), labels)
@@ -281,8 +279,12 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
                 last = f", val err {run['rows'][-1]['val_top1_err']:.1f}%" if run["rows"] else ""
                 bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}{last}")
             stats = _train_epoch(run, net, optimizer, loaders.train, train_tf, epoch, bar, task)
-            val, _ = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"],
-                              count=val_count)
+            last = epoch == t.epochs - 1 or bool(t.max_iters and run["iteration"] >= t.max_iters)
+            # the last epoch's scoring is the final one: ten-crop included, done once
+            val, logits = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"],
+                                   count=val_count, ten_crop=t.ten_crop and last)
+            if last:
+                run["final"], run["logits"] = val, logits
             sched = schedule.after_epoch(t, sched, val["top1_err"])
             run["best_val"] = min(run["best_val"], val["top1_err"])
             run["train_images"] += stats["images"]
@@ -301,9 +303,10 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
                     "curve_acc": run["curve_acc"], "iters_to_target": run["iters_to_target"],
                     "best_val": run["best_val"], "config_hash": run["config_hash"]})
 
-    final, logits = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, ten_crop=t.ten_crop,
-                             dtype=run["dtype"], count=val_count)
-    run["final"] = final
+    if run.get("final") is None:  # resumed after the last epoch's checkpoint
+        run["final"], run["logits"] = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size,
+                                               ten_crop=t.ten_crop, dtype=run["dtype"], count=val_count)
+    logits = run["logits"]
     if run["is_main"]:
         tmp = run_dir / "val_logits.npy.tmp"
         with open(tmp, "wb") as f:
