@@ -26,7 +26,7 @@ from repro.experiments import (PlannedRun, get_experiment, load_registry, load_s
                                scale_settings)
 
 # Rough images/s of one 2-core CPU per scale, used by --dry-run until this machine has finished a run.
-GUESS_IMAGES_PER_S = {"smoke": 1500.0, "demo": 1000.0, "subset": 40.0, "full": 10.0}
+GUESS_IMAGES_PER_S = {"smoke": 1500.0, "demo": 2000.0, "subset": 40.0, "full": 10.0}
 REUSED = ("done", "diverged")
 
 

@@ -63,6 +63,31 @@ def test_resume_matches_a_straight_run(tmp_path, data_dir, monkeypatch, backend)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_killed_after_the_last_checkpoint_scores_the_final_model_on_resume(tmp_path, data_dir, monkeypatch):
+    # The last epoch's scoring (ten-crop included) is the final one; a run stopped between the last checkpoint
+    # and result.json must still be scored, once, on resume, with the numbers of a straight run.
+    torch.set_num_threads(1)
+    cfg = real_config(data_dir, **{"train.schedule": "cosine", "train.warmup_epochs": 0.5})
+    straight = fit(cfg, tmp_path / "a", progress=False)
+    real, saves = checkpoint.save, []
+
+    def save(run_dir, state):
+        real(run_dir, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == cfg.train.epochs:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save", save)
+        with pytest.raises(KeyboardInterrupt):
+            fit(cfg, tmp_path / "b", progress=False)
+    assert saves == [1, 2] and not (tmp_path / "b" / "val_logits.npy").exists()
+    resumed = fit(cfg, tmp_path / "b", progress=False)
+    assert resumed["status"] == "done" and resumed["metrics"] == straight["metrics"]
+    assert resumed["metrics"]["top1_err_10crop"] is not None
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "val_logits.npy"), np.load(tmp_path / "b" / "val_logits.npy"))
+
+
 def test_record_agrees_with_an_independent_scoring(tmp_path, data_dir):
     torch.set_num_threads(1)
     cfg = real_config(data_dir)
