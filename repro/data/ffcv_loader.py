@@ -71,15 +71,14 @@ class CropFlipDecoder(SimpleRGBImageDecoder):
                     image = data.reshape(height, width, 3)
                 top, left, side = crop_window(words[dst_ix], height, width, crop, res)
                 out = destination[dst_ix]
-                if side == crop:
-                    out[:] = image[top:top + side, left:left + side]
+                flip = do_flip and flip_bit(words[dst_ix])
+                if side == crop:  # one copy, mirrored on the way when flipped
+                    window = image[top:top + side, left:left + side]
+                    out[:] = window[:, ::-1] if flip else window
                 else:
                     resize_crop_c(image, top, top + side, left, left + side, out)
-                if do_flip and flip_bit(words[dst_ix]):
-                    for x in range(crop // 2):
-                        column = out[:, x].copy()
-                        out[:, x] = out[:, crop - 1 - x]
-                        out[:, crop - 1 - x] = column
+                    if flip:
+                        out[:] = out[:, ::-1].copy()
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -140,8 +139,10 @@ def make_ffcv_batches(path: str, *, indices: np.ndarray, batch_size: int, train:
         decoder = SimpleRGBImageDecoder()
     else:
         decoder = CenterCropRGBImageDecoder((res, res), ratio=1.0)
-    image_pipeline = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
-    label_pipeline = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]
+    # on CPU, ToDevice would only copy each batch into another host buffer
+    to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+    image_pipeline = [decoder, ToTensor(), *to_device, ToTorchImage()]
+    label_pipeline = [IntDecoder(), ToTensor(), *to_device]
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers if workers > 0 else -1,
                     order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, distributed=distributed,
                     seed=seed, indices=indices, pipelines={"image": image_pipeline, "label": label_pipeline},
