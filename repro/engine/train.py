@@ -157,7 +157,7 @@ def _progress_bar(enabled: bool):
                     TextColumn("{task.fields[ips]:>7.0f} img/s"), TimeRemainingColumn(), transient=False)
 
 
-def _train_epoch(run, net, optimizer, loader, transform, epoch: int, bar, task) -> dict:
+def _train_epoch(run, net, optimizer, loader, transform, epoch: int, sched: dict, bar, task) -> dict:
     """One pass over the training data; returns the epoch's training loss, error and throughput."""
     t = run["cfg"].train
     device, dtype = run["device"], run["dtype"]
@@ -175,7 +175,7 @@ def _train_epoch(run, net, optimizer, loader, transform, epoch: int, bar, task) 
     for step, (images, labels) in enumerate(itertools.chain([first] if first is not None else [], batches)):
         if per_step:
             for group in optimizer.param_groups:
-                group["lr"] = schedule.lr_at(t, run["sched"], epoch, step, steps)
+                group["lr"] = schedule.lr_at(t, sched, epoch, step, steps)
         x = transform(images)  # channels_last when the model is
         with contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype):
             out = net(x)
@@ -273,12 +273,11 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
             lr = schedule.lr_at(t, sched, epoch, 0, loaders.batches_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            run["sched"] = sched
             set_loader_epoch(loaders.train, epoch)
             if bar is not None:
                 last = f", val err {run['rows'][-1]['val_top1_err']:.1f}%" if run["rows"] else ""
                 bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}{last}")
-            stats = _train_epoch(run, net, optimizer, loaders.train, train_tf, epoch, bar, task)
+            stats = _train_epoch(run, net, optimizer, loaders.train, train_tf, epoch, sched, bar, task)
             last = epoch == t.epochs - 1 or bool(t.max_iters and run["iteration"] >= t.max_iters)
             # the last epoch's scoring is the final one: ten-crop included, done once
             val, logits = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"],
