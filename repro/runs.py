@@ -35,8 +35,9 @@ METRIC_COLUMNS = ["top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", 
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one. The temporary name is
+    the writer's own, since two runners may record the same planned run at once."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 

@@ -165,3 +165,16 @@ def test_load_analyses_and_arrays(tmp_path):
     assert runs.load_analyses(tmp_path) == {"ensemble": {"kind": "ensemble", "n_members": 2}}
     assert runs.load_analysis_arrays(tmp_path, "ensemble")["a"].tolist() == [0, 1, 2]
     assert runs.load_analysis_arrays(tmp_path, "broken") == {}
+
+
+def test_two_processes_writing_one_json_file_never_collide(tmp_path):
+    # Two runners can record the same planned run at once; each write must stay whole and neither may fail.
+    target = tmp_path / "planned.json"
+    code = ("import sys; from pathlib import Path; from repro.runs import write_json\n"
+            "for i in range(300): write_json(Path(sys.argv[1]), {'writer': sys.argv[2], 'i': i})\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), name], stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert json.loads(target.read_text())["i"] == 299
+    assert not list(tmp_path.glob("*.tmp"))
