@@ -85,7 +85,7 @@ def _config(data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int) 
     overrides.update({"data.dir": str(data_dir), "model.input_size": crop, "train.batch_size": batch_size,
                       "train.epochs": 1000, "train.max_iters": iters, "train.ten_crop": False, "model.num_classes": 10,
                       "data.pca_lighting": 0.1, "data.flip": True, "train.schedule": "constant",
-                      "train.lr": 0.001})  # random images: a small lr keeps the loss finite
+                      "train.lr": 0.001})  # random images: a small lr keeps the loss finite; max_iters ends the run
     return apply_overrides(RunConfig(), overrides, source="bench")
 
 

@@ -40,11 +40,11 @@ def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
 @torch.no_grad()
 def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bool, dtype,
             count: int | None = None) -> dict[str, torch.Tensor]:
-    if ten_crop and features:
-        raise ValueError("features come from the centre crop only")
     """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops (whose
     fifth view is the centre crop, so ten_crop costs ten forward passes, not eleven; not with `features`).
     `count`: the split's size, when the loader is sharded over processes (distributed runs)."""
+    if ten_crop and features:
+        raise ValueError("features come from the centre crop only")
     was_training = model.training
     model.eval()
     fwd = unwrap(model).forward_features if features else model

@@ -278,11 +278,11 @@ def _run(cfg: RunConfig, run_dir: Path, run: dict, progress: bool) -> None:
                 last = f", val err {run['rows'][-1]['val_top1_err']:.1f}%" if run["rows"] else ""
                 bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}{last}")
             stats = _train_epoch(run, net, optimizer, loaders.train, train_tf, epoch, sched, bar, task)
-            last = epoch == t.epochs - 1 or bool(t.max_iters and run["iteration"] >= t.max_iters)
+            final_epoch = epoch == t.epochs - 1 or bool(t.max_iters and run["iteration"] >= t.max_iters)
             # the last epoch's scoring is the final one: ten-crop included, done once
             val, logits = evaluate(model, loaders.val, val_tf, crop=cfg.model.input_size, dtype=run["dtype"],
-                                   count=val_count, ten_crop=t.ten_crop and last)
-            if last:
+                                   count=val_count, ten_crop=t.ten_crop and final_epoch)
+            if final_epoch:
                 run["final"], run["logits"] = val, logits
             sched = schedule.after_epoch(t, sched, val["top1_err"])
             run["best_val"] = min(run["best_val"], val["top1_err"])

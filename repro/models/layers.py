@@ -40,23 +40,19 @@ class LRN(nn.Module):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
         self.alpha_mode, self.towers = alpha_mode, towers
         self.scale = alpha if alpha_mode == "paper" else alpha / size
-        self._bands: dict = {}
 
     def band(self, channels: int, like: torch.Tensor) -> torch.Tensor:
         """(C, C, 1, 1) weights: `scale` where channels i, j are within n/2 of each other in one tower, else 0."""
-        key = (channels, like.dtype, like.device)
-        if key not in self._bands:
-            if channels % self.towers:
-                raise UserError(f"LRN over {channels} channels cannot split into {self.towers} towers")
-            i = torch.arange(channels, device=like.device)
-            group = channels // self.towers
-            near = (i[:, None] - i[None, :]).abs() <= self.size // 2
-            same = (i[:, None] // group) == (i[None, :] // group)
-            self._bands[key] = ((near & same).to(like.dtype) * self.scale)[:, :, None, None]
-        return self._bands[key]
+        if channels % self.towers:
+            raise UserError(f"LRN over {channels} channels cannot split into {self.towers} towers")
+        i = torch.arange(channels, device=like.device)
+        group = channels // self.towers
+        near = (i[:, None] - i[None, :]).abs() <= self.size // 2
+        same = (i[:, None] // group) == (i[None, :] // group)
+        return ((near & same).to(like.dtype) * self.scale)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        window = F.conv2d(x * x, self.band(x.shape[1], x))
+        window = F.conv2d(x * x, self.band(x.shape[1], x))  # a few C x C ops: cheaper to build than to cache
         return x * (window + self.k).pow(-self.beta)
 
     def extra_repr(self) -> str:
