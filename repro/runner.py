@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from repro import io
 from repro import runs as store
 from repro.config import parse_set
+from repro.engine.record import RunRecord, finite
 from repro.errors import UserError
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
                                scale_settings)
@@ -65,7 +67,7 @@ def measured_rates(runs_dir: Path) -> dict[tuple, float]:
     out: dict[tuple, float] = {}
     for _, r in df.iterrows():
         key = (r.get("model.name"), r.get("model.width"), r.get("model.input_size"), r.get("model.stem"))
-        if store.finite(r["prov.images_per_s"]):
+        if finite(r["prov.images_per_s"]):
             out.setdefault(key, r["prov.images_per_s"])
             out.setdefault(("scale", r["scale"]), r["prov.images_per_s"])
     return out
@@ -119,23 +121,21 @@ def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Co
 
 def _train(run: PlannedRun, run_dir: Path, progress: bool, console: Console) -> str:
     """Train one run under its lock (already held); returns its final status."""
-    from repro.engine import fit
+    from repro.engine import fit  # at call time: the engine imports torch, which `repro status` does not need
 
     try:
-        record = fit(run.cfg, run_dir, progress=progress)
-        return record.get("status", "failed") if isinstance(record, dict) else "failed"
+        return fit(run.cfg, run_dir, progress=progress).status
     except (KeyboardInterrupt, UserError):
         raise
     except Exception as e:  # a bug or a resource error in one run must not take down the sweep
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        result = store.read_result(run_dir) or {}
-        if result.get("status") != "failed":
-            store.write_json(run_dir / "result.json", {
-                "format": store.RESULT_FORMAT, "status": "failed",
-                "error": f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
-                "config": result.get("config") or store.read_json(run_dir / "planned.json").get("config"),
-                "config_hash": run.config_hash, "epochs_done": result.get("epochs_done", 0),
-                "iterations": result.get("iterations", 0), "metrics": {}, "provenance": {}})
+        io.write_text(run_dir / "error.log", traceback.format_exc())
+        record = store.read_result(run_dir)
+        if record is None or record.status != "failed":
+            RunRecord(status="failed",
+                      error=f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
+                      config=record.config if record else (io.read_json(run_dir / "planned.json") or {}).get("config"),
+                      config_hash=run.config_hash, epochs_done=record.epochs_done if record else 0,
+                      iterations=record.iterations if record else 0).write(run_dir)
         console.print(f"[red]failed[/] {escape(str(run_dir))}: {escape(f'{type(e).__name__}: {e}')}")
         return "failed"
 
@@ -185,9 +185,9 @@ def _run_one(r: PlannedRun, run_dir: Path, label: str, progress: bool, console: 
     console.print(f"{label}: {verb}")
     t0 = time.time()
     status = _train(r, run_dir, progress, console)
-    result = store.read_result(run_dir) or {}
-    top1 = (result.get("metrics") or {}).get("top1_err")
-    extra = f", top-1 err {top1:.2f}%" if store.finite(top1) else ""
+    record = store.read_result(run_dir)
+    top1 = record.metrics.get("top1_err") if record else None
+    extra = f", top-1 err {top1:.2f}%" if finite(top1) else ""
     console.print(f"{label}: {status} in {time.time() - t0:.1f} s{extra}")
     return status
 
@@ -263,8 +263,8 @@ def status_table(runs_dir: Path | str) -> Table:
         st = r.status
         table.add_row(r.experiment, r.variant, str(r.seed), str(r.scale or ""), r.config_hash,
                       f"[{colour.get(st, 'white')}]{st}[/]",
-                      "" if not store.finite(r.epochs_done) else f"{r.epochs_done:.0f}",
-                      f"{r.top1_err:.2f}" if store.finite(r.top1_err) else "",
+                      "" if not finite(r.epochs_done) else f"{r.epochs_done:.0f}",
+                      f"{r.top1_err:.2f}" if finite(r.top1_err) else "",
                       str(r.error) if isinstance(r.error, str) else "")
     counts = df.status.value_counts().to_dict()
     table.caption = ", ".join(f"{n} {s}" for s, n in counts.items())
