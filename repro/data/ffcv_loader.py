@@ -112,7 +112,9 @@ class FFCVBatches:
         loader = self.loader
         loader.indices, loader.batch_size, loader.seed, loader.drop_last = (
             self.indices, self.batch_size, self.seed, self.train)
-        loader.traversal_order = type(loader.traversal_order)(loader)  # it copies indices and seed
+        order = loader.traversal_order
+        order = order.inner if isinstance(order, _Slice) else order
+        loader.traversal_order = type(order)(loader)  # it copies indices and seed
         loader.next_epoch = self.epoch
         loader.first_traversal_order = loader.next_traversal_order()
         if self.first_batch:  # the epoch's own order, its first batches cut off: they are never decoded
