@@ -18,7 +18,8 @@ from typing import Any, get_type_hints
 
 from repro.errors import UserError
 
-CONFIG_FORMAT = 3  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch)
+CONFIG_FORMAT = 4  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
+#                    4: no weight decay on biases unless train.decay_biases
 
 
 def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "") -> Any:
@@ -67,6 +68,8 @@ class TrainConfig:
     lr: float = _f(0.01)
     momentum: float = _f(0.9)
     weight_decay: float = _f(5e-4)
+    decay_biases: bool = _f(False, help="weight decay on biases too; false as Caffe's reference AlexNet and "
+                                        "cuda-convnet: weights only")
     schedule: str = _f("plateau", choices=("plateau", "step", "cosine", "constant"),
                        help="plateau: divide by 10 when val error stops improving (section 5)")
     lr_drops: int = _f(3, help="plateau/step: how many times the lr is divided by 10")

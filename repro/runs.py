@@ -147,6 +147,12 @@ def _row(experiment: str, variant: str, seed: int, config_hash: str, link: Path)
     for key in METRIC_COLUMNS:
         row[key] = metrics.get(key)
     row.update({k: v for k, v in metrics.items() if k not in row})
+    lrn = result.get("lrn_strength") if status == "done" else None
+    for layer, stats in (lrn or {}).items():  # lrn.conv1.mean, lrn.conv1.p99, ..., lrn.alpha_mode
+        if isinstance(stats, dict):
+            row.update({f"lrn.{layer}.{k}": v for k, v in stats.items()})
+        else:
+            row[f"lrn.{layer}"] = stats
     config = result.get("config") if status != "stale" and result.get("config") else planned.get("config")
     row.update(_config_columns(config))
     prov = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}

@@ -1,12 +1,15 @@
 """Scoring a model: top-1/top-5 error (percent) on a centre crop and on the ten-crop softmax average (section 4.1),
-plus logits and last-hidden-layer features for the later analyses (ensembles, retrieval)."""
+plus logits and last-hidden-layer features for the later analyses (ensembles, retrieval), and how strongly its
+LRN layers normalise."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +19,7 @@ from repro.engine import checkpoint
 from repro.engine.parallel import gather_in_order, unwrap
 from repro.errors import UserError
 from repro.models import build_model
+from repro.models.layers import LRN
 
 
 def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
@@ -89,6 +93,45 @@ def extract_features(model, loader, transform, *, crop: int, dtype=None) -> tupl
     """(features (N, features_dim), labels): the last hidden layer on the centre crop (section 6.1, figure 4)."""
     out = _passes(model, loader, transform, crop=crop, ten_crop=False, features=True, dtype=dtype)
     return out["centre"], out["labels"]
+
+
+@torch.no_grad()
+def lrn_strength(model: torch.nn.Module, images: torch.Tensor, *, alpha_mode: str) -> dict[str, Any] | None:
+    """How strongly each LRN layer normalises on `images` (model input): the mean and 99th percentile over every
+    activation of alpha' * sum_j a_j^2 / k, the term LRN adds to k before the power -beta (section 3.3). Near 0 the
+    layer is a fixed gain of k^-beta; near 1 or above it normalises. Keyed by the conv the LRN follows ("conv1",
+    ...); None when the model has no LRN."""
+    model = unwrap(model)
+    found, convs, terms, hooks = [], 0, {}, []
+    for module in model.modules():
+        convs += isinstance(module, torch.nn.Conv2d)
+        if isinstance(module, LRN):
+            found.append((f"conv{convs}", module))
+    if not found:
+        return None
+
+    def hook(name, lrn):
+        def keep(module, inputs):
+            x = inputs[0].float()
+            terms[name] = F.conv2d(x * x, lrn.band(x.shape[1], x)) / lrn.k  # band holds alpha'
+        return keep
+
+    for name, lrn in found:
+        hooks.append(lrn.register_forward_pre_hook(hook(name, lrn)))
+    was_training = model.training
+    try:
+        model.eval()
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    out: dict[str, Any] = {}
+    for name, term in terms.items():
+        values = term.double().flatten().cpu().numpy()
+        out[name] = {"mean": float(values.mean()), "p99": float(np.percentile(values, 99))}
+    out["alpha_mode"] = alpha_mode
+    return out
 
 
 def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig]:

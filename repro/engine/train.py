@@ -26,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from repro import io
 from repro.config import RunConfig, config_hash, to_dict
 from repro.data import make_loaders
-from repro.data.augment import BatchTransform
+from repro.data.augment import BatchTransform, center_crop
 from repro.engine import checkpoint, parallel, preempt, schedule
-from repro.engine.evaluate import evaluate
+from repro.engine.evaluate import evaluate, lrn_strength
 from repro.engine.provenance import provenance
 from repro.engine.record import RunRecord
 from repro.errors import UserError
@@ -61,6 +61,7 @@ class RunState:
     train_images: float = 0.0
     train_seconds: float = 0.0
     final: dict | None = None      # the final scoring
+    lrn_strength: dict | None = None  # measured on one validation batch at the end (models with LRN)
     logits: torch.Tensor | None = None
     prov: dict = field(default_factory=dict)
     started: str = ""
@@ -127,11 +128,17 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, chash: str, is_main: bool) -> 
     return record if record is not None and record.finished and record.config_hash == chash else None
 
 
-def _optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on the weights, and on the biases only with `train.decay_biases`."""
     # torch's SGD adds weight_decay * w to the gradient before momentum: v <- 0.9 v + (g + wd w), w <- w - lr v.
     # The paper's rule is v <- 0.9 v - wd*lr*w - lr*g, w <- w + v: the same iterates while lr is constant
     # (torch's v is the paper's v / -lr); after an lr drop torch's momentum carries the old gradients at the new lr.
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # Caffe's reference AlexNet (decay_mult 0 on biases) and cuda-convnet's layer files decay weights only.
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    groups = [{"params": weights, "weight_decay": t.weight_decay},
+              {"params": biases, "weight_decay": t.weight_decay if t.decay_biases else 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum)
 
 
 def _set_up(state: RunState) -> Parts:
@@ -150,7 +157,7 @@ def _set_up(state: RunState) -> Parts:
     net = parallel.wrap(model, device) if state.world > 1 else model
     if t.compile:
         net = torch.compile(net)
-    return Parts(loaders=loaders, model=model, net=net, optimizer=_optimizer(model, t),
+    return Parts(loaders=loaders, model=model, net=net, optimizer=make_optimizer(model, t),
                  train_tf=BatchTransform(loaders.manifest, cfg, train=True),
                  val_tf=BatchTransform(loaders.manifest, cfg, train=False), device=device,
                  dtype=autocast_dtype(t.precision, device),
@@ -323,6 +330,10 @@ def _epoch_loop(state: RunState, parts: Parts, progress: bool) -> None:
 def _final_scoring(state: RunState, parts: Parts) -> None:
     if state.final is None:  # resumed after the last epoch's checkpoint
         state.final, state.logits = _score(state, parts, ten_crop=state.cfg.train.ten_crop)
+    images, _ = next(iter(parts.loaders.val))
+    with contextlib.nullcontext() if parts.dtype is None else torch.autocast(parts.device.type, dtype=parts.dtype):
+        x = parts.val_tf(center_crop(images, state.cfg.model.input_size))
+        state.lrn_strength = lrn_strength(parts.model, x, alpha_mode=state.cfg.model.lrn_alpha_mode)
     if state.is_main:
         with io.atomic_path(state.run_dir / "val_logits.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, state.logits.numpy().astype(np.float16))
@@ -351,7 +362,8 @@ def _record(state: RunState, status: str, error: str | None) -> RunRecord:
                 images_per_s=state.train_images / state.train_seconds if state.train_seconds else None,
                 started=state.started, finished=_now())
     return RunRecord(status=status, error=error, config=to_dict(state.cfg), config_hash=state.config_hash,
-                     epochs_done=state.epoch, iterations=state.iteration, metrics=metrics, provenance=prov)
+                     epochs_done=state.epoch, iterations=state.iteration, metrics=metrics, provenance=prov,
+                     lrn_strength=state.lrn_strength)
 
 
 def _one_line(e: BaseException) -> str:
