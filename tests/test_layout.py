@@ -4,6 +4,8 @@ the source (every import statement, at the top or inside a function), so a hidde
 from __future__ import annotations
 
 import ast
+import functools
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,9 +64,18 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
+    """{module: project modules it imports}. Parsed in a thread of its own: CPython 3.11's ast.parse can fail
+    with "AST constructor recursion depth mismatch" in a thread whose recursion counter earlier code has left
+    skewed (it happened late in a full test run); a fresh thread starts at depth 0."""
     mods = project_modules()
-    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    out: dict[str, set[str]] = {}
+    worker = threading.Thread(target=lambda: out.update({n: imports_of(n, p, set(mods)) for n, p in mods.items()}))
+    worker.start()
+    worker.join()
+    assert len(out) == len(mods), "parsing the sources failed; see the thread's traceback above"
+    return out
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
