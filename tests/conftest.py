@@ -98,3 +98,14 @@ def synthetic_data(tmp_path_factory) -> Path:
     opts = prepare_mod.PrepareOptions(res=32, train_per_class=60, val_per_class=20, classes="4", seed=0)
     prepare_mod.prepare("synthetic", None, out, opts, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_betons(tmp_path_factory) -> Path:
+    """Real betons for engine tests: 4 classes of 32 px synthetic images, 64 for training and 32 for validation."""
+    from data_prep.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("small")
+    prepare("synthetic", None, out, PrepareOptions(res=32, classes="4", train_per_class=16, val_per_class=8),
+            progress=False)
+    return out

@@ -119,8 +119,7 @@ def use_stand_ins(monkeypatch_or_module) -> None:
     """Point the engine at the stand-ins (a pytest monkeypatch, or None to patch for good in a child process)."""
     import importlib
 
-    # by module path: the package attribute `repro.engine.evaluate` is the function of that name
-    ev = importlib.import_module("repro.engine.evaluate")
+    ev = importlib.import_module("repro.engine.scoring")
     tr = importlib.import_module("repro.engine.train")
 
     for mod, name, value in [(tr, "make_loaders", make_loaders), (tr, "build_model", build_model),

@@ -31,18 +31,10 @@ def no_request_left():
     preempt.clear()
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data_prep.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", None, out, PrepareOptions(res=32, classes="4", train_per_class=16, val_per_class=8),
-            progress=False)
-    return out
 
 
-def real_config(data_dir, backend, **overrides):
-    base = {"data.dir": str(data_dir), "data.backend": backend, "data.workers": 1, "model.name": "cifar4",
+def real_config(small_betons, backend, **overrides):
+    base = {"data.dir": str(small_betons), "data.backend": backend, "data.workers": 1, "model.name": "cifar4",
             "model.num_classes": 4, "model.input_size": 28, "model.stem": "tiny", "train.epochs": 2,
             "train.batch_size": 8, "train.device": "cpu", "train.schedule": "cosine", "train.warmup_epochs": 0.5,
             "train.log_every": 3}
@@ -102,8 +94,8 @@ def test_request_sets_a_flag_that_install_wires_to_signals():
 
 
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
-def test_a_loader_starts_an_epoch_at_any_batch_with_the_same_order(data_dir, backend):
-    loaders = make_loaders(real_config(data_dir, backend), device="cpu")
+def test_a_loader_starts_an_epoch_at_any_batch_with_the_same_order(small_betons, backend):
+    loaders = make_loaders(real_config(small_betons, backend), device="cpu")
     loaders.set_epoch(1)
     full = [(x.clone(), y.clone()) for x, y in loaders.train]  # FFCV reuses its buffers
     assert len(full) == loaders.batches_per_epoch == 8
@@ -118,10 +110,10 @@ def test_a_loader_starts_an_epoch_at_any_batch_with_the_same_order(data_dir, bac
 
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
 @pytest.mark.parametrize("stop_after", [5, 11])  # inside the first epoch; inside the second
-def test_preempted_inside_an_epoch_then_resumed_equals_a_straight_run(tmp_path, data_dir, monkeypatch, backend,
-                                                                     stop_after):
+def test_preempted_inside_an_epoch_then_resumed_equals_a_straight_run(tmp_path, small_betons, monkeypatch,
+                                                                     backend, stop_after):
     torch.set_num_threads(1)
-    cfg = real_config(data_dir, backend)
+    cfg = real_config(small_betons, backend)
     straight = fit(cfg, tmp_path / "a", progress=False)
     with monkeypatch.context() as m:
         request_after(m, stop_after)
@@ -172,8 +164,9 @@ def test_sigusr2_in_a_child_process_preempts_and_the_run_continues(tmp_path):
         torch.set_num_threads(1)
         straight = fit(sup.tiny_config(**{"train.epochs": 4}), tmp_path / "a", progress=False)
     run_dir = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), json.dumps({"train.epochs": 4, "_sleep": 0.05})],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = json.dumps({"train.epochs": 4, "_sleep": 0.05})
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 60
     while not (run_dir / "curve.jsonl").exists() or not (run_dir / "curve.jsonl").read_text():
         assert proc.poll() is None, proc.communicate()[1][-2000:]

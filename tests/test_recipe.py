@@ -9,7 +9,7 @@ from torch import nn
 
 from repro.config import RunConfig, apply_overrides, config_hash
 from repro.engine import fit
-from repro.engine.evaluate import lrn_strength
+from repro.engine.scoring import lrn_strength
 from repro.engine.train import make_optimizer
 from repro.models import build_model
 from repro.models.layers import LRN
@@ -86,21 +86,13 @@ def test_lrn_strength_is_the_formula_on_each_lrn_input(alpha_mode):
     assert lrn_strength(nn.Sequential(conv1, nn.ReLU()), x, alpha_mode=alpha_mode) is None
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data_prep.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", None, out, PrepareOptions(res=32, classes="4", train_per_class=16, val_per_class=8),
-            progress=False)
-    return out
 
 
 @pytest.mark.parametrize("lrn", [True, False])
-def test_a_run_records_its_lrn_strength(tmp_path, data_dir, lrn):
+def test_a_run_records_its_lrn_strength(tmp_path, small_betons, lrn):
     torch.set_num_threads(1)
     cfg = apply_overrides(RunConfig(), {
-        "data.dir": str(data_dir), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
+        "data.dir": str(small_betons), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
         "model.num_classes": 4, "model.input_size": 28, "model.stem": "tiny", "model.lrn": lrn,
         "model.lrn_alpha_mode": "paper", "train.epochs": 1, "train.batch_size": 16, "train.device": "cpu",
         "train.ten_crop": False})

@@ -19,18 +19,10 @@ from repro.engine import checkpoint, evaluate, fit, load_model
 from repro.engine.record import RunRecord
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data_prep.prepare import PrepareOptions, prepare
-
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare("synthetic", None, out, PrepareOptions(res=32, classes="4", train_per_class=16, val_per_class=8),
-            progress=False)
-    return out
 
 
-def real_config(data_dir, **overrides):
-    base = {"data.dir": str(data_dir), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
+def real_config(small_betons, **overrides):
+    base = {"data.dir": str(small_betons), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
             "model.num_classes": 4, "model.input_size": 28, "model.stem": "tiny", "train.epochs": 2,
             "train.batch_size": 16, "train.device": "cpu", "train.schedule": "constant", "train.log_every": 3}
     base.update(overrides)
@@ -48,9 +40,9 @@ def interrupt_after_first_save(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
-def test_resume_matches_a_straight_run(tmp_path, data_dir, monkeypatch, backend):
+def test_resume_matches_a_straight_run(tmp_path, small_betons, monkeypatch, backend):
     torch.set_num_threads(1)
-    cfg = real_config(data_dir, **{"data.backend": backend})
+    cfg = real_config(small_betons, **{"data.backend": backend})
     straight = fit(cfg, tmp_path / "a", progress=False)
     assert straight.status == "done" and straight.provenance["data_backend"] == backend
     with monkeypatch.context() as m:
@@ -64,11 +56,11 @@ def test_resume_matches_a_straight_run(tmp_path, data_dir, monkeypatch, backend)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_killed_after_the_last_checkpoint_scores_the_final_model_on_resume(tmp_path, data_dir, monkeypatch):
+def test_killed_after_the_last_checkpoint_scores_the_final_model_on_resume(tmp_path, small_betons, monkeypatch):
     # The last epoch's scoring (ten-crop included) is the final one; a run stopped between the last checkpoint
     # and result.json must still be scored, once, on resume, with the numbers of a straight run.
     torch.set_num_threads(1)
-    cfg = real_config(data_dir, **{"train.schedule": "cosine", "train.warmup_epochs": 0.5})
+    cfg = real_config(small_betons, **{"train.schedule": "cosine", "train.warmup_epochs": 0.5})
     straight = fit(cfg, tmp_path / "a", progress=False)
     real, saves = checkpoint.save, []
 
@@ -89,11 +81,11 @@ def test_killed_after_the_last_checkpoint_scores_the_final_model_on_resume(tmp_p
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "val_logits.npy"), np.load(tmp_path / "b" / "val_logits.npy"))
 
 
-def test_record_agrees_with_an_independent_scoring(tmp_path, data_dir):
+def test_record_agrees_with_an_independent_scoring(tmp_path, small_betons):
     torch.set_num_threads(1)
-    cfg = real_config(data_dir)
+    cfg = real_config(small_betons)
     result = fit(cfg, tmp_path, progress=False)
-    assert result.provenance["data_manifest_hash"] == json.loads((data_dir / "manifest.json").read_text())["hash"]
+    assert result.provenance["data_manifest_hash"] == json.loads((small_betons / "manifest.json").read_text())["hash"]
 
     model, cfg2 = load_model(tmp_path)
     loaders = make_loaders(cfg2, device="cpu")
@@ -108,19 +100,19 @@ def test_record_agrees_with_an_independent_scoring(tmp_path, data_dir):
     assert metrics["top1_err"] == result.metrics["top1_err"]
 
 
-def test_tanh_with_a_huge_learning_rate_diverges_quietly(tmp_path, data_dir):
-    cfg = real_config(data_dir, **{"model.activation": "tanh", "train.lr": 1e4, "train.epochs": 20,
+def test_tanh_with_a_huge_learning_rate_diverges_quietly(tmp_path, small_betons):
+    cfg = real_config(small_betons, **{"model.activation": "tanh", "train.lr": 1e4, "train.epochs": 20,
                                    "train.log_every": 1})
     result = fit(cfg, tmp_path, progress=False)
     assert result.status == "diverged" and result.epochs_done < 20
     assert result.metrics["top1_err_10crop"] is None  # never scored as if it had finished
 
 
-def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
+def test_torchrun_two_processes_on_gloo(tmp_path, small_betons):
     from repro.config import to_dict
 
     run_dir = tmp_path / "run"
-    cfg = real_config(data_dir, **{"train.ten_crop": False})
+    cfg = real_config(small_betons, **{"train.ten_crop": False})
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            "-m", "repro.engine.distributed", str(run_dir), "--config", str(tmp_path / "cfg.json"), "--quiet",
@@ -141,7 +133,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
                                rtol=1e-2, atol=1e-2)
 
 
-def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, data_dir):
+def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, small_betons):
     """Smoke scale end to end: a child process training on the real loaders is killed with SIGKILL after its
     first checkpoint; running the config again finishes with the numbers of an uninterrupted run."""
     import signal
@@ -149,7 +141,7 @@ def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, data_dir):
     from pathlib import Path
 
     torch.set_num_threads(1)
-    overrides = {"data.dir": str(data_dir), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
+    overrides = {"data.dir": str(small_betons), "data.backend": "torch", "data.workers": 1, "model.name": "cifar4",
                  "model.num_classes": 4, "model.input_size": 28, "model.stem": "tiny", "train.epochs": 4,
                  "train.batch_size": 16, "train.device": "cpu", "train.schedule": "plateau",
                  "train.plateau_patience": 1, "train.log_every": 3}
@@ -177,17 +169,17 @@ def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
-def test_evaluation_keeps_every_batchs_labels(data_dir, backend):
+def test_evaluation_keeps_every_batchs_labels(small_betons, backend):
     """FFCV hands out the same label buffer again a few batches later: scoring must copy each batch's labels."""
     from repro.data.beton import BetonReader
     from repro.engine import predict
     from repro.models import build_model
 
-    cfg = real_config(data_dir, **{"data.backend": backend, "train.batch_size": 4})
+    cfg = real_config(small_betons, **{"data.backend": backend, "train.batch_size": 4})
     loaders = make_loaders(cfg, device="cpu")
     torch.manual_seed(0)
     _, labels = predict(build_model(cfg.model), loaders.val, BatchTransform(loaders.manifest, cfg, train=False),
                         crop=28)
-    stored = BetonReader(data_dir / "val.beton").labels
+    stored = BetonReader(small_betons / "val.beton").labels
     assert len(set(stored.tolist())) > 1 and len(stored) > 4 * 4  # several batches, several classes
     np.testing.assert_array_equal(labels.numpy(), stored)

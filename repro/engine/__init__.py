@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-_WHERE = {"fit": "repro.engine.train", "RunRecord": "repro.engine.record", "evaluate": "repro.engine.evaluate",
-          "extract_features": "repro.engine.evaluate", "load_model": "repro.engine.evaluate",
-          "predict": "repro.engine.evaluate"}
+_WHERE = {"fit": "repro.engine.train", "RunRecord": "repro.engine.record", "evaluate": "repro.engine.scoring",
+          "extract_features": "repro.engine.scoring", "load_model": "repro.engine.scoring",
+          "predict": "repro.engine.scoring"}
 
 __all__ = sorted(_WHERE)
 

@@ -1,6 +1,7 @@
-"""The torchrun entry point. Several processes, one run: `torchrun` launches one process per GPU (or CPU process on gloo), each calls `fit`;
-DistributedDataParallel averages gradients, the loaders shard every split, validation outputs are gathered back
-into sample order (so every rank sees the same error and schedule), and only rank 0 writes files.
+"""The torchrun entry point. Several processes, one run: `torchrun` launches one process per GPU (or CPU process
+on gloo), each calls `fit`; DistributedDataParallel averages gradients, the loaders shard every split, validation
+outputs are gathered back into sample order (so every rank sees the same error and schedule), and only rank 0
+writes files. The collectives live in `repro.engine.parallel`.
 
     torchrun --nproc_per_node 8 -m repro.engine.distributed RUN_DIR [--config FILE] [--set key=value ...]
 

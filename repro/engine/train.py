@@ -28,7 +28,7 @@ from repro.config import RunConfig, config_hash, to_dict
 from repro.data import make_loaders
 from repro.data.augment import BatchTransform, center_crop
 from repro.engine import checkpoint, parallel, preempt, schedule
-from repro.engine.evaluate import evaluate, lrn_strength
+from repro.engine.scoring import evaluate, lrn_strength
 from repro.engine.provenance import provenance
 from repro.engine.record import RunRecord
 from repro.errors import UserError
@@ -179,10 +179,15 @@ def _restore(state: RunState, parts: Parts) -> None:
         state.best_val, state.train_images, state.train_seconds = (saved["best_val"], saved["train_images"],
                                                                   saved["train_seconds"])
     if state.is_main:
-        state.rows = [r for r in io.read_jsonl(state.run_dir / "metrics.jsonl") if r.get("epoch", math.inf) <= state.epoch]
-        io.write_jsonl(state.run_dir / "metrics.jsonl", state.rows)
-        curve = [r for r in io.read_jsonl(state.run_dir / "curve.jsonl") if r.get("iteration", math.inf) <= state.iteration]
-        io.write_jsonl(state.run_dir / "curve.jsonl", curve)
+        state.rows = _keep_jsonl(state.run_dir / "metrics.jsonl", "epoch", state.epoch)
+        _keep_jsonl(state.run_dir / "curve.jsonl", "iteration", state.iteration)
+
+
+def _keep_jsonl(path: Path, key: str, upto: int) -> list[dict]:
+    """Keep the rows written up to the checkpoint we resume from (key <= upto), dropping later and torn lines."""
+    rows = [r for r in io.read_jsonl(path) if r.get(key, math.inf) <= upto]
+    io.write_jsonl(path, rows)
+    return rows
 
 
 def _save(state: RunState, parts: Parts) -> None:
