@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import __version__
-from data_prep.manifest import FORMAT, content_hash, pixel_stats, read_existing, sha256_file, write_json_atomic
+from data_prep.manifest import FORMAT, content_hash, pixel_stats, read_existing, sha256_file
 from data_prep.sources import DEFAULT_RES, DEFAULT_ROOTS, SourceData, Split, load_source
+from repro import io
 from repro.errors import UserError
 
 RAW_MAX_SIDE = 64  # stored side up to which images are kept raw (tiny sets decode fastest uncompressed)
@@ -217,7 +218,7 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
     (out / "manifest.json").unlink(missing_ok=True)  # old manifest must not describe the new betons
     for name in splits:
         os.replace(tmp[name], out / f"{name}.beton")
-    write_json_atomic(out / "manifest.json", manifest)
+    io.write_json(out / "manifest.json", manifest)
 
     written = sum(s["count"] for s in split_info.values())
     size = sum(s["bytes"] for s in split_info.values())

@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any instant, and loading that never runs code from the file.
 
-`save` writes `checkpoint.pt.<pid>.tmp`, fsyncs it, moves the current `checkpoint.pt` to `checkpoint.prev.pt` and renames
-the new file into place, so at every instant at least one complete checkpoint exists on disk. `load` reads with
+`save` writes `checkpoint.pt.<pid>.tmp`, fsyncs it, moves the current `checkpoint.pt` to `checkpoint.prev.pt` and
+renames the new file into place, so at every instant at least one complete checkpoint exists on disk. `load` reads with
 `torch.load(weights_only=True)`, which is why a checkpoint holds only tensors, numbers, strings and plain
 containers; a truncated or corrupt latest checkpoint falls back to the previous one with a one-line warning.
 """
