@@ -222,8 +222,8 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
     launch = launch or LaunchOptions()
     statuses = train_all(planned, runs_dir, progress=progress, console=console, launch=launch)
     if launch.launcher == "slurm" and not launch.wait and set(statuses.values()) - set(REUSED):
-        console.print("jobs submitted: `repro status` shows where they are; run this command again (or with "
-                      "--wait) once they have ended to run the analyses")
+        console.print("runs are queued or running as Slurm jobs: `repro status` shows where they are; run this "
+                      "command again (or with --wait) once they have ended to run the analyses")
         return 0
     from repro.analysis import analyse
 

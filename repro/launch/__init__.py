@@ -41,7 +41,7 @@ class LaunchOptions:
     cpus_per_task: int | None = None
     nodes: int = 1
     setup: list[str] = field(default_factory=list)
-    slurm: dict[str, str] = field(default_factory=dict)  # extra sbatch options, e.g. {"qos": "high"}
+    slurm: dict[str, str | bool] = field(default_factory=dict)  # extra sbatch options, e.g. {"qos": "high"}
     signal_minutes: float = 2.0  # Slurm's warning before a time limit or preemption: checkpoint and requeue
     wait: bool = False
 
@@ -58,13 +58,16 @@ def time_minutes(text: str) -> int:
     return -(-total // 60)
 
 
-def parse_slurm_sets(items: list[str]) -> dict[str, str]:
-    out = {}
+def parse_slurm_sets(items: list[str]) -> dict[str, str | bool]:
+    """`--slurm key=value` (or a bare `--slurm key` for a flag such as `hold`) as sbatch options."""
+    out: dict[str, str | bool] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--slurm {item!r}: give an sbatch option as key=value, e.g. --slurm qos=high")
-        out[key.strip().lstrip("-")] = value.strip()
+        key = key.strip().lstrip("-")
+        if not key or (sep and not value.strip()):
+            raise UserError(f"--slurm {item!r}: give an sbatch option as key=value (e.g. --slurm qos=high) "
+                            f"or a flag's name (e.g. --slurm hold)")
+        out[key] = value.strip() if sep else True
     return out
 
 
@@ -102,7 +105,7 @@ def resolve_options(launcher: str, *, config_file: Path | None = None, slurm_set
         raise UserError(f"--launcher {launcher!r}: choose local or slurm")
     values: dict[str, Any] = dict(read_launcher_config(config_file)) if config_file else {}
     values.update({k: v for k, v in cli.items() if v is not None})
-    extra = {str(k): str(v) for k, v in values.pop("slurm", {}).items()}
+    extra = {str(k): v if v is True else str(v) for k, v in values.pop("slurm", {}).items()}
     extra.update(parse_slurm_sets(list(slurm_sets)))
     opts = LaunchOptions(launcher=launcher, slurm=extra, **values)
     time_minutes(opts.time)
