@@ -13,7 +13,6 @@ An analysis is skipped when its inputs (the runs' config hashes and finish times
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repro import io
 from repro import runs as store
 from repro.experiments import Experiment, PlannedRun
 
@@ -35,9 +35,9 @@ def _done(runs: list[PlannedRun], runs_dir: Path) -> list[tuple[PlannedRun, Path
     out = []
     for r in runs:
         d = store.store_dir(runs_dir, r.config_hash)
-        result = store.read_result(d)
-        if result and result.get("status") == "done" and result.get("format") == store.RESULT_FORMAT:
-            out.append((r, d, result))
+        record = store.read_result(d)
+        if record is not None and record.finished:
+            out.append((r, d, record.to_dict()))
     return out
 
 
@@ -235,11 +235,10 @@ def retrieval(done) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def _write(exp_dir: Path, data: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
     if arrays:
-        tmp = exp_dir / "analysis.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, exp_dir / "analysis.npz")
+        with io.atomic_path(exp_dir / "analysis.npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
         data["npz"] = "analysis.npz"
-    store.write_json(exp_dir / "analysis.json", data)
+    io.write_json(exp_dir / "analysis.json", data)
 
 
 def analyse(exp: Experiment, runs: list[PlannedRun], runs_dir: Path) -> str | None:
@@ -251,7 +250,7 @@ def analyse(exp: Experiment, runs: list[PlannedRun], runs_dir: Path) -> str | No
     done = _done(runs, Path(runs_dir))
     inputs = _inputs(done)
     with store.run_lock(exp_dir, wait=True):  # two processes never write one analysis
-        old = store.read_json(exp_dir / "analysis.json") or {}
+        old = io.read_json(exp_dir / "analysis.json") or {}
         if old.get("inputs") == inputs and old.get("kind") == exp.kind:
             return None
         arrays: dict[str, np.ndarray] = {}

@@ -28,6 +28,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from repro import io
 from repro.config import RunConfig, apply_overrides
 
 ILSVRC_TRAIN_IMAGES = 1_281_167
@@ -144,9 +145,9 @@ def bench_training(folder: Path, data_dir: Path, crop: int, demo: bool, batch_si
     # a short run first compiles the FFCV pipeline (numba); the timed run reuses the cached Loader
     fit(apply_overrides(cfg, {"train.max_iters": WARMUP_ITERS}), runs / f"warmup-{crop}-{int(demo)}", progress=False)
     record = fit(cfg, runs / f"train-{crop}-{int(demo)}", progress=False)
-    if record["status"] != "done":
-        raise RuntimeError(f"benchmark run ended {record['status']}: {record['error']}")
-    return base, float(record["provenance"]["images_per_s"])
+    if not record.finished:
+        raise RuntimeError(f"benchmark run ended {record.status}: {record.error}")
+    return base, float(record.provenance["images_per_s"])
 
 
 def _pil_loop_prepare(folder: Path, out: Path) -> float:
@@ -226,8 +227,8 @@ def bench_gpu(data_dir: Path, runs: Path, console: Console) -> list[tuple[str, s
     run_cfg = apply_overrides(cfg, {"data.dir": str(data_dir), "train.batch_size": 256, "train.epochs": 2,
                                     "train.ten_crop": False, "train.compile": True, "model.num_classes": 1000})
     record = fit(run_cfg, runs / "gpu-e2e", progress=False)
-    ips = float(record["provenance"]["images_per_s"])
-    rows.append(("end to end, alexnet-paper 224, FFCV, fit()", f"{ips:,.0f} img/s ({record['provenance']['data_backend']})"))
+    ips = float(record.provenance["images_per_s"])
+    rows.append(("end to end, alexnet-paper 224, FFCV, fit()", f"{ips:,.0f} img/s ({record.provenance['data_backend']})"))
     rows.append(("projected 90 epochs of ILSVRC-2012", f"{90 * ILSVRC_TRAIN_IMAGES / ips / 3600:.1f} h"))
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -310,6 +311,4 @@ def _write_markdown(out: Path, rows, gpu_rows, quick: bool) -> None:
         lines += ["", "## GPU", "", "| measurement | value |", "|---|---|"]
         lines += [f"| {a} | {b} |" for a, b in gpu_rows]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    io.write_text(out, "\n".join(lines) + "\n")

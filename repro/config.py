@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 from repro.errors import UserError
 
-CONFIG_FORMAT = 2  # 2: cosine anneals per iteration
+CONFIG_FORMAT = 3  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch)
 
 
 def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "") -> Any:
@@ -81,6 +81,8 @@ class TrainConfig:
     compile: bool = _f(False, hash=False, help="torch.compile the model (GPU)")
     ten_crop: bool = _f(True, help="also score the final model with 10-crop averaging (section 4.1)")
     device: str = _f("auto", hash=False, help="auto, cpu, cuda, cuda:1, ...")
+    checkpoint_minutes: float = _f(0.0, hash=False,
+                                   help="also checkpoint inside an epoch every this many minutes; 0 = at epoch ends only")
 
 
 @dataclass(frozen=True)

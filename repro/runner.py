@@ -19,9 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from repro import lease
+from repro import io, lease
 from repro import runs as store
 from repro.config import parse_set
+from repro.engine.record import finite
 from repro.errors import UserError
 from repro.launch import LaunchOptions
 from repro.launch.worker import BUSY, placement, train_claimed
@@ -69,7 +70,7 @@ def measured_rates(runs_dir: Path) -> dict[tuple, float]:
     out: dict[tuple, float] = {}
     for _, r in df.iterrows():
         key = (r.get("model.name"), r.get("model.width"), r.get("model.input_size"), r.get("model.stem"))
-        if store.finite(r["prov.images_per_s"]):
+        if finite(r["prov.images_per_s"]):
             out.setdefault(key, r["prov.images_per_s"])
             out.setdefault(("scale", r["scale"]), r["prov.images_per_s"])
     return out
@@ -185,20 +186,20 @@ def _run_one(r: PlannedRun, runs_dir: Path, label: str, progress: bool, console:
 
     def started(status: str) -> None:
         trained.append(status)
-        console.print(f"{label}: {'resuming' if status == 'interrupted' else 'training'}")
+        console.print(f"{label}: {'resuming' if status in ('interrupted', 'preempted') else 'training'}")
 
     run_dir = store.store_dir(runs_dir, r.config_hash)
     status = train_claimed(r.cfg, run_dir, progress=progress, where=placement("local"), on_start=started)
     if status == BUSY:
         return status
-    result = store.read_result(run_dir) or {}
+    record = store.read_result(run_dir)
     if not trained:
         console.print(f"{label}: {status}, reused")
         return status
-    top1 = (result.get("metrics") or {}).get("top1_err")
-    extra = f", top-1 err {top1:.2f}%" if store.finite(top1) else ""
+    top1 = record.metrics.get("top1_err") if record else None
+    extra = f", top-1 err {top1:.2f}%" if finite(top1) else ""
     if status == "failed":
-        console.print(f"[red]failed[/] {escape(str(run_dir))}: {escape(str(result.get('error')))}")
+        console.print(f"[red]failed[/] {escape(str(run_dir))}: {escape(str(record.error if record else None))}")
     console.print(f"{label}: {status} in {time.time() - t0:.1f} s{extra}")
     return status
 
@@ -272,7 +273,7 @@ def status_rows(runs_dir: Path | str) -> list[dict[str, Any]]:
         return []
     store_root = Path(runs_dir) / "store"
     slurm_jobs: dict[str, dict[str, str]] = {}
-    recs = {h: store.read_json(store_root / h / "launch.json") for h in df.config_hash.unique()}
+    recs = {h: io.read_json(store_root / h / "launch.json") for h in df.config_hash.unique()}
     if any(isinstance(r, dict) and r.get("job_id") for r in recs.values()):
         from repro.launch import slurm
 
@@ -292,8 +293,8 @@ def status_rows(runs_dir: Path | str) -> list[dict[str, Any]]:
             "hash": r.config_hash, "status": status, "job": rec.get("job_id") or live.get("job_id") or "",
             "host": r.get("placement.host") or live.get("host") or "", "gpus": r.get("placement.gpus") or "",
             "log": r.get("placement.log") or rec.get("log") or "",
-            "epochs": None if not store.finite(r.epochs_done) else int(r.epochs_done),
-            "top1_err": r.top1_err if store.finite(r.top1_err) else None, "error": error})
+            "epochs": None if not finite(r.epochs_done) else int(r.epochs_done),
+            "top1_err": r.top1_err if finite(r.top1_err) else None, "error": error})
     return rows
 
 

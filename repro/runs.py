@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import re
 from contextlib import contextmanager
@@ -25,34 +24,18 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from repro import lease
+from repro import io, lease
 from repro.config import flatten, from_dict, to_dict
+from repro.engine.record import RESULT_FILE, STATUSES as RECORD_STATUSES, RunRecord
 from repro.errors import UserError
 
-RESULT_FORMAT = 1
-STATUSES = ("done", "diverged", "failed", "interrupted", "running", "pending", "stale")
+STATUSES = (*RECORD_STATUSES, "running", "pending", "stale")
 LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)$")
 BASE_COLUMNS = ["experiment", "variant", "seed", "scale", "status", "error", "run_dir", "config_hash",
                 "epochs_done", "iterations"]
 METRIC_COLUMNS = ["top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
                   "best_val_top1_err", "iters_to_target"]
 PLACEMENT_KEYS = ("launcher", "host", "gpus", "slurm_job_id", "log", "tasks", "threads")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one. The temporary name is
-    the writer's own, since two runners may record the same planned run at once."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any | None:
-    """Parsed JSON, or None when the file is missing or unreadable (a run killed mid-write)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def store_dir(runs_dir: Path, config_hash: str) -> Path:
@@ -72,7 +55,7 @@ def ensure_run(runs_dir: Path, run, *, planned: dict[str, Any] | None = None) ->
     real = store_dir(runs_dir, run.config_hash)
     real.mkdir(parents=True, exist_ok=True)
     if not (real / "planned.json").exists():
-        write_json(real / "planned.json", planned or {"scale": run.scale, "config": to_dict(run.cfg),
+        io.write_json(real / "planned.json", planned or {"scale": run.scale, "config": to_dict(run.cfg),
                                                       "config_hash": run.config_hash})
     link = link_path(runs_dir, run.experiment, run.variant, run.seed, run.config_hash)
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -111,23 +94,22 @@ def is_locked(run_dir: Path) -> bool:
         return not got
 
 
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    return read_json(Path(run_dir) / "result.json")
+def read_result(run_dir: Path) -> RunRecord | None:
+    """The run's record, or None when it has none of the current format."""
+    return RunRecord.read(run_dir)
 
 
 def run_status(run_dir: Path, *, check_lock: bool = True) -> str:
-    """done / diverged / failed / interrupted / running / pending / stale for one run directory."""
+    """done / diverged / failed / interrupted / preempted / running / pending / stale for one run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return "pending"
     if check_lock and (is_locked(run_dir) or lease.holder(run_dir) is not None):
         return "running"
-    result = read_result(run_dir)
-    if result is not None:
-        if result.get("format") != RESULT_FORMAT or result.get("status") not in ("done", "diverged", "failed",
-                                                                                  "interrupted"):
-            return "stale"
-        return result["status"]
+    raw = io.read_json(run_dir / RESULT_FILE)  # None when missing or cut short by a kill
+    if raw is not None:
+        record = RunRecord.from_dict(raw)
+        return record.status if record is not None else "stale"  # a record of another format
     if any((run_dir / f).exists() for f in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl")):
         return "interrupted"  # killed without a record (kill -9): the checkpoint lets it resume
     return "pending"
@@ -158,8 +140,9 @@ def _config_columns(config: Any) -> dict[str, Any]:
 def _row(experiment: str, variant: str, seed: int, config_hash: str, link: Path) -> dict[str, Any]:
     real = link.resolve()
     status = run_status(real)
-    result = read_result(real) or {}
-    planned = read_json(real / "planned.json") or {}
+    record = read_result(real)
+    result = record.to_dict() if record is not None else {}
+    planned = io.read_json(real / "planned.json") or {}
     row: dict[str, Any] = {"experiment": experiment, "variant": variant, "seed": seed,
                            "scale": planned.get("scale"), "status": status, "error": result.get("error"),
                            "run_dir": str(link), "config_hash": config_hash,
@@ -170,7 +153,7 @@ def _row(experiment: str, variant: str, seed: int, config_hash: str, link: Path)
     row.update({k: v for k, v in metrics.items() if k not in row})
     config = result.get("config") if status != "stale" and result.get("config") else planned.get("config")
     row.update(_config_columns(config))
-    placement = read_json(real / "placement.json") or {}
+    placement = io.read_json(real / "placement.json") or {}
     for key in PLACEMENT_KEYS:
         row[f"placement.{key}"] = placement.get(key)
     prov = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}
@@ -206,38 +189,23 @@ def write_results(runs_dir: Path | str, out: Path | str, format: str = "csv") ->
             raise UserError("--format parquet needs pyarrow: `.venv/bin/pip install pyarrow`, or use --format csv")
     df = collect(runs_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if format == "csv":
-        df.to_csv(tmp, index=False)
-    else:
-        df.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    with io.atomic_path(out) as tmp:
+        if format == "csv":
+            df.to_csv(tmp, index=False)
+        else:
+            df.to_parquet(tmp, index=False)
     return out
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a kill; the rest is good
-    return rows
 
 
 def load_curves(run_dir: Path | str) -> pd.DataFrame:
     """The training curve (`curve.jsonl`): iteration, epoch, train_loss, train_top1_err."""
-    rows = _read_jsonl(Path(run_dir) / "curve.jsonl")
+    rows = io.read_jsonl(Path(run_dir) / "curve.jsonl")
     return pd.DataFrame(rows, columns=None if rows else ["iteration", "epoch", "train_loss", "train_top1_err"])
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:
     """Per-epoch metrics (`metrics.jsonl`)."""
-    rows = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    rows = io.read_jsonl(Path(run_dir) / "metrics.jsonl")
     return pd.DataFrame(rows, columns=None if rows else ["epoch", "iteration", "train_loss", "train_top1_err",
                                                          "val_top1_err", "val_top5_err", "lr", "images_per_s",
                                                          "seconds"])
@@ -249,7 +217,7 @@ def load_analyses(runs_dir: Path | str) -> dict[str, dict[str, Any]]:
     runs_dir = Path(runs_dir)
     if runs_dir.is_dir():
         for path in sorted(runs_dir.glob("*/analysis.json")):
-            data = read_json(path)
+            data = io.read_json(path)
             if isinstance(data, dict):
                 out[path.parent.name] = data
     return out
@@ -262,7 +230,3 @@ def load_analysis_arrays(runs_dir: Path | str, experiment: str) -> dict[str, np.
         return {}
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import types
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from repro.config import config_hash, to_dict
+from repro.engine.record import RunRecord
 
 FAKE_MANIFEST = ("feedc0ffee123456", 4, 200)  # (hash, classes, training images)
 
@@ -43,27 +43,28 @@ def fake_fit(cfg, run_dir, *, progress=True):
     rng = np.random.default_rng(cfg.train.seed)
     np.save(run_dir / "val_logits.npy", rng.normal(size=(20, cfg.model.num_classes)).astype(np.float16))
     top1 = 30.0 + cfg.train.seed + (0.0 if cfg.model.lrn else 1.5)
-    record = {"format": 1, "status": "done", "error": None, "config": to_dict(cfg), "config_hash": chash,
-              "epochs_done": cfg.train.epochs, "iterations": 200,
-              "metrics": {"top1_err": top1, "top5_err": top1 / 3, "top1_err_10crop": top1 - 1,
+    record = RunRecord(
+        status="done", config=to_dict(cfg), config_hash=chash, epochs_done=cfg.train.epochs, iterations=200,
+        metrics={"top1_err": top1, "top5_err": top1 / 3, "top1_err_10crop": top1 - 1,
                           "top5_err_10crop": top1 / 3 - 0.5, "train_loss": 1.0,
                           "train_top1_err": curve[-1]["train_top1_err"], "best_val_top1_err": top1,
                           "iters_to_target": next((c["iteration"] for c in curve
                                                    if c["train_top1_err"] < cfg.train.target_train_err), None)},
-              "provenance": {"git_commit": "abc", "packages": {"torch": "x"}, "device": "cpu",
-                             "data_manifest_hash": cfg.data.manifest_hash, "data_backend": "torch",
-                             "wall_time_s": 0.1, "images_per_s": 1000.0, "started": "s", "finished": "f",
-                             "python": "3.11", "host": "test-host"}}
-    (run_dir / "result.json").write_text(json.dumps(record))
+        provenance={"git_commit": "abc", "packages": {"torch": "x"}, "device": "cpu",
+                    "data_manifest_hash": cfg.data.manifest_hash, "data_backend": "torch",
+                    "wall_time_s": 0.1, "images_per_s": 1000.0, "started": "s", "finished": "f",
+                    "python": "3.11", "host": "test-host"})
+    record.write(run_dir)
     return record
 
 
 def install_fakes(manifest=FAKE_MANIFEST, fit=fake_fit):
     """Point repro at the stand-in manifest and engine (for subprocesses; tests use the fixtures)."""
+    import repro.engine
     import repro.experiments
 
     repro.experiments._manifest = lambda data_dir: manifest
-    sys.modules["repro.engine"] = types.SimpleNamespace(fit=fit)
+    repro.engine.fit = fit
 
 
 @pytest.fixture
@@ -83,10 +84,10 @@ def fake_engine(monkeypatch, fake_manifest, tmp_path):
         calls.append(config_hash(cfg))
         return fake_fit(cfg, run_dir, progress=progress)
 
-    engine = types.SimpleNamespace(fit=fit)
-    monkeypatch.setitem(sys.modules, "repro.engine", engine)
-    engine.calls = calls
-    return engine
+    import repro.engine
+
+    monkeypatch.setattr(repro.engine, "fit", fit)
+    return types.SimpleNamespace(calls=calls)
 
 
 @pytest.fixture(scope="session")

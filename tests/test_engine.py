@@ -52,11 +52,11 @@ def interrupt_after_saves(monkeypatch, n):
 def test_fit_writes_the_run_files_and_record(tmp_path):
     cfg = sup.tiny_config(**{"train.epochs": 3})
     result = fit(cfg, tmp_path, progress=False)
-    assert result == json.loads((tmp_path / "result.json").read_text())
-    assert result["status"] == "done" and result["error"] is None
-    assert result["config_hash"] == config_hash(cfg)
+    assert result.to_dict() == json.loads((tmp_path / "result.json").read_text())
+    assert result.status == "done" and result.error is None
+    assert result.config_hash == config_hash(cfg)
     assert json.loads((tmp_path / "config.json").read_text())["config_hash"] == config_hash(cfg)
-    assert result["epochs_done"] == 3 and result["iterations"] == 3 * 4  # 64 images / batch 16
+    assert result.epochs_done == 3 and result.iterations == 3 * 4  # 64 images / batch 16
 
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["iteration"] for r in rows] == [4, 8, 12]
@@ -65,18 +65,18 @@ def test_fit_writes_the_run_files_and_record(tmp_path):
     curve = read_jsonl(tmp_path / "curve.jsonl")
     assert [c["iteration"] for c in curve] == [3, 6, 9, 12]
     first_below = next((c["iteration"] for c in curve if c["train_top1_err"] < 60.0), None)
-    assert result["metrics"]["iters_to_target"] == first_below
+    assert result.metrics["iters_to_target"] == first_below
 
     # The stored logits are the final model's centre-crop outputs in val order; the error follows from them.
     logits = np.load(tmp_path / "val_logits.npy")
     assert logits.dtype == np.float16 and logits.shape == (32, 4)
     _, labels = sup.make_images(32, 2)
     err = 100.0 * (logits.astype(np.float32).argmax(1) != labels.numpy()).mean()
-    assert result["metrics"]["top1_err"] == pytest.approx(err)
-    assert result["metrics"]["top5_err"] == 0.0  # 4 classes: the true one is always in the top 5
-    assert result["metrics"]["best_val_top1_err"] == min(r["val_top1_err"] for r in rows)
-    assert result["metrics"]["top1_err_10crop"] is not None
-    prov = result["provenance"]
+    assert result.metrics["top1_err"] == pytest.approx(err)
+    assert result.metrics["top5_err"] == 0.0  # 4 classes: the true one is always in the top 5
+    assert result.metrics["best_val_top1_err"] == min(r["val_top1_err"] for r in rows)
+    assert result.metrics["top1_err_10crop"] is not None
+    prov = result.provenance
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
     assert prov["wall_time_s"] > 0 and prov["images_per_s"] > 0 and prov["started"] <= prov["finished"]
@@ -118,8 +118,8 @@ def test_resume_gives_the_same_run_as_going_straight(tmp_path, monkeypatch):
     assert stopped["status"] == "interrupted" and stopped["epochs_done"] == 1
     resumed = fit(cfg, tmp_path / "b", progress=False)
 
-    assert resumed["status"] == "done" and resumed["iterations"] == straight["iterations"]
-    assert resumed["metrics"] == straight["metrics"]
+    assert resumed.status == "done" and resumed.iterations == straight.iterations
+    assert resumed.metrics == straight.metrics
     for name in ("metrics.jsonl",):
         assert without_timing(read_jsonl(tmp_path / "a" / name)) == without_timing(read_jsonl(tmp_path / "b" / name))
     assert read_jsonl(tmp_path / "a" / "curve.jsonl") == read_jsonl(tmp_path / "b" / "curve.jsonl")
@@ -144,7 +144,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypat
     assert len(caplog.records) == 1 and "checkpoint.prev.pt" in caplog.text and "\n" not in caplog.messages[0]
 
     resumed = fit(cfg, tmp_path / "b", progress=False)
-    assert resumed["metrics"] == straight["metrics"]
+    assert resumed.metrics == straight.metrics
     assert len(read_jsonl(tmp_path / "b" / "metrics.jsonl")) == 3  # epoch 2's line was written again, once
 
 
@@ -176,9 +176,9 @@ def test_checkpoints_hold_no_pickled_objects(tmp_path):
 def test_divergence_is_recorded_not_raised(tmp_path):
     cfg = sup.tiny_config(**{"model.activation": "tanh", "train.lr": 1e4, "train.epochs": 30, "train.log_every": 1})
     result = fit(cfg, tmp_path, progress=False)
-    assert result["status"] == "diverged"
-    assert "loss" in result["error"] and "\n" not in result["error"]
-    assert result["epochs_done"] < 30
+    assert result.status == "diverged"
+    assert "loss" in result.error and "\n" not in result.error
+    assert result.epochs_done < 30
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "diverged"
 
 
@@ -280,7 +280,7 @@ def test_ten_crop_averages_the_softmax_of_ten_views():
 def test_max_iters_stops_mid_epoch_and_counts_that_epoch(tmp_path):
     result = fit(sup.tiny_config(**{"train.epochs": 5, "train.max_iters": 6}), tmp_path, progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    assert result["status"] == "done" and result["iterations"] == 6 and result["epochs_done"] == 2
+    assert result.status == "done" and result.iterations == 6 and result.epochs_done == 2
     assert [r["iteration"] for r in rows] == [4, 6]
 
 
@@ -288,7 +288,7 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     cfg = sup.tiny_config(**{"train.precision": "bf16", "train.channels_last": True})
     assert train_mod.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert train_mod.autocast_dtype("auto", torch.device("cpu")) is None
-    assert fit(cfg, tmp_path, progress=False)["status"] == "done"
+    assert fit(cfg, tmp_path, progress=False).status == "done"
 
 
 def test_a_training_set_smaller_than_a_batch_is_a_user_error(tmp_path):

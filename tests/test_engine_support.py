@@ -47,24 +47,26 @@ class TrainLoader:
 
     def __init__(self, images, labels, batch_size, seed, rank=0, world=1):
         self.images, self.labels, self.batch_size, self.seed, self.epoch = images, labels, batch_size, seed, 0
+        self.first_batch = 0
         self.rank, self.world = rank, world
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, first_batch=0):
+        self.epoch, self.first_batch = epoch, first_batch
 
     def __len__(self):
         return len(self.labels) // (self.batch_size * self.world)  # full batches only, as the real loaders
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        self.epoch += 1
+        first, self.epoch, self.first_batch = self.first_batch, self.epoch + 1, 0
         order = torch.randperm(len(self.labels), generator=g)[self.rank::self.world]  # as DistributedSampler
-        for i in range(0, len(self) * self.batch_size, self.batch_size):
+        for b, i in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
             idx = order[i:i + self.batch_size]
             x = self.images[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
+            flip = torch.rand(len(idx), generator=g) < 0.5  # drawn for skipped batches too: the same flips after
             x[flip] = x[flip].flip(-1)
-            yield x, self.labels[idx]
+            if b >= first:
+                yield x, self.labels[idx]
 
 
 class ValLoader:
@@ -181,11 +183,11 @@ if __name__ == "__main__":
     run_dir = Path(sys.argv[1])
     if "WORLD_SIZE" in os.environ:  # under torchrun: log every file write per rank, keep each rank's final weights
         import repro.engine.train as tr
-        from repro.engine import distributed
+        from repro.engine import parallel
 
-        rank, _ = distributed.init_from_env()
+        rank, _ = parallel.init_from_env()
         log = run_dir.parent / f"writes-rank{rank}.txt"
-        real_write, real_ckpt = tr.write_json, ck.save
+        real_write, real_ckpt = tr.io.write_json, ck.save
         built = []
 
         def write_json(path, obj):
@@ -198,7 +200,7 @@ if __name__ == "__main__":
                 f.write("checkpoint.pt\n")
             return real_ckpt(d, state)
 
-        tr.write_json, ck.save = write_json, save
+        tr.io.write_json, ck.save = write_json, save
         tr.build_model = lambda mcfg: built.append(build_model(mcfg)) or built[-1]
         fit(cfg, run_dir, progress=False)
         torch.save(built[0].state_dict(), run_dir.parent / f"weights-rank{rank}.pt")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from repro.config import RunConfig, apply_overrides, config_hash, to_dict
+from repro.engine.record import RunRecord
 
 
 def make_run(runs: Path, experiment: str, variant: str, seed: int, *, scale: str = "smoke",
@@ -25,13 +26,12 @@ def make_run(runs: Path, experiment: str, variant: str, seed: int, *, scale: str
     real.mkdir(parents=True, exist_ok=True)
     (real / "planned.json").write_text(json.dumps({"scale": scale, "config": to_dict(cfg), "config_hash": h}))
     metrics = dict(metrics or {})
-    result = {"format": 1, "status": status, "error": error, "config": to_dict(cfg), "config_hash": h,
-              "epochs_done": epochs, "iterations": 100 * epochs, "metrics": metrics,
-              "provenance": {"git_commit": "abc1234", "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
-                             "device": "cpu", "data_manifest_hash": "feedbeef00112233", "data_backend": "ffcv",
-                             "wall_time_s": 12.5, "images_per_s": 800.0}}
     if status != "pending":
-        (real / "result.json").write_text(json.dumps(result))
+        RunRecord(status=status, error=error, config=to_dict(cfg), config_hash=h, epochs_done=epochs,
+                  iterations=100 * epochs, metrics=metrics,
+                  provenance={"git_commit": "abc1234", "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
+                              "device": "cpu", "data_manifest_hash": "feedbeef00112233", "data_backend": "ffcv",
+                              "wall_time_s": 12.5, "images_per_s": 800.0}).write(real)
         top1 = metrics.get("top1_err", 50.0)
         with open(real / "metrics.jsonl", "w") as f:
             for e in range(epochs):

@@ -23,7 +23,7 @@ def _done(tmp_path, exp_name, variant_cfgs):
         cfg = apply_overrides(RunConfig(), {"train.seed": seed, "model.num_classes": 4, **over})
         r = ex.PlannedRun(exp_name, variant, variant.split("-lr")[0], seed, "smoke", cfg, config_hash(cfg))
         d = runs.ensure_run(tmp_path, r)
-        out.append((r, d, fake_fit(cfg, d)))
+        out.append((r, d, fake_fit(cfg, d).to_dict()))
     return out
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 import repro.experiments as ex
-from repro import runs
+from repro import io, runs
 from repro.config import RunConfig, apply_overrides, config_hash, to_dict
 from repro.errors import UserError
 
@@ -158,7 +158,7 @@ def test_load_curves_skips_a_line_cut_by_a_kill(tmp_path):
 
 def test_load_analyses_and_arrays(tmp_path):
     (tmp_path / "ensemble").mkdir(parents=True)
-    runs.write_json(tmp_path / "ensemble" / "analysis.json", {"kind": "ensemble", "n_members": 2})
+    io.write_json(tmp_path / "ensemble" / "analysis.json", {"kind": "ensemble", "n_members": 2})
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "analysis.json").write_text("{nope")
     np.savez(tmp_path / "ensemble" / "analysis.npz", a=np.arange(3))
@@ -170,7 +170,7 @@ def test_load_analyses_and_arrays(tmp_path):
 def test_two_processes_writing_one_json_file_never_collide(tmp_path):
     # Two runners can record the same planned run at once; each write must stay whole and neither may fail.
     target = tmp_path / "planned.json"
-    code = ("import sys; from pathlib import Path; from repro.runs import write_json\n"
+    code = ("import sys; from pathlib import Path; from repro.io import write_json\n"
             "for i in range(300): write_json(Path(sys.argv[1]), {'writer': sys.argv[2], 'i': i})\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(target), name], stderr=subprocess.PIPE, text=True)
              for name in ("a", "b")]

@@ -16,6 +16,7 @@ from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.data.augment import BatchTransform
 from repro.engine import checkpoint, evaluate, fit, load_model
+from repro.engine.record import RunRecord
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,13 @@ def test_resume_matches_a_straight_run(tmp_path, data_dir, monkeypatch, backend)
     torch.set_num_threads(1)
     cfg = real_config(data_dir, **{"data.backend": backend})
     straight = fit(cfg, tmp_path / "a", progress=False)
-    assert straight["status"] == "done" and straight["provenance"]["data_backend"] == backend
+    assert straight.status == "done" and straight.provenance["data_backend"] == backend
     with monkeypatch.context() as m:
         interrupt_after_first_save(m)
         with pytest.raises(KeyboardInterrupt):
             fit(cfg, tmp_path / "b", progress=False)
     resumed = fit(cfg, tmp_path / "b", progress=False)
-    assert resumed["metrics"] == straight["metrics"] and resumed["iterations"] == straight["iterations"] == 8
+    assert resumed.metrics == straight.metrics and resumed.iterations == straight.iterations == 8
     wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -83,8 +84,8 @@ def test_killed_after_the_last_checkpoint_scores_the_final_model_on_resume(tmp_p
             fit(cfg, tmp_path / "b", progress=False)
     assert saves == [1, 2] and not (tmp_path / "b" / "val_logits.npy").exists()
     resumed = fit(cfg, tmp_path / "b", progress=False)
-    assert resumed["status"] == "done" and resumed["metrics"] == straight["metrics"]
-    assert resumed["metrics"]["top1_err_10crop"] is not None
+    assert resumed.status == "done" and resumed.metrics == straight.metrics
+    assert resumed.metrics["top1_err_10crop"] is not None
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "val_logits.npy"), np.load(tmp_path / "b" / "val_logits.npy"))
 
 
@@ -92,7 +93,7 @@ def test_record_agrees_with_an_independent_scoring(tmp_path, data_dir):
     torch.set_num_threads(1)
     cfg = real_config(data_dir)
     result = fit(cfg, tmp_path, progress=False)
-    assert result["provenance"]["data_manifest_hash"] == json.loads((data_dir / "manifest.json").read_text())["hash"]
+    assert result.provenance["data_manifest_hash"] == json.loads((data_dir / "manifest.json").read_text())["hash"]
 
     model, cfg2 = load_model(tmp_path)
     loaders = make_loaders(cfg2, device="cpu")
@@ -102,17 +103,17 @@ def test_record_agrees_with_an_independent_scoring(tmp_path, data_dir):
         logits = model(BatchTransform(loaders.manifest, cfg2, train=False)(images[..., 2:30, 2:30]))
     stored = np.load(tmp_path / "val_logits.npy").astype(np.float32)
     np.testing.assert_allclose(stored, logits.numpy(), rtol=1e-2, atol=1e-2)
-    assert result["metrics"]["top1_err"] == pytest.approx(100.0 * (logits.argmax(1) != labels).float().mean().item())
+    assert result.metrics["top1_err"] == pytest.approx(100.0 * (logits.argmax(1) != labels).float().mean().item())
     metrics, _ = evaluate(model, loaders.val, BatchTransform(loaders.manifest, cfg2, train=False), crop=28)
-    assert metrics["top1_err"] == result["metrics"]["top1_err"]
+    assert metrics["top1_err"] == result.metrics["top1_err"]
 
 
 def test_tanh_with_a_huge_learning_rate_diverges_quietly(tmp_path, data_dir):
     cfg = real_config(data_dir, **{"model.activation": "tanh", "train.lr": 1e4, "train.epochs": 20,
                                    "train.log_every": 1})
     result = fit(cfg, tmp_path, progress=False)
-    assert result["status"] == "diverged" and result["epochs_done"] < 20
-    assert result["metrics"]["top1_err_10crop"] is None  # never scored as if it had finished
+    assert result.status == "diverged" and result.epochs_done < 20
+    assert result.metrics["top1_err_10crop"] is None  # never scored as if it had finished
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
@@ -128,14 +129,14 @@ def test_torchrun_two_processes_on_gloo(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: top-1 err") == 1  # rank 0 alone reports
 
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["status"] == "done" and result["epochs_done"] == 2
-    assert result["iterations"] == 2 * 2  # 64 images over 2 processes of batch 16: 2 steps per epoch
+    result = RunRecord.read(run_dir)
+    assert result.status == "done" and result.epochs_done == 2
+    assert result.iterations == 2 * 2  # 64 images over 2 processes of batch 16: 2 steps per epoch
     # Scored again in one process, the final weights give the error the two processes recorded together.
     model, cfg2 = load_model(run_dir)
     loaders = make_loaders(cfg2, device="cpu")
     metrics, logits = evaluate(model, loaders.val, BatchTransform(loaders.manifest, cfg2, train=False), crop=28)
-    assert metrics["top1_err"] == result["metrics"]["top1_err"]
+    assert metrics["top1_err"] == result.metrics["top1_err"]
     np.testing.assert_allclose(np.load(run_dir / "val_logits.npy").astype(np.float32), logits.numpy(),
                                rtol=1e-2, atol=1e-2)
 
@@ -170,7 +171,7 @@ def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, data_dir):
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "result.json").exists()
 
     resumed = fit(cfg, run_dir, progress=False)
-    assert resumed["status"] == "done" and resumed["metrics"] == straight["metrics"]
+    assert resumed.status == "done" and resumed.metrics == straight.metrics
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
 

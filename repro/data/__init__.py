@@ -24,7 +24,7 @@ __all__ = ["Loaders", "make_loaders", "read_manifest", "subset_indices", "pick_b
 
 @dataclass
 class Loaders:
-    train: Any        # iterable of (images uint8 NCHW, labels int64) with len() and set_epoch(epoch)
+    train: Any        # iterable of (images uint8 NCHW, labels int64) with len() and set_epoch(epoch, first_batch)
     val: Any
     train_eval: Any   # the (limited) training images, uncropped and in stored order, e.g. for retrieval
     manifest: dict
@@ -33,9 +33,11 @@ class Loaders:
     num_val: int
     batches_per_epoch: int
 
-    def set_epoch(self, epoch: int) -> None:
-        """Shuffle the next training pass with seed + epoch (call before each epoch; needed after a resume)."""
-        self.train.set_epoch(epoch)
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Shuffle the next training pass with seed + epoch (call before each epoch; needed after a resume) and
+        start it at batch `first_batch` of that epoch's order (a resume inside an epoch; earlier batches are
+        neither read nor decoded)."""
+        self.train.set_epoch(epoch, first_batch)
 
 
 def subset_indices(count: int, limit: int) -> np.ndarray:

@@ -85,6 +85,16 @@ class CropFlipDecoder(SimpleRGBImageDecoder):
         return decode
 
 
+class _Slice:
+    """A traversal order that hands out `order[start:stop]` of another: an epoch that starts at a later batch."""
+
+    def __init__(self, inner, start: int, stop: int):
+        self.inner, self.start, self.stop = inner, start, stop
+
+    def sample_order(self, epoch: int):
+        return self.inner.sample_order(epoch)[:self.stop][self.start:]
+
+
 class FFCVBatches:
     """Batches `(images uint8 NCHW, labels int64 (N,))` of a possibly shared FFCV Loader over `indices`.
 
@@ -94,7 +104,7 @@ class FFCVBatches:
 
     def __init__(self, loader: Loader, indices: np.ndarray, batch_size: int, seed: int, train: bool):
         self.loader, self.indices, self.batch_size, self.seed, self.train = loader, indices, batch_size, seed, train
-        self.epoch = 0
+        self.epoch, self.first_batch = 0, 0
         self._configure()
         self.length = len(loader)
 
@@ -105,18 +115,22 @@ class FFCVBatches:
         loader.traversal_order = type(loader.traversal_order)(loader)  # it copies indices and seed
         loader.next_epoch = self.epoch
         loader.first_traversal_order = loader.next_traversal_order()
+        if self.first_batch:  # the epoch's own order, its first batches cut off: they are never decoded
+            full = len(loader) * self.batch_size
+            loader.traversal_order = _Slice(loader.traversal_order, self.first_batch * self.batch_size, full)
 
     def __len__(self) -> int:
         return self.length
 
-    def set_epoch(self, epoch: int) -> None:
-        """Shuffle the next pass with `seed + epoch` (the next pass otherwise takes the following epoch)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Shuffle the next pass with `seed + epoch` (the next pass otherwise takes the following epoch) and start
+        it at batch `first_batch` (the next pass only)."""
+        self.epoch, self.first_batch = epoch, first_batch
 
     def __iter__(self):
         self._configure()
         epoch_iterator = iter(self.loader)
-        self.epoch += 1
+        self.epoch, self.first_batch = self.epoch + 1, 0
         # FFCV reuses its output buffers a few batches later: consume a batch before asking for the next ones
         for images, labels in epoch_iterator:
             yield images, labels.view(-1)

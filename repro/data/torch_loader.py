@@ -60,7 +60,7 @@ class BatchOrder:
 
     def __init__(self, indices: np.ndarray, batch_size: int, *, train: bool, seed: int, distributed: bool):
         self.indices, self.batch_size, self.train, self.seed = np.asarray(indices), batch_size, train, seed
-        self.epoch = 0
+        self.epoch, self.first_batch = 0, 0  # first_batch: where the next pass starts (a resume inside an epoch)
         self.sampler = DistributedSampler(self.indices, shuffle=train, seed=seed) if distributed else None
 
     def order(self) -> np.ndarray:
@@ -78,7 +78,7 @@ class BatchOrder:
     def __iter__(self):
         # computed now, not lazily: the caller moves the epoch on right after asking for the iterator
         order, size = self.order(), self.batch_size
-        return iter([order[b * size:(b + 1) * size].tolist() for b in range(len(self))])
+        return iter([order[b * size:(b + 1) * size].tolist() for b in range(self.first_batch, len(self))])
 
 
 class TorchBatches:
@@ -93,12 +93,12 @@ class TorchBatches:
     def __len__(self) -> int:
         return len(self.order)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.order.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.order.epoch, self.order.first_batch = epoch, first_batch
 
     def __iter__(self):
         batches = iter(self.loader)  # the sampler's order is fixed here, before the epoch moves on
-        self.order.epoch += 1
+        self.order.epoch, self.order.first_batch = self.order.epoch + 1, 0
         for images, labels in batches:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 

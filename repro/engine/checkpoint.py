@@ -1,6 +1,6 @@
 """Checkpoints that survive a kill at any instant, and loading that never runs code from the file.
 
-`save` writes `checkpoint.pt.tmp`, fsyncs it, moves the current `checkpoint.pt` to `checkpoint.prev.pt` and renames
+`save` writes `checkpoint.pt.<pid>.tmp`, fsyncs it, moves the current `checkpoint.pt` to `checkpoint.prev.pt` and renames
 the new file into place, so at every instant at least one complete checkpoint exists on disk. `load` reads with
 `torch.load(weights_only=True)`, which is why a checkpoint holds only tensors, numbers, strings and plain
 containers; a truncated or corrupt latest checkpoint falls back to the previous one with a one-line warning.
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from repro import io
 from repro.errors import UserError
 
 LATEST = "checkpoint.pt"
@@ -25,33 +26,22 @@ PREVIOUS = "checkpoint.prev.pt"
 log = logging.getLogger("repro.engine")
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The renames themselves must reach the disk too, or a power cut could resurrect the old names.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(run_dir: Path, state: dict[str, Any]) -> Path:
     """Atomically write `state` as `run_dir/checkpoint.pt`, keeping the one before as `checkpoint.prev.pt`."""
     run_dir = Path(run_dir)
-    path, prev, tmp = run_dir / LATEST, run_dir / PREVIOUS, run_dir / (LATEST + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        # A kill between these two renames leaves only checkpoint.prev.pt, which `load` falls back to.
-        os.replace(path, prev)
-    os.replace(tmp, path)
-    _fsync_dir(run_dir)
+    path, prev, tmp = run_dir / LATEST, run_dir / PREVIOUS, io.temp_name(run_dir / LATEST)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            # A kill between these two renames leaves only checkpoint.prev.pt, which `load` falls back to.
+            os.replace(path, prev)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    io.fsync_dir(run_dir)
     return path
 
 
@@ -69,7 +59,8 @@ def load(run_dir: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in `run_dir`, or None when there is none to resume from."""
     run_dir = Path(run_dir)
     path, prev = run_dir / LATEST, run_dir / PREVIOUS
-    (run_dir / (LATEST + ".tmp")).unlink(missing_ok=True)  # a save cut short; never complete, never read
+    for tmp in run_dir.glob(LATEST + ".*.tmp"):  # saves cut short; never complete, never read
+        tmp.unlink(missing_ok=True)
     problem = None
     if path.exists():
         try:

@@ -13,22 +13,9 @@ import torch.nn.functional as F
 from repro.config import RunConfig, from_dict
 from repro.data.augment import center_crop, ten_crop as ten_crops
 from repro.engine import checkpoint
-from repro.engine.distributed import gather_in_order
+from repro.engine.parallel import gather_in_order, unwrap
 from repro.errors import UserError
 from repro.models import build_model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # what torch.compile returns
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _autocast(images: torch.Tensor, dtype: torch.dtype | None):

@@ -19,7 +19,7 @@ from typing import Any
 
 import submitit
 
-from repro import lease
+from repro import io, lease
 from repro import runs as store
 from repro.errors import UserError
 from repro.launch.worker import BUSY, REUSED, fit_run, load_config, placement, train_claimed
@@ -56,7 +56,7 @@ def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
             if held is not None:
                 held.keep_alive()
             if go:
-                store.write_json(run_dir / "placement.json", where)
+                io.write_json(run_dir / "placement.json", where)
         if distributed.any_true(not go):
             return store.run_status(run_dir, check_lock=False) if held is not None else BUSY
         return fit_run(cfg, run_dir, progress=False, catch=False)
@@ -98,6 +98,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         if status == BUSY:
             raise UserError(f"{run_dir} is held by another process ({lease.holder(run_dir)}); nothing trained")
         if status not in REUSED:
-            result = store.read_result(run_dir) or {}
-            raise RuntimeError(f"run {run_dir} ended {status}: {result.get('error')}")
+            record = store.read_result(run_dir)
+            raise RuntimeError(f"run {run_dir} ended {status}: {record.error if record else 'no record'}")
         return status

@@ -96,7 +96,7 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 
 def launch_record(run_dir: Path) -> dict[str, Any] | None:
-    rec = store.read_json(Path(run_dir) / "launch.json")
+    rec = io.read_json(Path(run_dir) / "launch.json")
     return rec if isinstance(rec, dict) and rec.get("launcher") == "slurm" and rec.get("job_id") else None
 
 
@@ -138,7 +138,7 @@ def submit(run_dirs: list[Path], runs_dir: Path, opts: LaunchOptions) -> dict[Pa
     out = {}
     for d, job in zip(run_dirs, jobs):
         old = launch_record(d) or {}
-        store.write_json(d / "launch.json", {
+        io.write_json(d / "launch.json", {
             "launcher": "slurm", "job_id": job.job_id, "log": str(job.paths.stdout), "err": str(job.paths.stderr),
             "submitted": now, "submit_host": socket.gethostname(),
             "earlier_job_ids": old.get("earlier_job_ids", []) + ([old["job_id"]] if old.get("job_id") else [])})

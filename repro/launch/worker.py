@@ -15,9 +15,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from repro import lease
+from repro import io, lease
 from repro import runs as store
 from repro.config import config_hash, from_dict
+from repro.engine.record import RunRecord
 from repro.errors import UserError
 
 BUSY = "busy"  # another live process holds the run
@@ -44,7 +45,7 @@ def placement(launcher: str, **extra: Any) -> dict[str, Any]:
 
 def load_config(run_dir: Path):
     """The config a run was planned with (`planned.json`), checked against its directory name."""
-    planned = store.read_json(Path(run_dir) / "planned.json")
+    planned = io.read_json(Path(run_dir) / "planned.json")
     if not isinstance(planned, dict) or not isinstance(planned.get("config"), dict):
         raise UserError(f"{run_dir}/planned.json: missing or unreadable; plan the run again with `repro run`")
     cfg = from_dict(planned["config"], source=f"{run_dir}/planned.json")
@@ -55,24 +56,22 @@ def load_config(run_dir: Path):
 
 def record_failure(run_dir: Path, chash: str, e: BaseException) -> None:
     """Keep the traceback and make sure result.json says failed, with a one-line reason and where to look."""
-    (run_dir / "error.log").write_text(traceback.format_exc())
-    result = store.read_result(run_dir) or {}
-    if result.get("status") != "failed":
-        store.write_json(run_dir / "result.json", {
-            "format": store.RESULT_FORMAT, "status": "failed",
-            "error": f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
-            "config": result.get("config") or (store.read_json(run_dir / "planned.json") or {}).get("config"),
-            "config_hash": chash, "epochs_done": result.get("epochs_done", 0),
-            "iterations": result.get("iterations", 0), "metrics": {}, "provenance": {}})
+    io.write_text(run_dir / "error.log", traceback.format_exc())
+    record = store.read_result(run_dir)
+    if record is None or record.status != "failed":
+        RunRecord(status="failed",
+                  error=f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
+                  config=record.config if record else (io.read_json(run_dir / "planned.json") or {}).get("config"),
+                  config_hash=chash, epochs_done=record.epochs_done if record else 0,
+                  iterations=record.iterations if record else 0).write(run_dir)
 
 
 def fit_run(cfg, run_dir: Path, *, progress: bool, catch: bool = True) -> str:
     """`fit` with failures recorded; returns the final status. With catch=False the error is re-raised after."""
-    from repro.engine import fit
+    from repro.engine import fit  # at call time: the engine imports torch, which `repro status` does not need
 
     try:
-        record = fit(cfg, run_dir, progress=progress)
-        return record.get("status", "failed") if isinstance(record, dict) else "failed"
+        return fit(cfg, run_dir, progress=progress).status
     except (KeyboardInterrupt, UserError):
         raise
     except Exception as e:  # a bug or a resource error in one run must not take down the sweep
@@ -99,7 +98,7 @@ def train_claimed(cfg, run_dir: Path, *, progress: bool, where: dict[str, Any], 
                 return status
             if on_start is not None:
                 on_start(status)
-            store.write_json(run_dir / "placement.json", where)
+            io.write_json(run_dir / "placement.json", where)
             return fit_run(cfg, run_dir, progress=progress, catch=catch)
         finally:
             held.release()

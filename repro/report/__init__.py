@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
+from repro import io
 from repro.errors import UserError
 from repro.report import figures, tables
 from repro.report import verdicts as V
@@ -134,15 +134,6 @@ def _class_names(rows: pd.DataFrame) -> list | None:
     return None
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def render(context: dict) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("repro.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
@@ -195,6 +186,7 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
     html = render(context)
 
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_html.with_name("results.csv"), lambda p: df.to_csv(p, index=False))
-    _write_atomic(out_html, lambda p: p.write_text(html, encoding="utf-8"))
+    with io.atomic_path(out_html.with_name("results.csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    io.write_text(out_html, html)
     return out_html

@@ -79,14 +79,15 @@ class Comparison:
     context: bool = False  # shown beside the claim, not part of its verdict
 
 
-def finite(values) -> np.ndarray:
+def finite_values(values) -> np.ndarray:
+    """The finite numbers among `values` (None, NaN and non-numbers dropped), as a float array."""
     a = np.asarray(pd.to_numeric(pd.Series(values, dtype=object), errors="coerce"), dtype=float)
     return a[np.isfinite(a)]
 
 
 def mean_ci(values, confidence: float = CONFIDENCE) -> Interval:
     """Mean and Student-t interval of the finite values."""
-    x = finite(values)
+    x = finite_values(values)
     if len(x) == 0:
         return Interval()
     if len(x) == 1:
@@ -212,7 +213,7 @@ def two_proportion_comparison(label: str, hits_a: int, hits_b: int, total: int) 
 
 def filter_comparison(gaps: dict) -> Comparison:
     """Colour-specificity gap between the towers, one value per analysed run (`gaps`: run -> gap)."""
-    vals = finite(list(gaps.values()))
+    vals = finite_values(list(gaps.values()))
     iv = mean_ci(vals)
     iv.method = "t interval over runs"
     if len(vals) == 0:
