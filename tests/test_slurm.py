@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from repro import runs
+from repro import io, runs
 from repro.cli import app
 from repro.runner import status_rows
 
@@ -45,7 +45,7 @@ def results(runs_dir: Path) -> dict[str, dict]:
     for d in sorted((runs_dir / "store").iterdir()):
         rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
                 for line in (d / "metrics.jsonl").read_text().splitlines()]
-        out[d.name] = {"metrics": runs.read_result(d)["metrics"], "rows": rows,
+        out[d.name] = {"metrics": runs.read_result(d).metrics, "rows": rows,
                        "logits": np.load(d / "val_logits.npy").tolist()}
     return out
 
@@ -74,7 +74,7 @@ def local_reference(synthetic_data, tmp_path_factory):
 
 
 def job_ids(runs_dir: Path) -> list[str]:
-    return sorted(runs.read_json(d / "launch.json")["job_id"] for d in (runs_dir / "store").iterdir()
+    return sorted(io.read_json(d / "launch.json")["job_id"] for d in (runs_dir / "store").iterdir()
                   if (d / "launch.json").exists())
 
 
@@ -92,7 +92,7 @@ def test_local_parallel_two_equals_in_process(local_reference, synthetic_data, t
     assert code == 0, out
     assert results(tmp_path) == local_reference
     for d in (tmp_path / "store").iterdir():  # each run trained in its own worker, with a log and a placement
-        where = runs.read_json(d / "placement.json")
+        where = io.read_json(d / "placement.json")
         assert where["launcher"] == "local" and where["pid"] != os.getpid() and where["threads"] == 1
         assert (d / "train.log").exists() and not (d / ".lease").exists()
 
@@ -105,7 +105,7 @@ def test_slurm_wait_equals_local(slurm_cluster, local_reference, synthetic_data,
     ids = job_ids(tmp_path)
     assert len(ids) == 2 and all("_" in i for i in ids)  # one job array, one task per run
     for d in (tmp_path / "store").iterdir():
-        where = runs.read_json(d / "placement.json")
+        where = io.read_json(d / "placement.json")
         assert where["launcher"] == "slurm" and where["slurm_job_id"] in ids and where["host"] == slurm_cluster.node
         assert Path(where["log"]).exists()
     rows = status_rows(tmp_path)
@@ -155,7 +155,7 @@ def test_resubmit_and_failed_job(slurm_cluster, synthetic_data, tmp_path):
     wait_until(lambda: bad_row()["status"] == "failed", what="the baseline job to fail")
     row = bad_row()
     assert "Slurm: FAILED" in row["error"] and "train.beton" in row["error"], row
-    assert Path(row["log"]).exists() and row["log"] == runs.read_json(bad_link / "placement.json")["log"]
+    assert Path(row["log"]).exists() and row["log"] == io.read_json(bad_link / "placement.json")["log"]
     assert "train.beton" in Path(row["log"]).with_name(Path(row["log"]).name.replace(".out", ".err")).read_text()
     status = cli("status", "--runs", str(runs_dir))[1]
     assert "failed" in status and "done" in status
@@ -169,7 +169,7 @@ def test_resubmit_and_failed_job(slurm_cluster, synthetic_data, tmp_path):
     code, out = run_cli("baseline", data_bad, runs_dir, "--launcher", "slurm", "--wait", *OTHER_LR)
     assert code == 0 and out.count("submitted as Slurm job") == 1, out
     assert bad_row()["status"] == "done"
-    assert len(job_ids(runs_dir)) == 3 and runs.read_json(bad_link / "launch.json")["earlier_job_ids"]
+    assert len(job_ids(runs_dir)) == 3 and io.read_json(bad_link / "launch.json")["earlier_job_ids"]
 
 
 def test_two_tasks_in_one_job_equal_torchrun(slurm_cluster, synthetic_data, tmp_path):
@@ -177,7 +177,7 @@ def test_two_tasks_in_one_job_equal_torchrun(slurm_cluster, synthetic_data, tmp_
     code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", "--tasks-per-run", "2", "--wait")
     assert code == 0, out
     (run_dir,) = list((runs_dir / "store").iterdir())
-    assert runs.read_json(run_dir / "placement.json")["tasks"] == 2
+    assert io.read_json(run_dir / "placement.json")["tasks"] == 2
 
     ref = tmp_path / "torchrun" / "store" / run_dir.name
     ref.mkdir(parents=True)

@@ -42,11 +42,11 @@ def _threads(env: submitit.JobEnvironment) -> int:
 
 
 def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
-    """Several tasks, one run: rank 0 holds the claim, every rank trains (repro.engine.distributed)."""
-    from repro.engine import distributed
+    """Several tasks, one run: rank 0 holds the claim, every rank trains (repro.engine.parallel, as under torchrun)."""
+    from repro.engine import parallel
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    rank, _ = distributed.init_from_env()
+    rank, _ = parallel.init_from_env()
     held = None
     try:
         go = True
@@ -57,7 +57,7 @@ def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
                 held.keep_alive()
             if go:
                 io.write_json(run_dir / "placement.json", where)
-        if distributed.any_true(not go):
+        if parallel.any_true(not go):
             return store.run_status(run_dir, check_lock=False) if held is not None else BUSY
         return fit_run(cfg, run_dir, progress=False, catch=False)
     finally:

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from repro import lease
+from repro import io, lease
 from repro import runs as store
 from repro.errors import UserError
 from repro.launch import LaunchOptions, time_minutes
