@@ -187,3 +187,42 @@ def test_two_tasks_in_one_job_equal_torchrun(slurm_cluster, synthetic_data, tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert results(runs_dir) == results(tmp_path / "torchrun")
+
+
+def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synthetic_data, tmp_path, one_thread):
+    two_epochs = ["--set", "train.epochs=2"]
+    code, out = run_cli("baseline", synthetic_data, tmp_path / "straight", *two_epochs)
+    assert code == 0, out
+
+    runs_dir = tmp_path / "runs"
+    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", *two_epochs)
+    assert code == 0 and "submitted as Slurm job" in out, out
+    (run_dir,) = list((runs_dir / "store").iterdir())
+    (job,) = job_ids(runs_dir)
+
+    def mid_epoch() -> bool:  # a few optimizer steps into the first epoch (7 steps of 32 images)
+        return any(r["iteration"] >= 2 for r in io.read_jsonl(run_dir / "curve.jsonl"))
+
+    wait_until(mid_epoch, what="training to start")
+    # Slurm's early warning, as sbatch --signal sends it before a time limit or a preemption
+    subprocess.run(["scancel", "--signal", "USR2", job], env=slurm_cluster.env(), check=True)
+
+    def requeued_and_waiting() -> bool:
+        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster.env(), capture_output=True, text=True)
+        return "Restarts=1" in info.stdout and "Reason=BeginTime" in info.stdout
+
+    # slurmctld holds a requeued job back for 120 s; let it start now rather than wait that out
+    wait_until(requeued_and_waiting, what="the job to requeue itself")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_cluster.env(), check=True)
+    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", "--wait", *two_epochs)
+    assert code == 0 and "submitted as" not in out, out
+
+    assert job_ids(runs_dir) == [job]  # the same job, requeued, not a new submission
+    info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster.env(), capture_output=True, text=True)
+    assert "Restarts=1" in info.stdout, info.stdout
+    log = Path(io.read_json(run_dir / "launch.json")["log"]).read_text()
+    stop = [line for line in log.splitlines() if ": preempted (" in line]
+    assert len(stop) == 1 and "in epoch 1 before batch" in stop[0], log[-3000:]
+    batch = int(stop[0].split("before batch ")[1].split(")")[0].split()[0].rstrip(";"))
+    assert 1 < batch <= 7  # stopped inside the epoch, not at its start
+    assert results(runs_dir) == results(tmp_path / "straight")

@@ -90,7 +90,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             status = _train_ddp(cfg, run_dir, where)
         else:
             status = train_claimed(cfg, run_dir, progress=False, where=where, catch=False)
-        print(f"{run_dir}: {status} (job {env.job_id}, rank {env.global_rank})", flush=True)
+        record = store.read_result(run_dir)
+        print(f"{run_dir}: {status} (job {env.job_id}, rank {env.global_rank}"
+              + (f"; {record.error})" if status == "preempted" and record else ")"), flush=True)
         if status == "preempted":
             if callable(submitit_handler) and env.global_rank == 0:
                 submitit_handler(usr, None)  # checkpoint() -> requeue -> exit
@@ -98,6 +100,5 @@ class TrainJob(submitit.helpers.Checkpointable):
         if status == BUSY:
             raise UserError(f"{run_dir} is held by another process ({lease.holder(run_dir)}); nothing trained")
         if status not in REUSED:
-            record = store.read_result(run_dir)
             raise RuntimeError(f"run {run_dir} ended {status}: {record.error if record else 'no record'}")
         return status
