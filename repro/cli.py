@@ -66,6 +66,11 @@ class WriteMode(str, Enum):
     raw = "raw"
 
 
+class Launcher(str, Enum):
+    local = "local"
+    slurm = "slurm"
+
+
 class Format(str, Enum):
     csv = "csv"
     parquet = "parquet"
@@ -120,13 +125,59 @@ def run(
                                    "(repeatable; `repro keys` lists them)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs and their estimated cost."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    launcher: Launcher = typer.Option(Launcher.local, help="local: on this machine (see --parallel); slurm: one "
+                                      "Slurm job per run, submitted with submitit.", rich_help_panel="Launching"),
+    parallel: Optional[int] = typer.Option(None, min=1, help="local: runs at once, each in its own process with "
+                                           "its own GPU or share of the cores. Default 1: in this process.",
+                                           rich_help_panel="Launching"),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition.", rich_help_panel="Launching"),
+    account: Optional[str] = typer.Option(None, help="slurm: account.", rich_help_panel="Launching"),
+    gpus_per_run: Optional[int] = typer.Option(None, min=0, help="slurm: GPUs per run (one DDP task each).",
+                                               rich_help_panel="Launching"),
+    tasks_per_run: Optional[int] = typer.Option(None, min=1, help="slurm: DDP tasks per run (default: one per GPU, "
+                                                "or 1; on CPUs they train on gloo).", rich_help_panel="Launching"),
+    cpus_per_task: Optional[int] = typer.Option(None, min=1, help="slurm: CPU cores per task.",
+                                                rich_help_panel="Launching"),
+    nodes: Optional[int] = typer.Option(None, min=1, help="slurm: nodes per run.", rich_help_panel="Launching"),
+    time: Optional[str] = typer.Option(None, help="slurm: time limit per job, HH:MM:SS (default 04:00:00); a run "
+                                       "that needs longer checkpoints and requeues itself.", rich_help_panel="Launching"),
+    slurm_: list[str] = typer.Option([], "--slurm", help="slurm: any other sbatch option as key=value, e.g. "
+                                     "--slurm qos=high (repeatable).", rich_help_panel="Launching"),
+    launcher_config: Optional[Path] = typer.Option(None, help="TOML file with repeated launcher settings: "
+                                                   "partition, account, time, setup = [\"module load ...\"], "
+                                                   "a slurm table of sbatch options.", rich_help_panel="Launching"),
+    wait: bool = typer.Option(False, "--wait", help="slurm: wait for the jobs, show progress, run the analyses; "
+                              "exit 1 if any failed.", rich_help_panel="Launching"),
 ):
     """Run one experiment (every variant and seed), reusing finished runs and resuming interrupted ones."""
+    from repro.launch import resolve_options
     from repro.runner import run_experiments
 
+    launch = None
+    if not dry_run:
+        launch = resolve_options(launcher.value, config_file=launcher_config, slurm_sets=slurm_, parallel=parallel,
+                                 partition=partition, account=account, gpus_per_run=gpus_per_run,
+                                 tasks_per_run=tasks_per_run, cpus_per_task=cpus_per_task, nodes=nodes, time=time,
+                                 wait=wait)
     code = run_experiments(experiment, scale.value, data_dir=data, runs_dir=runs, seeds=seeds, sets=set_,
-                           dry_run=dry_run, progress=not quiet, console=console)
+                           dry_run=dry_run, progress=not quiet, console=console, launch=launch)
     raise typer.Exit(code)
+
+
+@app.command("cancel")
+@friendly
+def cancel(
+    experiment: str = typer.Argument(..., help="Experiment name or `all`: cancel the Slurm jobs of its runs."),
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+):
+    """Cancel the queued and running Slurm jobs that `repro run --launcher slurm` submitted for an experiment."""
+    from repro.launch.slurm import cancel as cancel_jobs
+    from repro.runs import iter_links
+
+    dirs = sorted({link.resolve() for exp, _, _, _, link in iter_links(runs) if experiment in ("all", exp)})
+    if not dirs:
+        raise UserError(f"{runs}: no runs of {experiment!r}; `repro status --runs {runs}` lists what there is")
+    cancel_jobs(dirs, console)
 
 
 @app.command("list")

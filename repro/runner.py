@@ -2,15 +2,15 @@
 
 Runs are planned per experiment, then deduplicated by config hash so that a run several experiments share is
 trained once. A done or diverged run is reused, an interrupted one resumes (the engine continues from its
-checkpoint), a failed one is tried again. A run whose lock another process holds is skipped and waited for at the
-end, so two `repro run` processes on the same experiments never train one run twice.
+checkpoint), a failed one is tried again. Training goes to a launcher (repro.launch): in this process, a local
+pool of worker processes, or Slurm jobs. Every launcher claims a run's lease before training it, so two
+`repro run` processes (or hosts) never train one run twice; a run held elsewhere is waited for.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,17 +19,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from repro import io
+from repro import io, lease
 from repro import runs as store
 from repro.config import parse_set
-from repro.engine.record import RunRecord, finite
+from repro.engine.record import finite
 from repro.errors import UserError
+from repro.launch import LaunchOptions
+from repro.launch.worker import BUSY, placement, train_claimed
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
                                scale_settings)
 
 # Rough images/s of one 2-core CPU per scale, used by --dry-run until this machine has finished a run.
 GUESS_IMAGES_PER_S = {"smoke": 1500.0, "demo": 2000.0, "subset": 40.0, "full": 10.0}
 REUSED = ("done", "diverged")
+WAIT_POLL_S = 2.0
 
 
 def plan(names: list[str], scale: str, *, data_dir, seeds, sets, experiments_dir=None):
@@ -119,83 +122,93 @@ def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Co
     return 0
 
 
-def _train(run: PlannedRun, run_dir: Path, progress: bool, console: Console) -> str:
-    """Train one run under its lock (already held); returns its final status."""
-    from repro.engine import fit  # at call time: the engine imports torch, which `repro status` does not need
-
-    try:
-        return fit(run.cfg, run_dir, progress=progress).status
-    except (KeyboardInterrupt, UserError):
-        raise
-    except Exception as e:  # a bug or a resource error in one run must not take down the sweep
-        io.write_text(run_dir / "error.log", traceback.format_exc())
-        record = store.read_result(run_dir)
-        if record is None or record.status != "failed":
-            RunRecord(status="failed",
-                      error=f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
-                      config=record.config if record else (io.read_json(run_dir / "planned.json") or {}).get("config"),
-                      config_hash=run.config_hash, epochs_done=record.epochs_done if record else 0,
-                      iterations=record.iterations if record else 0).write(run_dir)
-        console.print(f"[red]failed[/] {escape(str(run_dir))}: {escape(f'{type(e).__name__}: {e}')}")
-        return "failed"
-
-
 def _label(r: PlannedRun, users: dict[str, list[str]]) -> str:
     others = [u for u in users[r.config_hash] if u != r.experiment]
     extra = f" (shared with {', '.join(others)})" if others else ""
     return escape(f"{r.experiment}/{r.variant} seed {r.seed} ({r.config_hash}){extra}")
 
 
-def train_all(planned: dict[str, list[PlannedRun]], runs_dir: Path, *, progress: bool,
-              console: Console) -> dict[str, str]:
-    """Train every distinct run not done yet; returns {config_hash: final status}."""
-    for runs in planned.values():
-        for r in runs:
-            store.ensure_run(runs_dir, r)
+def _users(planned: dict[str, list[PlannedRun]]) -> dict[str, list[str]]:
     users: dict[str, list[str]] = defaultdict(list)
     for exp, runs in planned.items():
         for r in runs:
             if exp not in users[r.config_hash]:
                 users[r.config_hash].append(exp)
+    return users
+
+
+def train_all(planned: dict[str, list[PlannedRun]], runs_dir: Path, *, progress: bool, console: Console,
+              launch: LaunchOptions | None = None) -> dict[str, str]:
+    """Train every distinct run not done yet with the chosen launcher; returns {config_hash: final status}.
+    With Slurm and no --wait, the statuses are those at submission ("submitted", "pending", "running", ...)."""
+    launch = launch or LaunchOptions()
+    for runs in planned.values():
+        for r in runs:
+            store.ensure_run(runs_dir, r)
+    users = _users(planned)
     todo = unique_runs(planned)
+    if launch.launcher == "slurm":
+        from repro.launch import slurm
+
+        return slurm.submit_and_wait(todo, runs_dir, launch, labels={r.config_hash: _label(r, users) for r in todo},
+                                     console=console, progress=progress)
+    if launch.parallel > 1:
+        from repro.launch.local import run_pool
+
+        items = [(f"[{i}/{len(todo)}] {_label(r, users)}", store.store_dir(runs_dir, r.config_hash))
+                 for i, r in enumerate(todo, 1)]
+        return run_pool(items, launch.parallel, console=console, progress=progress)
     statuses: dict[str, str] = {}
     waiting: list[PlannedRun] = []
     for i, r in enumerate(todo, 1):
+        status = _run_one(r, runs_dir, f"[{i}/{len(todo)}] {_label(r, users)}", progress, console)
+        if status == BUSY:
+            console.print(f"[{i}/{len(todo)}] {_label(r, users)}: running in another process; will wait")
+            waiting.append(r)
+        else:
+            statuses[r.config_hash] = status
+    while waiting:  # another process had them: wait for it, then finish them here if it stopped early
+        r = waiting[0]
         run_dir = store.store_dir(runs_dir, r.config_hash)
-        with store.run_lock(run_dir) as got:
-            if not got:
-                console.print(f"[{i}/{len(todo)}] {_label(r, users)}: running in another process; will wait")
-                waiting.append(r)
-                continue
-            statuses[r.config_hash] = _run_one(r, run_dir, f"[{i}/{len(todo)}] {_label(r, users)}", progress,
-                                               console)
-    for r in waiting:  # another process had them: wait for it, then finish them here if it stopped early
-        run_dir = store.store_dir(runs_dir, r.config_hash)
-        with store.run_lock(run_dir, wait=True):
-            statuses[r.config_hash] = _run_one(r, run_dir, _label(r, users), progress, console)
+        if store.is_locked(run_dir) or lease.holder(run_dir) is not None:
+            time.sleep(WAIT_POLL_S)
+            continue
+        status = _run_one(r, runs_dir, _label(r, users), progress, console)
+        if status != BUSY:
+            statuses[r.config_hash] = status
+            waiting.pop(0)
     return statuses
 
 
-def _run_one(r: PlannedRun, run_dir: Path, label: str, progress: bool, console: Console) -> str:
-    status = store.run_status(run_dir, check_lock=False)  # we hold the lock
-    if status in REUSED:
+def _run_one(r: PlannedRun, runs_dir: Path, label: str, progress: bool, console: Console) -> str:
+    """Train one run in this process under its claim; BUSY when another process holds it."""
+    t0, trained = time.time(), []
+
+    def started(status: str) -> None:
+        trained.append(status)
+        console.print(f"{label}: {'resuming' if status in ('interrupted', 'preempted') else 'training'}")
+
+    run_dir = store.store_dir(runs_dir, r.config_hash)
+    status = train_claimed(r.cfg, run_dir, progress=progress, where=placement("local"), on_start=started)
+    if status == BUSY:
+        return status
+    record = store.read_result(run_dir)
+    if not trained:
         console.print(f"{label}: {status}, reused")
         return status
-    verb = "resuming" if status == "interrupted" else "training"
-    console.print(f"{label}: {verb}")
-    t0 = time.time()
-    status = _train(r, run_dir, progress, console)
-    record = store.read_result(run_dir)
     top1 = record.metrics.get("top1_err") if record else None
     extra = f", top-1 err {top1:.2f}%" if finite(top1) else ""
+    if status == "failed":
+        console.print(f"[red]failed[/] {escape(str(run_dir))}: {escape(str(record.error if record else None))}")
     console.print(f"{label}: {status} in {time.time() - t0:.1f} s{extra}")
     return status
 
 
 def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Path("runs"), seeds=None, sets=(),
                     dry_run: bool = False, progress: bool = True, console: Console | None = None,
-                    experiments_dir=None) -> int:
-    """Plan, train, analyse and summarise; returns the exit code (0 ok, 1 when a run failed)."""
+                    experiments_dir=None, launch: LaunchOptions | None = None) -> int:
+    """Plan, train, analyse and summarise; returns the exit code (0 ok, 1 when a run failed). With Slurm and no
+    wait, it returns once the jobs are submitted; the analyses run on a later `repro run` once the runs are done."""
     console = console or Console()
     runs_dir = Path(runs_dir)
     registry, planned = plan([name_or_all], scale, data_dir=data_dir, seeds=seeds, sets=sets,
@@ -207,7 +220,12 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
             store.ensure_run(runs_dir, r)
         return print_plan(planned, runs_dir, console)
     t0 = time.time()
-    statuses = train_all(planned, runs_dir, progress=progress, console=console)
+    launch = launch or LaunchOptions()
+    statuses = train_all(planned, runs_dir, progress=progress, console=console, launch=launch)
+    if launch.launcher == "slurm" and not launch.wait and set(statuses.values()) - set(REUSED):
+        console.print("runs are queued or running as Slurm jobs: `repro status` shows where they are; run this "
+                      "command again (or with --wait) once they have ended to run the analyses")
+        return 0
     from repro.analysis import analyse
 
     for exp_name, runs in planned.items():
@@ -248,24 +266,58 @@ def list_table(runs_dir: Path | str, scale: str, experiments_dir=None) -> Table:
     return table
 
 
-def status_table(runs_dir: Path | str) -> Table:
-    """`repro status`: every run with its state, and the error of those that failed."""
+def status_rows(runs_dir: Path | str) -> list[dict[str, Any]]:
+    """`repro status` data: one dict per run with its state, Slurm job (id, state, reason), host, GPUs, log."""
     df = store.collect(runs_dir)
-    table = Table(title=f"runs under {runs_dir}")
-    for col in ("experiment", "variant", "seed", "scale", "hash", "status", "epochs", "top-1 err", "error"):
-        table.add_column(col, overflow="fold")
     if df.empty:
+        return []
+    store_root = Path(runs_dir) / "store"
+    slurm_jobs: dict[str, dict[str, str]] = {}
+    recs = {h: io.read_json(store_root / h / "launch.json") for h in df.config_hash.unique()}
+    if any(isinstance(r, dict) and r.get("job_id") for r in recs.values()):
+        from repro.launch import slurm
+
+        slurm_jobs = slurm.job_states([r["job_id"] for r in recs.values() if isinstance(r, dict) and r.get("job_id")])
+    rows = []
+    for _, r in df.iterrows():
+        rec = recs.get(r.config_hash) if isinstance(recs.get(r.config_hash), dict) else {}
+        status, reason = r.status, None
+        if rec.get("job_id"):
+            from repro.launch.slurm import run_state
+
+            status, reason = run_state(store_root / r.config_hash, slurm_jobs)
+        live = lease.holder(store_root / r.config_hash) or {}
+        error = " ".join(x for x in (reason, r.error if isinstance(r.error, str) else None) if x)
+        rows.append({
+            "experiment": r.experiment, "variant": r.variant, "seed": int(r.seed), "scale": r.scale or "",
+            "hash": r.config_hash, "status": status, "job": rec.get("job_id") or live.get("job_id") or "",
+            "host": r.get("placement.host") or live.get("host") or "", "gpus": r.get("placement.gpus") or "",
+            "log": r.get("placement.log") or rec.get("log") or "",
+            "epochs": None if not finite(r.epochs_done) else int(r.epochs_done),
+            "top1_err": r.top1_err if finite(r.top1_err) else None, "error": error})
+    return rows
+
+
+def status_table(runs_dir: Path | str) -> Table:
+    """`repro status`: every run with its state, where it trains or trained, and why it failed."""
+    rows = status_rows(runs_dir)
+    table = Table(title=f"runs under {runs_dir}")
+    for col in ("experiment", "variant", "seed", "scale", "hash", "status", "job", "host", "gpus", "epochs",
+                "top-1 err", "log", "error"):
+        table.add_column(col, overflow="fold")
+    if not rows:
         table.caption = "no runs yet: `repro run all --scale demo`"
         return table
     colour = {"done": "green", "diverged": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
-              "stale": "magenta"}
-    for _, r in df.iterrows():
-        st = r.status
-        table.add_row(r.experiment, r.variant, str(r.seed), str(r.scale or ""), r.config_hash,
-                      f"[{colour.get(st, 'white')}]{st}[/]",
-                      "" if not finite(r.epochs_done) else f"{r.epochs_done:.0f}",
-                      f"{r.top1_err:.2f}" if finite(r.top1_err) else "",
-                      str(r.error) if isinstance(r.error, str) else "")
-    counts = df.status.value_counts().to_dict()
+              "stale": "magenta", "pending": "blue", "requeued": "blue", "cancelled": "red"}
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        st = r["status"]
+        counts[st] += 1
+        table.add_row(r["experiment"], r["variant"], str(r["seed"]), str(r["scale"]), r["hash"],
+                      f"[{colour.get(st, 'white')}]{st}[/]", escape(str(r["job"])), escape(str(r["host"])),
+                      escape(str(r["gpus"])), "" if r["epochs"] is None else str(r["epochs"]),
+                      "" if r["top1_err"] is None else f"{r['top1_err']:.2f}", escape(str(r["log"])),
+                      escape(r["error"]))
     table.caption = ", ".join(f"{n} {s}" for s, n in counts.items())
     return table

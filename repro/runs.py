@@ -4,8 +4,11 @@ Layout under a runs folder:
     store/<config_hash>/                         the real run directory (engine files + planned.json + .lock)
     <experiment>/<variant>/seed<k>-<hash>        -> ../../store/<hash>  (relative symlink)
     <experiment>/analysis.json, analysis.npz     post-training analyses
-A run shared by several experiments (the baseline) therefore exists, and is trained, once. `fcntl.flock` on
-`store/<hash>/.lock` keeps two processes off one run; a held lock is how `status` tells "running".
+A run shared by several experiments (the baseline) therefore exists, and is trained, once. A lease file
+(`store/<hash>/.lease`, see repro.lease) keeps two processes, also on two hosts over a shared filesystem, off one
+run; `fcntl.flock` on `store/<hash>/.lock` adds a fast path on one machine. A live lease or a held lock is how
+`status` tells "running". `launch.json` says how the run was submitted (launcher, Slurm job id, log) and
+`placement.json` where it trained (host, GPUs, Slurm job id, log).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from repro import io
+from repro import io, lease
 from repro.config import flatten, from_dict, to_dict
 from repro.engine.record import RESULT_FILE, STATUSES as RECORD_STATUSES, RunRecord
 from repro.errors import UserError
@@ -32,6 +35,7 @@ BASE_COLUMNS = ["experiment", "variant", "seed", "scale", "status", "error", "ru
                 "epochs_done", "iterations"]
 METRIC_COLUMNS = ["top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
                   "best_val_top1_err", "iters_to_target"]
+PLACEMENT_KEYS = ("launcher", "host", "gpus", "slurm_job_id", "log", "tasks", "threads")
 
 
 def store_dir(runs_dir: Path, config_hash: str) -> Path:
@@ -100,7 +104,7 @@ def run_status(run_dir: Path, *, check_lock: bool = True) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return "pending"
-    if check_lock and is_locked(run_dir):
+    if check_lock and (is_locked(run_dir) or lease.holder(run_dir) is not None):
         return "running"
     raw = io.read_json(run_dir / RESULT_FILE)  # None when missing or cut short by a kill
     if raw is not None:
@@ -155,6 +159,9 @@ def _row(experiment: str, variant: str, seed: int, config_hash: str, link: Path)
             row[f"lrn.{layer}"] = stats
     config = result.get("config") if status != "stale" and result.get("config") else planned.get("config")
     row.update(_config_columns(config))
+    placement = io.read_json(real / "placement.json") or {}
+    for key in PLACEMENT_KEYS:
+        row[f"placement.{key}"] = placement.get(key)
     prov = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}
     for key, value in prov.items():
         row[f"prov.{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value

@@ -109,3 +109,25 @@ def small_betons(tmp_path_factory) -> Path:
     prepare("synthetic", None, out, PrepareOptions(res=32, classes="4", train_per_class=16, val_per_class=8),
             progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm cluster (tests/slurm_cluster.py) for the session; SLURM_CONF points at it and jobs
+    import this checkout of repro."""
+    import slurm_cluster as sc
+
+    cluster = sc.start()
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PYTHONPATH")}
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, saved["PYTHONPATH"]) if p)
+    try:
+        yield cluster
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        sc.stop(cluster)

@@ -1,0 +1,132 @@
+"""Train one run directory under its claim: the lease (and flock) first, then `fit`, then the claim is released.
+
+In process (`repro run --parallel 1`), in the worker processes of the local pool (`python -m repro.launch.worker
+RUN_DIR`), and inside Slurm jobs: all train through `train_claimed`, so a run another launcher holds is never
+trained twice. The run's `placement.json` records where it trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from repro import io, lease
+from repro import runs as store
+from repro.config import config_hash, from_dict
+from repro.engine.record import RunRecord
+from repro.errors import UserError
+
+BUSY = "busy"  # another live process holds the run
+EXIT_BUSY = 3
+REUSED = ("done", "diverged")
+
+
+def visible_gpus() -> str | None:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES or all that torch sees; None on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env if env else ",".join(str(i) for i in range(torch.cuda.device_count()))
+
+
+def placement(launcher: str, **extra: Any) -> dict[str, Any]:
+    import torch
+
+    return {"launcher": launcher, "host": socket.gethostname(), "pid": os.getpid(), "gpus": visible_gpus(),
+            "threads": torch.get_num_threads(), "slurm_job_id": None, "log": None, "tasks": 1, **extra}
+
+
+def load_config(run_dir: Path):
+    """The config a run was planned with (`planned.json`), checked against its directory name."""
+    planned = io.read_json(Path(run_dir) / "planned.json")
+    if not isinstance(planned, dict) or not isinstance(planned.get("config"), dict):
+        raise UserError(f"{run_dir}/planned.json: missing or unreadable; plan the run again with `repro run`")
+    cfg = from_dict(planned["config"], source=f"{run_dir}/planned.json")
+    if config_hash(cfg) != Path(run_dir).name:
+        raise UserError(f"{run_dir}/planned.json: its config hashes to {config_hash(cfg)}, not the folder's name")
+    return cfg
+
+
+def record_failure(run_dir: Path, chash: str, e: BaseException) -> None:
+    """Keep the traceback and make sure result.json says failed, with a one-line reason and where to look."""
+    io.write_text(run_dir / "error.log", traceback.format_exc())
+    record = store.read_result(run_dir)
+    if record is None or record.status != "failed":
+        RunRecord(status="failed",
+                  error=f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
+                  config=record.config if record else (io.read_json(run_dir / "planned.json") or {}).get("config"),
+                  config_hash=chash, epochs_done=record.epochs_done if record else 0,
+                  iterations=record.iterations if record else 0).write(run_dir)
+
+
+def fit_run(cfg, run_dir: Path, *, progress: bool, catch: bool = True) -> str:
+    """`fit` with failures recorded; returns the final status. With catch=False the error is re-raised after."""
+    from repro.engine import fit  # at call time: the engine imports torch, which `repro status` does not need
+
+    try:
+        return fit(cfg, run_dir, progress=progress).status
+    except (KeyboardInterrupt, UserError):
+        raise
+    except Exception as e:  # a bug or a resource error in one run must not take down the sweep
+        record_failure(run_dir, config_hash(cfg), e)
+        if not catch:
+            raise
+        return "failed"
+
+
+def train_claimed(cfg, run_dir: Path, *, progress: bool, where: dict[str, Any], catch: bool = True,
+                  on_start=None) -> str:
+    """Claim `run_dir`, train it unless it is finished, release it; BUSY when another process holds it."""
+    run_dir = Path(run_dir)
+    with store.run_lock(run_dir) as got:
+        if not got:
+            return BUSY
+        held = lease.claim(run_dir, job_id=where.get("slurm_job_id"), log=where.get("log"))
+        if held is None:
+            return BUSY
+        held.keep_alive()
+        try:
+            status = store.run_status(run_dir, check_lock=False)
+            if status in REUSED:
+                return status
+            if on_start is not None:
+                on_start(status)
+            io.write_json(run_dir / "placement.json", where)
+            return fit_run(cfg, run_dir, progress=progress, catch=catch)
+        finally:
+            held.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A worker of the local pool: train one run directory; exit 0 (trained or finished), 1 (failed or
+    interrupted), 2 (bad input), 3 (another process holds it)."""
+    parser = argparse.ArgumentParser(prog="python -m repro.launch.worker", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--log", default=None, help="where this worker's output goes (recorded, not opened)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_config(args.run_dir)
+        status = train_claimed(cfg, args.run_dir, progress=False, where=placement("local", log=args.log))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"{args.run_dir}: {status}")
+    return EXIT_BUSY if status == BUSY else 0 if status in REUSED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

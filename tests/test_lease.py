@@ -1,0 +1,118 @@
+"""Claiming runs without trusting flock: the lease file, its heartbeat and stale takeover; and the launcher options."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from repro import lease
+from repro.errors import UserError
+from repro.launch import parse_slurm_sets, resolve_options, time_minutes
+
+
+def test_only_one_claim_while_held_and_another_after_release(tmp_path):
+    first = lease.claim(tmp_path, job_id="7")
+    assert first is not None and lease.claim(tmp_path) is None
+    held = lease.holder(tmp_path)
+    assert held["job_id"] == "7" and held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    first.release()
+    assert lease.holder(tmp_path) is None and not (tmp_path / ".lease").exists()
+    assert lease.claim(tmp_path) is not None
+
+
+def _write_lease(path: Path, **fields) -> None:
+    owner = {"host": "other-host", "pid": 1, "job_id": None, "token": "t0", "since": 0.0, "heartbeat": time.time()}
+    owner.update(fields)
+    (path / ".lease").write_text(json.dumps(owner))
+
+
+def test_a_lease_from_another_host_is_kept_until_its_heartbeat_stops(tmp_path):
+    _write_lease(tmp_path, heartbeat=time.time() - 10)
+    assert lease.claim(tmp_path, stale_after=60) is None  # alive: its heartbeat is 10 s old
+    _write_lease(tmp_path, heartbeat=time.time() - 120)
+    taken = lease.claim(tmp_path, stale_after=60)
+    assert taken is not None and lease.holder(tmp_path)["token"] == taken.owner["token"]
+    assert not list(tmp_path.glob(".lease.*"))  # the stale lease moved aside is gone
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
+    proc = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join()
+    _write_lease(tmp_path, host=socket.gethostname(), pid=proc.pid)
+    assert lease.claim(tmp_path) is not None
+
+
+def test_heartbeat_refreshes_and_a_taken_over_lease_is_noticed(tmp_path):
+    held = lease.claim(tmp_path)
+    before = lease.holder(tmp_path)["heartbeat"]
+    time.sleep(0.05)
+    held.refresh()
+    assert lease.holder(tmp_path)["heartbeat"] > before
+    _write_lease(tmp_path, token="someone-else")  # taken over while this owner was stalled
+    with pytest.raises(lease.LeaseLost):
+        held.refresh()
+    held.release()  # must not remove the new owner's lease
+    assert lease.holder(tmp_path)["token"] == "someone-else"
+
+
+def test_keep_alive_beats_on_a_thread(tmp_path):
+    held = lease.claim(tmp_path).keep_alive(interval=0.05)
+    first = lease.holder(tmp_path)["heartbeat"]
+    time.sleep(0.3)
+    assert lease.holder(tmp_path)["heartbeat"] > first
+    held.release()
+    assert lease.holder(tmp_path) is None
+
+
+def _race(run_dir: str, start: float, out) -> None:
+    while time.time() < start:
+        pass
+    got = lease.claim(Path(run_dir), stale_after=60)
+    out.put(got is not None)
+    time.sleep(0.5)  # hold it while the others try
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_racing_processes_one_wins(tmp_path, stale):
+    if stale:  # everyone sees the same stale lease and tries to take it over
+        _write_lease(tmp_path, heartbeat=time.time() - 600)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start = time.time() + 1.5
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), start, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    wins = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert sum(wins) == 1
+
+
+def test_launcher_options_and_their_errors(tmp_path):
+    assert time_minutes("01:30:00") == 90 and time_minutes("1-00:00:30") == 24 * 60 + 1 and time_minutes("5:00") == 5
+    with pytest.raises(UserError, match="--time"):
+        time_minutes("ninety minutes")
+    assert parse_slurm_sets(["qos=high", "hold"]) == {"qos": "high", "hold": True}
+    with pytest.raises(UserError, match="--slurm"):
+        parse_slurm_sets(["qos="])
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text('partition = "gpu"\naccount = "lab"\nsetup = ["module load cuda"]\n[slurm]\nqos = "low"\n')
+    opts = resolve_options("slurm", config_file=cfg, slurm_sets=["qos=high"], partition=None, gpus_per_run=2,
+                           time="02:00:00")
+    assert (opts.partition, opts.account, opts.setup, opts.slurm) == ("gpu", "lab", ["module load cuda"],
+                                                                       {"qos": "high"})
+    assert opts.tasks_per_run == 2 and opts.time == "02:00:00"
+    cfg.write_text('partitoin = "gpu"\n')
+    with pytest.raises(UserError, match="partitoin"):
+        resolve_options("slurm", config_file=cfg)
+    with pytest.raises(UserError, match="torchrun"):
+        resolve_options("local", tasks_per_run=2)
+    with pytest.raises(UserError, match="cannot read"):
+        resolve_options("slurm", config_file=tmp_path / "missing.toml")
