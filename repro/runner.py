@@ -17,11 +17,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from repro import runs as store
 from repro.config import parse_set
 from repro.errors import UserError
+from repro.views import Column, cli_console, show
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
                                scale_settings)
 
@@ -92,12 +92,15 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Console) -> int:
-    table = Table(title="planned runs", show_lines=False)
-    for col in ("experiment", "variant", "seed", "hash", "status", "images", "est. time"):
-        table.add_column(col, justify="right" if col in ("seed", "images", "est. time") else "left")
+PLAN_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"), Column("hash"),
+                Column("status"), Column("images", kind="num", fmt=lambda n: f"{n:,}"),
+                Column("est_time", "est. time", kind="num", drop=1))
+
+
+def plan_rows(planned: dict[str, list[PlannedRun]], runs_dir: Path) -> tuple[list[dict], dict]:
+    """One row per planned run, and the totals (images and seconds to train, where the rates came from)."""
     rates = measured_rates(runs_dir)
-    total_images, total_s, sources, counted = 0, 0.0, set(), set()
+    rows, total_images, total_s, sources, counted = [], 0, 0.0, set(), set()
     for exp, runs in planned.items():
         for r in runs:
             status = store.run_status(store.store_dir(runs_dir, r.config_hash))
@@ -108,12 +111,21 @@ def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Co
                 sources.add(source)
             counted.add(r.config_hash)
             note = "shared" if shared else ("reused" if status in REUSED else _fmt_time(seconds))
-            table.add_row(exp, r.variant, str(r.seed), r.config_hash, status, f"{images:,}", note)
-    console.print(table)
-    n_unique = len(counted)
-    console.print(f"{sum(map(len, planned.values()))} planned runs, {n_unique} distinct; to train: "
-                  f"{total_images:,} training images, about {_fmt_time(total_s)} "
-                  f"({', '.join(sorted(sources)) or 'nothing to do'}; evaluation not included).")
+            rows.append({"experiment": exp, "variant": r.variant, "seed": r.seed, "hash": r.config_hash,
+                         "status": status, "images": images, "est_time": note})
+    totals = {"planned": len(rows), "distinct": len(counted), "images": total_images, "seconds": total_s,
+              "sources": sorted(sources)}
+    return rows, totals
+
+
+def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Console, fmt: str = "table") -> int:
+    rows, t = plan_rows(planned, runs_dir)
+    show(console, rows, PLAN_COLUMNS, fmt, title="planned runs")
+    summary = (f"{t['planned']} planned runs, {t['distinct']} distinct; to train: {t['images']:,} training images, "
+               f"about {_fmt_time(t['seconds'])} ({', '.join(t['sources']) or 'nothing to do'}; "
+               "evaluation not included).")
+    # plain and json are for scripts: the prose goes to stderr so that stdout parses
+    (console if fmt == "table" else cli_console(stderr=True)).print(summary, markup=False)
     return 0
 
 
@@ -194,9 +206,9 @@ def _run_one(r: PlannedRun, run_dir: Path, label: str, progress: bool, console: 
 
 def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Path("runs"), seeds=None, sets=(),
                     dry_run: bool = False, progress: bool = True, console: Console | None = None,
-                    experiments_dir=None) -> int:
+                    experiments_dir=None, fmt: str = "table") -> int:
     """Plan, train, analyse and summarise; returns the exit code (0 ok, 1 when a run failed)."""
-    console = console or Console()
+    console = console or cli_console()
     runs_dir = Path(runs_dir)
     registry, planned = plan([name_or_all], scale, data_dir=data_dir, seeds=seeds, sets=sets,
                              experiments_dir=experiments_dir)
@@ -205,7 +217,7 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
         # on several GPUs: `torchrun --nproc_per_node N -m repro.engine.distributed runs/store/<hash>`.
         for r in (r for runs in planned.values() for r in runs):
             store.ensure_run(runs_dir, r)
-        return print_plan(planned, runs_dir, console)
+        return print_plan(planned, runs_dir, console, fmt)
     t0 = time.time()
     statuses = train_all(planned, runs_dir, progress=progress, console=console)
     from repro.analysis import analyse
@@ -229,14 +241,17 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
     return 1 if counts.get("failed") or counts.get("interrupted") else 0
 
 
-def list_table(runs_dir: Path | str, scale: str, experiments_dir=None) -> Table:
+LIST_COLUMNS = (Column("name"), Column("section"), Column("kind"),
+                Column("claim", kind="prose", drop=3), Column("paper", kind="prose", drop=2),
+                Column("runs_done", "runs done", kind="num"))
+
+
+def list_rows(runs_dir: Path | str, scale: str, experiments_dir=None) -> list[dict]:
     """`repro list`: every experiment with section, claim, paper number and runs done at `scale`."""
     registry = load_registry(experiments_dir)
     scales = load_scales(experiments_dir)
     df = store.collect(runs_dir)
-    table = Table(title=f"experiments (runs done at scale {scale})")
-    for col in ("name", "section", "kind", "claim", "paper", "runs done"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for name, e in registry.items():
         paper = ", ".join(f"{k} {v:+g}" if e.kind in ("effect", "ensemble", "ten-crop") else f"{k} {v:g}"
                           for k, v in e.paper.items() if k != "note") or "qualitative"
@@ -244,28 +259,36 @@ def list_table(runs_dir: Path | str, scale: str, experiments_dir=None) -> Table:
         expected = len(e.variants) * settings["seeds"]
         sub = df[(df.experiment == name) & (df.scale == scale)] if not df.empty else df
         done = int((sub.status == "done").sum()) if not sub.empty else 0
-        table.add_row(name, e.section, e.kind, e.claim, paper, f"{done}/{expected}")
-    return table
+        rows.append({"name": name, "section": e.section, "kind": e.kind, "claim": e.claim, "paper": paper,
+                     "runs_done": f"{done}/{expected}"})
+    return rows
 
 
-def status_table(runs_dir: Path | str) -> Table:
+STATUS_COLOUR = {"done": "green", "diverged": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
+                 "stale": "magenta"}
+STATUS_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"), Column("scale", drop=1),
+                  Column("hash"), Column("status", style=lambda s: STATUS_COLOUR.get(s, "white")),
+                  Column("epochs", kind="num", drop=2, fmt=lambda n: f"{n:.0f}"),
+                  Column("top1_err", "top-1", kind="num", fmt=lambda x: f"{x:.2f}"),
+                  Column("error", kind="prose", drop=3))
+
+
+def status_rows(runs_dir: Path | str) -> list[dict]:
     """`repro status`: every run with its state, and the error of those that failed."""
     df = store.collect(runs_dir)
-    table = Table(title=f"runs under {runs_dir}")
-    for col in ("experiment", "variant", "seed", "scale", "hash", "status", "epochs", "top-1 err", "error"):
-        table.add_column(col, overflow="fold")
     if df.empty:
-        table.caption = "no runs yet: `repro run all --scale demo`"
-        return table
-    colour = {"done": "green", "diverged": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
-              "stale": "magenta"}
-    for _, r in df.iterrows():
-        st = r.status
-        table.add_row(r.experiment, r.variant, str(r.seed), str(r.scale or ""), r.config_hash,
-                      f"[{colour.get(st, 'white')}]{st}[/]",
-                      "" if not store.finite(r.epochs_done) else f"{r.epochs_done:.0f}",
-                      f"{r.top1_err:.2f}" if store.finite(r.top1_err) else "",
-                      str(r.error) if isinstance(r.error, str) else "")
-    counts = df.status.value_counts().to_dict()
-    table.caption = ", ".join(f"{n} {s}" for s, n in counts.items())
-    return table
+        return []
+    return [{"experiment": r.experiment, "variant": r.variant, "seed": int(r.seed), "scale": r.scale or None,
+             "hash": r.config_hash, "status": r.status,
+             "epochs": r.epochs_done if store.finite(r.epochs_done) else None,
+             "top1_err": r.top1_err if store.finite(r.top1_err) else None,
+             "error": r.error if isinstance(r.error, str) else None} for _, r in df.iterrows()]
+
+
+def status_caption(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs yet: `repro run all --scale demo`"
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["status"]] += 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 
 from repro import runs
-from repro.runner import list_table, run_experiments, status_table
+from repro.runner import LIST_COLUMNS, STATUS_COLUMNS, list_rows, run_experiments, status_caption, status_rows
+from repro.views import show
 
 from conftest import fake_fit
 
@@ -120,8 +121,9 @@ def test_dry_run_uses_the_measured_rate(fake_engine, tmp_path, monkeypatch):
 def test_list_and_status_tables(fake_engine, tmp_path):
     _run("ablation-lrn", tmp_path)
     console = _console()
-    console.print(list_table(tmp_path, "smoke"))
-    console.print(status_table(tmp_path))
+    show(console, list_rows(tmp_path, "smoke"), LIST_COLUMNS)
+    rows = status_rows(tmp_path)
+    show(console, rows, STATUS_COLUMNS, caption=status_caption(rows))
     text = console.export_text()
     assert "ablation-lrn" in text and "2/2" in text and "top1_err -1.4" in text
     assert "relu-vs-tanh" in text and "0/6" in text

@@ -32,6 +32,7 @@ from repro.engine.evaluate import evaluate, unwrap
 from repro.engine.provenance import provenance
 from repro.errors import UserError
 from repro.models import build_model
+from repro.views import progress_console
 
 RESULT_FORMAT = 1
 
@@ -154,7 +155,8 @@ def _progress_bar(enabled: bool):
     if not enabled:
         return None
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[ips]:>7.0f} img/s"), TimeRemainingColumn(), transient=False)
+                    TextColumn("{task.fields[ips]:>7.0f} img/s"), TimeRemainingColumn(), transient=False,
+                    console=progress_console())
 
 
 def _train_epoch(run, net, optimizer, loader, transform, epoch: int, sched: dict, bar, task) -> dict:
