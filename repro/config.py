@@ -146,7 +146,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str = "--
     for key, value in overrides.items():
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see `repro run --help` for the keys"
+            hint = f"; did you mean {close[0]}?" if close else "; `repro keys` lists them"
             raise UserError(f"{source}: unknown key {key!r}{hint}")
         sec, name = key.split(".", 1)
         sections[sec][name] = _coerce(key, keys[key], types[sec][name], value)

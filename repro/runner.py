@@ -21,6 +21,7 @@ from rich.markup import escape
 from repro import runs as store
 from repro.config import parse_set
 from repro.errors import UserError
+from repro.hints import prepare_command
 from repro.views import Column, cli_console, show
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
                                scale_settings)
@@ -30,15 +31,18 @@ GUESS_IMAGES_PER_S = {"smoke": 1500.0, "demo": 2000.0, "subset": 40.0, "full": 1
 REUSED = ("done", "diverged")
 
 
-def plan(names: list[str], scale: str, *, data_dir, seeds, sets, experiments_dir=None):
-    """Resolve every experiment; returns (registry, {experiment: [PlannedRun]})."""
+def plan(names: list[str], scale: str, *, data_dir, seeds, sets, experiments_dir=None, without_data=False):
+    """Resolve every experiment; returns (registry, {experiment: [PlannedRun]}).
+
+    without_data: plan from the scale's nominal sizes where the data is not prepared yet (a dry run)."""
     registry = load_registry(experiments_dir)
     scales = load_scales(experiments_dir)
     if names == ["all"]:
         names = list(registry)
     exps = [get_experiment(registry, n) for n in names]
     overrides = parse_set(list(sets or []))
-    return registry, {e.name: resolve(e, scale, data_dir, seeds, overrides, scales=scales) for e in exps}
+    return registry, {e.name: resolve(e, scale, data_dir, seeds, overrides, scales=scales, without_data=without_data)
+                      for e in exps}
 
 
 def unique_runs(planned: dict[str, list[PlannedRun]]) -> list[PlannedRun]:
@@ -51,7 +55,7 @@ def unique_runs(planned: dict[str, list[PlannedRun]]) -> list[PlannedRun]:
 
 
 def _images_per_run(run: PlannedRun) -> int:
-    _, _, num_train = manifest_facts(run.cfg.data.dir)
+    num_train = run.train_images or manifest_facts(run.cfg.data.dir)[2]
     n = min(run.cfg.data.train_limit, num_train) if run.cfg.data.train_limit else num_train
     return n * run.cfg.train.epochs
 
@@ -92,7 +96,8 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-PLAN_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"), Column("hash"),
+PLAN_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"),
+                Column("hash", missing="after data"),
                 Column("status"), Column("images", kind="num", fmt=lambda n: f"{n:,}"),
                 Column("est_time", "est. time", kind="num", drop=1))
 
@@ -103,7 +108,7 @@ def plan_rows(planned: dict[str, list[PlannedRun]], runs_dir: Path) -> tuple[lis
     rows, total_images, total_s, sources, counted = [], 0, 0.0, set(), set()
     for exp, runs in planned.items():
         for r in runs:
-            status = store.run_status(store.store_dir(runs_dir, r.config_hash))
+            status = store.run_status(store.store_dir(runs_dir, r.config_hash)) if r.data_ready else "no data"
             images, seconds, source = estimate(r, rates)
             shared = r.config_hash in counted
             if status not in REUSED and not shared:
@@ -111,7 +116,8 @@ def plan_rows(planned: dict[str, list[PlannedRun]], runs_dir: Path) -> tuple[lis
                 sources.add(source)
             counted.add(r.config_hash)
             note = "shared" if shared else ("reused" if status in REUSED else _fmt_time(seconds))
-            rows.append({"experiment": exp, "variant": r.variant, "seed": r.seed, "hash": r.config_hash,
+            rows.append({"experiment": exp, "variant": r.variant, "seed": r.seed,
+                         "hash": r.config_hash if r.data_ready else None,
                          "status": status, "images": images, "est_time": note})
     totals = {"planned": len(rows), "distinct": len(counted), "images": total_images, "seconds": total_s,
               "sources": sorted(sources)}
@@ -121,12 +127,24 @@ def plan_rows(planned: dict[str, list[PlannedRun]], runs_dir: Path) -> tuple[lis
 def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Console, fmt: str = "table") -> int:
     rows, t = plan_rows(planned, runs_dir)
     show(console, rows, PLAN_COLUMNS, fmt, title="planned runs")
+    missing = sorted({(r.scale, r.cfg.data.dir) for runs in planned.values() for r in runs if not r.data_ready})
+    notes = [f"{folder} is not prepared yet: planned from the {scale} scale's nominal dataset sizes "
+             f"({_nominal_text(planned, folder)}); run hashes cover the data, so they are shown after "
+             f"`{prepare_command(folder)}`, and these runs are not recorded under {runs_dir}."
+             for scale, folder in missing]
     summary = (f"{t['planned']} planned runs, {t['distinct']} distinct; to train: {t['images']:,} training images, "
                f"about {_fmt_time(t['seconds'])} ({', '.join(t['sources']) or 'nothing to do'}; "
                "evaluation not included).")
     # plain and json are for scripts: the prose goes to stderr so that stdout parses
-    (console if fmt == "table" else cli_console(stderr=True)).print(summary, markup=False)
+    out = console if fmt == "table" else cli_console(stderr=True)
+    for line in notes + [summary]:
+        out.print(line, markup=False)
     return 0
+
+
+def _nominal_text(planned: dict[str, list[PlannedRun]], folder: str) -> str:
+    r = next(r for runs in planned.values() for r in runs if r.cfg.data.dir == folder)
+    return f"{r.train_images:,} training images, {r.cfg.model.num_classes} classes"
 
 
 def _train(run: PlannedRun, run_dir: Path, progress: bool, console: Console) -> str:
@@ -211,11 +229,12 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
     console = console or cli_console()
     runs_dir = Path(runs_dir)
     registry, planned = plan([name_or_all], scale, data_dir=data_dir, seeds=seeds, sets=sets,
-                             experiments_dir=experiments_dir)
+                             experiments_dir=experiments_dir, without_data=dry_run)
     if dry_run:
         # Record each planned run's config (planned.json, status "pending") so that a run can also be trained
         # on several GPUs: `torchrun --nproc_per_node N -m repro.engine.distributed runs/store/<hash>`.
-        for r in (r for runs in planned.values() for r in runs):
+        # A run planned without its data has no hash yet: nothing to record.
+        for r in (r for runs in planned.values() for r in runs if r.data_ready):
             store.ensure_run(runs_dir, r)
         return print_plan(planned, runs_dir, console, fmt)
     t0 = time.time()

@@ -34,6 +34,7 @@ class Column:
     drop: int = 0                    # > 0: may be left out when too narrow, higher first (prose is shortened first)
     fmt: Callable[[Any], str] | None = None    # how a value reads in table and plain (default: str, "" for None)
     style: Callable[[Any], str] | None = None  # table only: a rich style per value (e.g. a status colour)
+    missing: str = ""                # table only: what a missing value reads as (plain leaves it empty)
 
 
 def _missing(value: Any) -> bool:
@@ -93,7 +94,7 @@ def _fit(columns: Sequence[Column], texts: list[list[str]], width: int) -> dict[
 
 def to_table(rows: Sequence[dict], columns: Sequence[Column], width: int, *, caption: str | None = None) -> Table:
     """A rich table no wider than `width` whose identifier and number cells are never wrapped or cut."""
-    texts = [[cell(c, r.get(c.key)) for c in columns] for r in rows]
+    texts = [[c.missing if _missing(r.get(c.key)) else cell(c, r.get(c.key)) for c in columns] for r in rows]
     widths = _fit(columns, texts, width)
     shown = [i for i, c in enumerate(columns) if c.key in widths]
     dropped = [c.header or c.key for c in columns if c.key not in widths]

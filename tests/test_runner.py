@@ -25,7 +25,10 @@ def _console():
 
 def _run(name, runs_dir, **kw):
     console = _console()
-    code = run_experiments(name, "smoke", data_dir="data/x", runs_dir=runs_dir, seeds=kw.pop("seeds", None),
+    data = Path(runs_dir).parent / "prepared"  # the stand-in manifest answers for any folder that has one
+    data.mkdir(exist_ok=True)
+    (data / "manifest.json").touch()
+    code = run_experiments(name, "smoke", data_dir=data, runs_dir=runs_dir, seeds=kw.pop("seeds", None),
                            sets=kw.pop("sets", []), dry_run=kw.pop("dry_run", False), progress=False,
                            console=console)
     return code, console.export_text()

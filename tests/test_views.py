@@ -36,10 +36,16 @@ def _cli(args: list[str], cwd: Path, columns: int = 80) -> subprocess.CompletedP
                           timeout=300)
 
 
-def _fill_runs(runs_dir: Path) -> None:
+def _fill_runs(root: Path) -> Path:
+    """Runs of two experiments under root/runs, on root/data/smoke (prepared, as far as the stand-in manifest
+    goes: it answers for any folder that has a manifest.json)."""
+    data = root / "data" / "smoke"
+    data.mkdir(parents=True)
+    (data / "manifest.json").touch()
     for name in ("ablation-overlap-pool", "relu-vs-tanh"):
-        assert run_experiments(name, "smoke", data_dir="data/x", runs_dir=runs_dir, progress=False,
+        assert run_experiments(name, "smoke", data_dir=data, runs_dir=root / "runs", progress=False,
                                console=Console(file=open(os.devnull, "w"))) == 0
+    return root / "runs"
 
 
 def _assert_whole(out: str, words, width: int = 80) -> None:
@@ -54,8 +60,7 @@ def _assert_whole(out: str, words, width: int = 80) -> None:
 
 @pytest.mark.slow
 def test_list_status_and_dry_run_at_80_columns(fake_engine, tmp_path):
-    runs_dir = tmp_path / "runs"
-    _fill_runs(runs_dir)
+    runs_dir = _fill_runs(tmp_path)
     names = list(load_registry())
     listed = _cli(["list", "--runs", str(runs_dir), "--scale", "smoke"], tmp_path)
     assert listed.returncode == 0, listed.stderr
@@ -78,8 +83,7 @@ def test_list_status_and_dry_run_at_80_columns(fake_engine, tmp_path):
 
 @pytest.mark.slow
 def test_plain_and_json_formats_parse(fake_engine, tmp_path):
-    runs_dir = tmp_path / "runs"
-    _fill_runs(runs_dir)
+    runs_dir = _fill_runs(tmp_path)
     plain = _cli(["list", "--runs", str(runs_dir), "--scale", "smoke", "--format", "plain"], tmp_path)
     lines = plain.stdout.splitlines()
     assert lines[0].split("\t") == ["name", "section", "kind", "claim", "paper", "runs_done"]
