@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 from repro.errors import UserError
 
-CONFIG_FORMAT = 2  # 2: cosine anneals per iteration
+CONFIG_FORMAT = 3  # 2: cosine anneals per iteration; 3: alexnet-paper drops the outputs of fc6 and fc7
 
 
 def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "") -> Any:
@@ -36,8 +36,11 @@ class ModelConfig:
                              help="paper: alpha as written; per-size: alpha/n as Caffe, torch and cuda-convnet2")
     pooling: str = _f("overlap", choices=("overlap", "non-overlap"), help="3/2 or 2/2 max-pool (section 3.4)")
     towers: str = _f("two", choices=("two", "one-half", "one-full"), help="section 3.2")
-    remove_layer: str = _f("none", choices=("none", "conv3", "conv4", "conv5"), help="section 7")
-    dropout: float = _f(0.5, help="dropout on fc6 and fc7 (section 4.2); 0 disables")
+    remove_layer: str = _f("none", choices=("none", "conv2", "conv3", "conv4", "conv5"),
+                           help="section 7: take one middle conv layer out (the pools stay)")
+    dropout: float = _f(0.5, help="dropout probability (section 4.2), 0 disables; alexnet-paper drops the outputs "
+                        "of fc6 and fc7 (the paper, Caffe), alexnet-owt the inputs of fc6 and fc7 (torchvision), "
+                        "cifar4 the input of its FC layer")
     input_size: int = _f(224, help="224 uses cuda-convnet's output rule (55x55 after conv1); 227 as Caffe")
     width: float = _f(1.0, help="multiplier on every conv and FC width (small scales)")
     stem: str = _f("imagenet", choices=("imagenet", "tiny"),

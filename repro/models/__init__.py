@@ -2,7 +2,7 @@
 
 from repro.models import alexnet, cifar4  # noqa: F401  (registers the models)
 from repro.models.registry import build_model, default_config, list_models, register_model
-from repro.models.summary import count_macs, count_params, models_table
+from repro.models.summary import ModelSize, count_macs, count_params, model_size, models_table
 
-__all__ = ["build_model", "count_macs", "count_params", "default_config", "list_models", "models_table",
-           "register_model"]
+__all__ = ["ModelSize", "build_model", "count_macs", "count_params", "default_config", "list_models",
+           "model_size", "models_table", "register_model"]
