@@ -27,7 +27,6 @@ from torch import nn
 from repro.config import ModelConfig
 from repro.errors import UserError
 from repro.models.layers import LRN, activation, dropout, init_weights, max_pool, pool_out
-from repro.models.registry import register_model
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PAPER_WIDTHS = (96, 256, 384, 384, 256)
@@ -161,12 +160,11 @@ def build_alexnet(cfg: ModelConfig, base_widths: tuple[int, ...], conv1_padding:
     return model
 
 
-@register_model("alexnet-paper", summary="section 3.5: two towers as groups=2 convolutions, LRN")
 def alexnet_paper(cfg: ModelConfig) -> AlexNet:
+    """The builder of `alexnet-paper` (see repro.models.registry)."""
     return build_alexnet(cfg, PAPER_WIDTHS, conv1_padding="cuda-convnet", dropout_layout="paper")
 
 
-@register_model("alexnet-owt", summary="torchvision's one-tower 64-192-384-256-256 AlexNet",
-                defaults={"towers": "one-full", "lrn": False})
 def alexnet_owt(cfg: ModelConfig) -> AlexNet:
+    """The builder of `alexnet-owt`: torchvision's widths, padding and dropout layout."""
     return build_alexnet(cfg, OWT_WIDTHS, conv1_padding="torchvision", dropout_layout="torchvision")

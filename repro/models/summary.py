@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from repro.config import ModelConfig
 from repro.models.layers import LRN
-from repro.models.registry import build_model, default_config, default_overrides, list_models, model_summary
+from repro.models.build import build_model, default_config
+from repro.models.registry import default_overrides, list_models, model_summary
 
 
 def count_params(model: nn.Module) -> int:
