@@ -7,15 +7,14 @@ commands so that `repro --help` is instant.
 from __future__ import annotations
 
 import functools
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from repro.errors import EXIT_BAD_INPUT, UserError
+from repro.views import cli_console
 
 app = typer.Typer(
     help="Reproduce the claims of the AlexNet paper (Krizhevsky, Sutskever, Hinton, 2012), claim by claim.\n\n"
@@ -24,8 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-console = Console(highlight=False)
+err = cli_console(stderr=True)
+console = cli_console()
 
 
 def friendly(fn):
@@ -76,6 +75,16 @@ class Format(str, Enum):
     parquet = "parquet"
 
 
+class View(str, Enum):
+    table = "table"
+    plain = "plain"
+    json = "json"
+
+
+VIEW_HELP = "table: for reading (fits the terminal; prose columns shortened or left out when narrow); " \
+            "plain: a header line, then one tab-separated line per row; json: an array of objects."
+
+
 @app.command("prepare-data")
 @friendly
 def prepare_data(
@@ -123,7 +132,9 @@ def run(
     seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds per variant. Default: the scale's."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=0.02 "
                                    "(repeatable; `repro keys` lists them)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs and their estimated cost."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs and their estimated cost; needs "
+                                 "no data (without it, from the scale's nominal dataset sizes)."),
+    view: View = typer.Option(View.table, "--format", help="How --dry-run prints its plan. " + VIEW_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     launcher: Launcher = typer.Option(Launcher.local, help="local: on this machine (see --parallel); slurm: one "
                                       "Slurm job per run, submitted with submitit.", rich_help_panel="Launching"),
@@ -160,7 +171,7 @@ def run(
                                  tasks_per_run=tasks_per_run, cpus_per_task=cpus_per_task, nodes=nodes, time=time,
                                  wait=wait)
     code = run_experiments(experiment, scale.value, data_dir=data, runs_dir=runs, seeds=seeds, sets=set_,
-                           dry_run=dry_run, progress=not quiet, console=console, launch=launch)
+                           dry_run=dry_run, progress=not quiet, console=console, launch=launch, fmt=view.value)
     raise typer.Exit(code)
 
 
@@ -185,20 +196,28 @@ def cancel(
 def list_(
     runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
     scale: Scale = typer.Option(Scale.demo, help="Count done runs at this scale."),
+    view: View = typer.Option(View.table, "--format", help=VIEW_HELP),
 ):
     """Table of registered experiments: section, claim, paper number, runs done."""
-    from repro.runner import list_table
+    from repro.runner import LIST_COLUMNS, list_rows
+    from repro.views import show
 
-    console.print(list_table(runs, scale.value))
+    show(console, list_rows(runs, scale.value), LIST_COLUMNS, view.value,
+         title=f"experiments (runs done at scale {scale.value})")
 
 
 @app.command("status")
 @friendly
-def status(runs: Path = typer.Option(Path("runs"), help="Where run directories live.")):
+def status(
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    view: View = typer.Option(View.table, "--format", help=VIEW_HELP),
+):
     """What ran, what is running, what failed and why."""
-    from repro.runner import status_table
+    from repro.runner import STATUS_COLUMNS, status_caption, status_rows
+    from repro.views import show
 
-    console.print(status_table(runs))
+    rows = status_rows(runs)
+    show(console, rows, STATUS_COLUMNS, view.value, title=f"runs under {runs}", caption=status_caption(rows))
 
 
 @app.command("results")
@@ -257,6 +276,3 @@ def bench(
     path = run_bench(output, quick=quick, console=console)
     console.print(f"wrote {path}")
 
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())

@@ -14,33 +14,43 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, Callable, get_type_hints
 
 from repro.errors import UserError
+from repro.models.registry import list_models
 
-CONFIG_FORMAT = 4  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
-#                    4: no weight decay on biases unless train.decay_biases
+CONFIG_FORMAT = 5  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
+#                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7
 
 
-def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "") -> Any:
-    return field(default=default, metadata={"choices": choices, "hash": hash, "help": help})
+def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "",
+       valid: tuple[Callable[[Any], bool], str] | None = None) -> Any:
+    """A config field; `choices` or `valid` (a test and what it requires, in words) is the one place its allowed
+    values are written: `check_value` applies them to overrides and to configs built in code alike."""
+    return field(default=default, metadata={"choices": choices, "hash": hash, "help": help, "valid": valid})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("alexnet-paper", choices=("alexnet-paper", "alexnet-owt", "cifar4"),
+    name: str = _f("alexnet-paper", valid=(lambda name: name in list_models(),
+                                           "is not a registered model; `repro models` lists them"),
                    help="registered model, see `repro models`")
-    num_classes: int = _f(1000)
+    num_classes: int = _f(1000, valid=(lambda n: n >= 1, "must be at least 1"))
     activation: str = _f("relu", choices=("relu", "tanh"), help="section 3.1")
     lrn: bool = _f(True, help="local response normalisation after ReLU in conv1, conv2 (section 3.3)")
     lrn_alpha_mode: str = _f("per-size", choices=("paper", "per-size"),
                              help="paper: alpha as written; per-size: alpha/n as Caffe, torch and cuda-convnet2")
     pooling: str = _f("overlap", choices=("overlap", "non-overlap"), help="3/2 or 2/2 max-pool (section 3.4)")
     towers: str = _f("two", choices=("two", "one-half", "one-full"), help="section 3.2")
-    remove_layer: str = _f("none", choices=("none", "conv3", "conv4", "conv5"), help="section 7")
-    dropout: float = _f(0.5, help="dropout on fc6 and fc7 (section 4.2); 0 disables")
+    remove_layer: str = _f("none", choices=("none", "conv2", "conv3", "conv4", "conv5"),
+                           help="section 7: take one middle conv layer out (the pools stay)")
+    dropout: float = _f(0.5, help="dropout probability (section 4.2), 0 disables; alexnet-paper drops the outputs "
+                        "of fc6 and fc7 (the paper, Caffe), alexnet-owt the inputs of fc6 and fc7 (torchvision), "
+                        "cifar4 the input of its FC layer",
+                        valid=(lambda p: 0.0 <= p < 1.0, "must be in [0, 1); 0 disables dropout"))
     input_size: int = _f(224, help="224 uses cuda-convnet's output rule (55x55 after conv1); 227 as Caffe")
-    width: float = _f(1.0, help="multiplier on every conv and FC width (small scales)")
+    width: float = _f(1.0, help="multiplier on every conv and FC width (small scales)",
+                      valid=(lambda w: w > 0, "must be > 0 (1.0 is the paper's widths)"))
     stem: str = _f("imagenet", choices=("imagenet", "tiny"),
                    help="imagenet: conv1 11x11/4; tiny: conv1 5x5/1 for 28-64 px inputs")
     init: str = _f("paper", choices=("paper", "kaiming"),
@@ -137,10 +147,27 @@ def _coerce(key: str, f: dataclasses.Field, typ: type, value: Any) -> Any:
             out = value
     except (ValueError, TypeError):
         raise UserError(f"{key} = {value!r} is not a valid {typ.__name__}; give a {typ.__name__} value") from None
-    choices = f.metadata.get("choices")
-    if choices and out not in choices:
-        raise UserError(f"{key} = {out!r} is not one of {', '.join(choices)}")
+    _check(key, f, out)
     return out
+
+
+def _check(key: str, f: dataclasses.Field, value: Any) -> None:
+    choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
+    if choices and value not in choices:
+        raise UserError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+    if valid and not valid[0](value):
+        raise UserError(f"{key} = {value!r} {valid[1]}")
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raise the one-line UserError for a value that `key` (e.g. "model.activation") does not allow."""
+    _check(key, all_keys()[key], value)
+
+
+def check_section(section: str, values: Any) -> None:
+    """Check every field of a section dataclass built in code (e.g. `ModelConfig(...)`), as overrides are."""
+    for f in dataclasses.fields(values):
+        _check(f"{section}.{f.name}", f, getattr(values, f.name))
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str = "--set") -> RunConfig:
@@ -151,7 +178,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str = "--
     for key, value in overrides.items():
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see `repro run --help` for the keys"
+            hint = f"; did you mean {close[0]}?" if close else "; `repro keys` lists them"
             raise UserError(f"{source}: unknown key {key!r}{hint}")
         sec, name = key.split(".", 1)
         sections[sec][name] = _coerce(key, keys[key], types[sec][name], value)

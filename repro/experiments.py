@@ -29,6 +29,7 @@ from typing import Any
 
 from repro.config import RunConfig, apply_overrides, config_hash
 from repro.errors import UserError
+from repro.hints import prepare_command
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 SCALES = ("smoke", "demo", "subset", "full")
@@ -38,7 +39,9 @@ METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_
 PAPER_KEYS = set(METRICS) | {"speedup", "iters_ratio", "note"}
 REQUIRED = ("title", "section", "claim", "kind", "variants")
 OPTIONAL = ("control", "treatments", "metric", "compare", "reproduced_if", "paper", "base", "sweep", "scales")
-SCALE_SPECIAL = ("seeds", "data")  # keys of a scale table that are not config keys
+SCALE_REQUIRED = ("seeds", "data")
+NOMINAL = ("nominal_train_images", "nominal_val_images", "nominal_classes")  # the data's sizes before it exists
+SCALE_SPECIAL = SCALE_REQUIRED + ("prepare",) + NOMINAL  # keys of a scale table that are not config keys
 SWEEP_ABBREV = {"train.lr": "lr", "train.weight_decay": "wd", "model.dropout": "p"}
 
 
@@ -70,7 +73,9 @@ class PlannedRun:
     seed: int
     scale: str
     cfg: RunConfig
-    config_hash: str
+    config_hash: str               # without the data (data_ready false): a stand-in, not the run's hash
+    data_ready: bool = True        # false: planned from the scale's nominal sizes, the data not prepared yet
+    train_images: int = 0          # training images in the data (or its nominal count); 0: not looked up
 
 
 def _load_toml(path: Path) -> dict[str, Any]:
@@ -110,11 +115,11 @@ def _check_config(path: Path, where: str, overrides: dict[str, Any]) -> dict[str
 def _check_scale_table(path: Path, where: str, table: Any) -> dict[str, Any]:
     _want(path, where, table, dict, "a table")
     for key in SCALE_SPECIAL:
-        if key == "seeds" and key in table:
+        if key in ("seeds",) + NOMINAL and key in table:
             if not isinstance(table[key], int) or isinstance(table[key], bool) or table[key] < 1:
-                raise UserError(f"{path}: [{where}] seeds = {table[key]!r} must be a whole number >= 1")
-        if key == "data" and key in table:
-            _want(path, f"[{where}] data", table[key], str, "a folder path string")
+                raise UserError(f"{path}: [{where}] {key} = {table[key]!r} must be a whole number >= 1")
+        if key in ("data", "prepare") and key in table:
+            _want(path, f"[{where}] {key}", table[key], str, "a string")
     _check_config(path, where, {k: v for k, v in table.items() if k not in SCALE_SPECIAL})
     return dict(table)
 
@@ -212,7 +217,7 @@ def load_scales(directory: Path | str | None = None) -> dict[str, dict[str, Any]
         if scale not in raw:
             raise UserError(f"{path}: missing table [{scale}]; every scale needs one")
         table = _check_scale_table(path, scale, raw[scale])
-        for key in SCALE_SPECIAL:
+        for key in SCALE_REQUIRED:
             if key not in table:
                 raise UserError(f"{path}: [{scale}] is missing {key!r}")
     return raw
@@ -259,14 +264,33 @@ def manifest_facts(data_dir: Path | str) -> tuple[str, int, int]:
     return _manifest(str(Path(data_dir).resolve()))
 
 
+def nominal_facts(exp: Experiment, scale: str, data: Path, scales: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """(classes, training images) the scale's data will have once prepared, from `_scales.toml`."""
+    settings = scale_settings(exp, scale, scales)
+    missing = [k for k in ("nominal_classes", "nominal_train_images") if k not in settings]
+    if missing:
+        raise UserError(f"no prepared data in {data} and _scales.toml [{scale}] gives no {', '.join(missing)} to "
+                        f"plan from; add them there or run `{prepare_command(data)}`")
+    return settings["nominal_classes"], settings["nominal_train_images"]
+
+
 def resolve(exp: Experiment, scale: str, data_dir: Path | str | None = None, seeds: int | None = None,
-            sets: dict[str, Any] | None = None, scales: dict[str, dict[str, Any]] | None = None) -> list[PlannedRun]:
-    """Every (variant, seed) run of `exp` at `scale`, with its fully resolved config and hash."""
+            sets: dict[str, Any] | None = None, scales: dict[str, dict[str, Any]] | None = None,
+            without_data: bool = False) -> list[PlannedRun]:
+    """Every (variant, seed) run of `exp` at `scale`, with its fully resolved config and hash.
+
+    without_data: when the data folder has no manifest yet, plan from the scale's nominal sizes; such runs have
+    `data_ready` false and a stand-in hash (a run's hash covers the data's manifest hash).
+    """
     scales = scales if scales is not None else load_scales(Path(exp.file).parent if exp.file else None)
     settings = scale_settings(exp, scale, scales)
     data = data_dir_for(exp, scale, data_dir, scales)
     n_seeds = seeds if seeds is not None else settings["seeds"]
-    manifest_hash, num_classes, _ = manifest_facts(data)
+    ready = not without_data or (data / "manifest.json").is_file()
+    if ready:
+        manifest_hash, num_classes, num_train = manifest_facts(data)
+    else:
+        manifest_hash, (num_classes, num_train) = "", nominal_facts(exp, scale, data, scales)
     cfg0 = apply_overrides(RunConfig(), {k: v for k, v in scales[scale].items() if k not in SCALE_SPECIAL},
                            source=f"_scales.toml [{scale}]")
     cfg0 = apply_overrides(cfg0, exp.base, source=f"{exp.file} [base]")
@@ -280,5 +304,6 @@ def resolve(exp: Experiment, scale: str, data_dir: Path | str | None = None, see
         for seed in range(n_seeds):
             final = apply_overrides(cfg, {"train.seed": seed, "data.dir": str(data),
                                           "data.manifest_hash": manifest_hash, "model.num_classes": num_classes})
-            out.append(PlannedRun(exp.name, variant, group_of[variant], seed, scale, final, config_hash(final)))
+            out.append(PlannedRun(exp.name, variant, group_of[variant], seed, scale, final, config_hash(final),
+                                  data_ready=ready, train_images=num_train))
     return out

@@ -17,7 +17,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from repro import io, lease
 from repro import runs as store
@@ -26,6 +25,8 @@ from repro.engine.record import finite
 from repro.errors import UserError
 from repro.launch import LaunchOptions
 from repro.launch.worker import BUSY, placement, train_claimed
+from repro.hints import prepare_command
+from repro.views import Column, cli_console, show
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
                                scale_settings)
 
@@ -35,15 +36,18 @@ REUSED = ("done", "diverged")
 WAIT_POLL_S = 2.0
 
 
-def plan(names: list[str], scale: str, *, data_dir, seeds, sets, experiments_dir=None):
-    """Resolve every experiment; returns (registry, {experiment: [PlannedRun]})."""
+def plan(names: list[str], scale: str, *, data_dir, seeds, sets, experiments_dir=None, without_data=False):
+    """Resolve every experiment; returns (registry, {experiment: [PlannedRun]}).
+
+    without_data: plan from the scale's nominal sizes where the data is not prepared yet (a dry run)."""
     registry = load_registry(experiments_dir)
     scales = load_scales(experiments_dir)
     if names == ["all"]:
         names = list(registry)
     exps = [get_experiment(registry, n) for n in names]
     overrides = parse_set(list(sets or []))
-    return registry, {e.name: resolve(e, scale, data_dir, seeds, overrides, scales=scales) for e in exps}
+    return registry, {e.name: resolve(e, scale, data_dir, seeds, overrides, scales=scales, without_data=without_data)
+                      for e in exps}
 
 
 def unique_runs(planned: dict[str, list[PlannedRun]]) -> list[PlannedRun]:
@@ -56,7 +60,7 @@ def unique_runs(planned: dict[str, list[PlannedRun]]) -> list[PlannedRun]:
 
 
 def _images_per_run(run: PlannedRun) -> int:
-    _, _, num_train = manifest_facts(run.cfg.data.dir)
+    num_train = run.train_images or manifest_facts(run.cfg.data.dir)[2]
     n = min(run.cfg.data.train_limit, num_train) if run.cfg.data.train_limit else num_train
     return n * run.cfg.train.epochs
 
@@ -97,15 +101,19 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Console) -> int:
-    table = Table(title="planned runs", show_lines=False)
-    for col in ("experiment", "variant", "seed", "hash", "status", "images", "est. time"):
-        table.add_column(col, justify="right" if col in ("seed", "images", "est. time") else "left")
+PLAN_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"),
+                Column("hash", missing="after data"),
+                Column("status"), Column("images", kind="num", fmt=lambda n: f"{n:,}"),
+                Column("est_time", "est. time", kind="num", drop=1))
+
+
+def plan_rows(planned: dict[str, list[PlannedRun]], runs_dir: Path) -> tuple[list[dict], dict]:
+    """One row per planned run, and the totals (images and seconds to train, where the rates came from)."""
     rates = measured_rates(runs_dir)
-    total_images, total_s, sources, counted = 0, 0.0, set(), set()
+    rows, total_images, total_s, sources, counted = [], 0, 0.0, set(), set()
     for exp, runs in planned.items():
         for r in runs:
-            status = store.run_status(store.store_dir(runs_dir, r.config_hash))
+            status = store.run_status(store.store_dir(runs_dir, r.config_hash)) if r.data_ready else "no data"
             images, seconds, source = estimate(r, rates)
             shared = r.config_hash in counted
             if status not in REUSED and not shared:
@@ -113,13 +121,35 @@ def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Co
                 sources.add(source)
             counted.add(r.config_hash)
             note = "shared" if shared else ("reused" if status in REUSED else _fmt_time(seconds))
-            table.add_row(exp, r.variant, str(r.seed), r.config_hash, status, f"{images:,}", note)
-    console.print(table)
-    n_unique = len(counted)
-    console.print(f"{sum(map(len, planned.values()))} planned runs, {n_unique} distinct; to train: "
-                  f"{total_images:,} training images, about {_fmt_time(total_s)} "
-                  f"({', '.join(sorted(sources)) or 'nothing to do'}; evaluation not included).")
+            rows.append({"experiment": exp, "variant": r.variant, "seed": r.seed,
+                         "hash": r.config_hash if r.data_ready else None,
+                         "status": status, "images": images, "est_time": note})
+    totals = {"planned": len(rows), "distinct": len(counted), "images": total_images, "seconds": total_s,
+              "sources": sorted(sources)}
+    return rows, totals
+
+
+def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Console, fmt: str = "table") -> int:
+    rows, t = plan_rows(planned, runs_dir)
+    show(console, rows, PLAN_COLUMNS, fmt, title="planned runs")
+    missing = sorted({(r.scale, r.cfg.data.dir) for runs in planned.values() for r in runs if not r.data_ready})
+    notes = [f"{folder} is not prepared yet: planned from the {scale} scale's nominal dataset sizes "
+             f"({_nominal_text(planned, folder)}); run hashes cover the data, so they are shown after "
+             f"`{prepare_command(folder)}`, and these runs are not recorded under {runs_dir}."
+             for scale, folder in missing]
+    summary = (f"{t['planned']} planned runs, {t['distinct']} distinct; to train: {t['images']:,} training images, "
+               f"about {_fmt_time(t['seconds'])} ({', '.join(t['sources']) or 'nothing to do'}; "
+               "evaluation not included).")
+    # plain and json are for scripts: the prose goes to stderr so that stdout parses
+    out = console if fmt == "table" else cli_console(stderr=True)
+    for line in notes + [summary]:
+        out.print(line, markup=False)
     return 0
+
+
+def _nominal_text(planned: dict[str, list[PlannedRun]], folder: str) -> str:
+    r = next(r for runs in planned.values() for r in runs if r.cfg.data.dir == folder)
+    return f"{r.train_images:,} training images, {r.cfg.model.num_classes} classes"
 
 
 def _label(r: PlannedRun, users: dict[str, list[str]]) -> str:
@@ -206,19 +236,20 @@ def _run_one(r: PlannedRun, runs_dir: Path, label: str, progress: bool, console:
 
 def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Path("runs"), seeds=None, sets=(),
                     dry_run: bool = False, progress: bool = True, console: Console | None = None,
-                    experiments_dir=None, launch: LaunchOptions | None = None) -> int:
+                    experiments_dir=None, launch: LaunchOptions | None = None, fmt: str = "table") -> int:
     """Plan, train, analyse and summarise; returns the exit code (0 ok, 1 when a run failed). With Slurm and no
     wait, it returns once the jobs are submitted; the analyses run on a later `repro run` once the runs are done."""
-    console = console or Console()
+    console = console or cli_console()
     runs_dir = Path(runs_dir)
     registry, planned = plan([name_or_all], scale, data_dir=data_dir, seeds=seeds, sets=sets,
-                             experiments_dir=experiments_dir)
+                             experiments_dir=experiments_dir, without_data=dry_run)
     if dry_run:
         # Record each planned run's config (planned.json, status "pending") so that a run can also be trained
         # on several GPUs: `torchrun --nproc_per_node N -m repro.engine.distributed runs/store/<hash>`.
-        for r in (r for runs in planned.values() for r in runs):
+        # A run planned without its data has no hash yet: nothing to record.
+        for r in (r for runs in planned.values() for r in runs if r.data_ready):
             store.ensure_run(runs_dir, r)
-        return print_plan(planned, runs_dir, console)
+        return print_plan(planned, runs_dir, console, fmt)
     t0 = time.time()
     launch = launch or LaunchOptions()
     statuses = train_all(planned, runs_dir, progress=progress, console=console, launch=launch)
@@ -247,14 +278,17 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
     return 1 if counts.get("failed") or counts.get("interrupted") else 0
 
 
-def list_table(runs_dir: Path | str, scale: str, experiments_dir=None) -> Table:
+LIST_COLUMNS = (Column("name"), Column("section"), Column("kind"),
+                Column("claim", kind="prose", drop=3), Column("paper", kind="prose", drop=2),
+                Column("runs_done", "runs done", kind="num"))
+
+
+def list_rows(runs_dir: Path | str, scale: str, experiments_dir=None) -> list[dict]:
     """`repro list`: every experiment with section, claim, paper number and runs done at `scale`."""
     registry = load_registry(experiments_dir)
     scales = load_scales(experiments_dir)
     df = store.collect(runs_dir)
-    table = Table(title=f"experiments (runs done at scale {scale})")
-    for col in ("name", "section", "kind", "claim", "paper", "runs done"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for name, e in registry.items():
         paper = ", ".join(f"{k} {v:+g}" if e.kind in ("effect", "ensemble", "ten-crop") else f"{k} {v:g}"
                           for k, v in e.paper.items() if k != "note") or "qualitative"
@@ -262,8 +296,19 @@ def list_table(runs_dir: Path | str, scale: str, experiments_dir=None) -> Table:
         expected = len(e.variants) * settings["seeds"]
         sub = df[(df.experiment == name) & (df.scale == scale)] if not df.empty else df
         done = int((sub.status == "done").sum()) if not sub.empty else 0
-        table.add_row(name, e.section, e.kind, e.claim, paper, f"{done}/{expected}")
-    return table
+        rows.append({"name": name, "section": e.section, "kind": e.kind, "claim": e.claim, "paper": paper,
+                     "runs_done": f"{done}/{expected}"})
+    return rows
+
+
+STATUS_COLOUR = {"done": "green", "diverged": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
+                 "stale": "magenta", "pending": "blue", "requeued": "blue", "cancelled": "red", "preempted": "yellow"}
+STATUS_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"), Column("scale", drop=1),
+                  Column("hash"), Column("status", style=lambda s: STATUS_COLOUR.get(s, "white")),
+                  Column("job", drop=2), Column("host", drop=4), Column("gpus", drop=5),
+                  Column("epochs", kind="num", drop=3, fmt=lambda n: f"{n:.0f}"),
+                  Column("top1_err", "top-1", kind="num", fmt=lambda x: f"{x:.2f}"),
+                  Column("log", kind="prose", drop=6), Column("error", kind="prose", drop=7))
 
 
 def status_rows(runs_dir: Path | str) -> list[dict[str, Any]]:
@@ -298,26 +343,10 @@ def status_rows(runs_dir: Path | str) -> list[dict[str, Any]]:
     return rows
 
 
-def status_table(runs_dir: Path | str) -> Table:
-    """`repro status`: every run with its state, where it trains or trained, and why it failed."""
-    rows = status_rows(runs_dir)
-    table = Table(title=f"runs under {runs_dir}")
-    for col in ("experiment", "variant", "seed", "scale", "hash", "status", "job", "host", "gpus", "epochs",
-                "top-1 err", "log", "error"):
-        table.add_column(col, overflow="fold")
+def status_caption(rows: list[dict]) -> str:
     if not rows:
-        table.caption = "no runs yet: `repro run all --scale demo`"
-        return table
-    colour = {"done": "green", "diverged": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
-              "stale": "magenta", "pending": "blue", "requeued": "blue", "cancelled": "red"}
-    counts: dict[str, int] = defaultdict(int)
+        return "no runs yet: `repro run all --scale demo`"
+    counts = defaultdict(int)
     for r in rows:
-        st = r["status"]
-        counts[st] += 1
-        table.add_row(r["experiment"], r["variant"], str(r["seed"]), str(r["scale"]), r["hash"],
-                      f"[{colour.get(st, 'white')}]{st}[/]", escape(str(r["job"])), escape(str(r["host"])),
-                      escape(str(r["gpus"])), "" if r["epochs"] is None else str(r["epochs"]),
-                      "" if r["top1_err"] is None else f"{r['top1_err']:.2f}", escape(str(r["log"])),
-                      escape(r["error"]))
-    table.caption = ", ".join(f"{n} {s}" for s, n in counts.items())
-    return table
+        counts[r["status"]] += 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -41,7 +41,7 @@ def test_every_experiment_resolves_and_the_baseline_is_shared(fake_manifest, sca
     reg = ex.load_registry()
     scales = ex.load_scales()
     # the baseline config computed by hand: paper defaults + the scale's table, seed 0
-    table = {k: v for k, v in scales[scale].items() if k not in ("seeds", "data")}
+    table = {k: v for k, v in scales[scale].items() if k not in ex.SCALE_SPECIAL}
     base = apply_overrides(RunConfig(), {**table, "data.dir": scales[scale]["data"], "train.seed": 0,
                                          "data.manifest_hash": fake_manifest[0], "model.num_classes": fake_manifest[1]})
     base_hash = config_hash(base)

@@ -6,8 +6,9 @@ import torchvision
 from rich.console import Console
 from torch import nn
 
-from repro.config import ModelConfig
-from repro.models import build_model, count_macs, count_params, default_config, list_models, models_table
+from repro.config import ModelConfig, RunConfig, apply_overrides
+from repro.models import (build_model, count_macs, count_params, default_config, list_models, model_size,
+                          models_table)
 
 
 def conv(c_out, c_in, k, groups=1):
@@ -66,6 +67,8 @@ def test_one_half_halves_every_conv_but_the_last():
 
 
 @pytest.mark.parametrize("removed, convs, fc_in", [
+    # conv3 sees conv1's 96 maps (conv3 connects both towers), pooled twice: 27 -> 13 as with conv2
+    ("conv2", conv(96, 3, 11) + conv(384, 96, 3) + conv(384, 384, 3, 2) + conv(256, 384, 3, 2), 256),
     ("conv3", conv(96, 3, 11) + conv(256, 96, 5, 2) + conv(384, 256, 3, 2) + conv(256, 384, 3, 2), 256),
     ("conv4", conv(96, 3, 11) + conv(256, 96, 5, 2) + conv(384, 256, 3) + conv(256, 384, 3, 2), 256),
     ("conv5", conv(96, 3, 11) + conv(256, 96, 5, 2) + conv(384, 256, 3) + conv(384, 384, 3, 2), 384),
@@ -77,6 +80,26 @@ def test_removing_a_layer_reconnects_its_neighbours(removed, convs, fc_in):
     with pytest.raises(KeyError):
         model.layer(removed)
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 4
+
+
+@pytest.mark.parametrize("removed, params, fc6_inputs", [
+    # by hand from the conv and fc sizes above (see test_paper_net_has_the_papers_parameter_count for "none")
+    ("none", 60_965_224, 9_216),
+    ("conv2", 60_965_224 - 307_456 - 885_120 + 332_160, 9_216),        # conv3 from 96 maps: 384*96*9 + 384
+    ("conv3", 60_965_224 - 885_120 - 663_936 + 442_752, 9_216),        # conv4 from 2 x 128: 384*128*9 + 384
+    ("conv4", 60_965_224 - 663_936, 9_216),                            # conv5 still sees 2 x 192
+    ("conv5", 60_965_224 - 442_624 - 37_752_832 + 56_627_200, 13_824),  # fc6 from 384*6*6: 13,824*4096 + 4096
+])
+def test_model_size_of_each_layer_removal_variant(removed, params, fc6_inputs):
+    assert model_size(ModelConfig(remove_layer=removed)) == (params, fc6_inputs)
+    assert model_size(ModelConfig(remove_layer="conv2")).params == 60_104_808
+    assert model_size(ModelConfig(remove_layer="conv5")).params == 79_396_968
+
+
+def test_removing_conv2_keeps_the_map_sizes():
+    model = meta_model(remove_layer="conv2")
+    assert pool_sizes(model, 224) == [55, 27, 13, 6]  # conv1, its pool, conv2's pool (kept), pool5
+    assert model.layer("conv3").in_channels == 96 and model.layer("conv3").groups == 1
 
 
 def test_one_half_keeps_the_last_remaining_conv_full():
@@ -122,7 +145,7 @@ def test_cifar4_shapes():
 def test_forward_features_is_the_fc7_activation():
     model = build_model(ModelConfig(input_size=32, stem="tiny", width=0.25, num_classes=7)).eval()
     seen = []
-    model.classifier[5].register_forward_hook(lambda m, i, o: seen.append(o.clone()))  # the ReLU after fc7
+    model.classifier[4].register_forward_hook(lambda m, i, o: seen.append(o.clone()))  # the ReLU after fc7
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feats, logits = model.forward_features(x), model(x)
@@ -210,12 +233,6 @@ def test_owt_state_dict_loads_into_torchvision_with_identical_outputs():
 
 # ---- registry and table -----------------------------------------------------------------------------------
 
-def test_every_config_choice_is_registered():
-    from dataclasses import fields
-    choices = next(f for f in fields(ModelConfig) if f.name == "name").metadata["choices"]
-    assert sorted(choices) == list_models() == ["alexnet-owt", "alexnet-paper", "cifar4"]
-
-
 def test_macs_match_a_count_by_hand():
     # torchvision's one-tower net at 224: conv maps 55, 27, 13, 13, 13, then 6x6 into fc6
     by_hand = (55 * 55 * 64 * 3 * 121 + 27 * 27 * 192 * 64 * 25 + 13 * 13 * 384 * 192 * 9
@@ -247,5 +264,9 @@ def test_registry_builds_a_registered_function_and_refuses_unknown_names(monkeyp
 
     assert "linear-probe" in list_models()
     assert build_model(default_config("linear-probe")).out_features == 3
+    # the config's check reads the registry: a registered model is a valid model.name, an unknown one is not
+    assert apply_overrides(RunConfig(), {"model.name": "linear-probe"}).model.name == "linear-probe"
+    with pytest.raises(UserError, match="model.name = 'vgg16' is not a registered model"):
+        apply_overrides(RunConfig(), {"model.name": "vgg16"})
     with pytest.raises(UserError, match="not a registered model"):
         build_model(ModelConfig(name="vgg16"))

@@ -105,7 +105,7 @@ def test_towers_widths(towers, widths):
     assert forwards(small(towers=towers))
 
 
-@pytest.mark.parametrize("removed", ["conv3", "conv4", "conv5"])
+@pytest.mark.parametrize("removed", ["conv2", "conv3", "conv4", "conv5"])
 @pytest.mark.parametrize("towers", ["two", "one-half"])
 def test_removed_layer_still_forwards(removed, towers):
     model = small(remove_layer=removed, towers=towers)
@@ -115,7 +115,6 @@ def test_removed_layer_still_forwards(removed, towers):
 def test_dropout_probability():
     model = meta(dropout=0.3)
     assert [m.p for m in of_type(model, nn.Dropout)] == [0.3, 0.3]
-    assert [type(model.classifier[i]) for i in (0, 3)] == [nn.Dropout, nn.Dropout]  # before fc6 and fc7
     assert of_type(meta(dropout=0.0), nn.Dropout) == []
     assert [m.p for m in of_type(build_model(default_config("cifar4", dropout=0.5)), nn.Dropout)] == [0.5]
 
@@ -182,3 +181,52 @@ def test_bad_values_are_user_errors(name, cfg, match):
     with pytest.raises(UserError, match=match) as e:
         build_model(ModelConfig(name=name, **cfg))
     assert "\n" not in str(e.value)
+
+
+def _layout(model) -> list[str]:
+    return [type(m).__name__ for m in model.classifier]
+
+
+def test_paper_drops_the_outputs_of_fc6_and_fc7_owt_their_inputs():
+    # the paper and Caffe's bvlc_alexnet: fc6 -> relu6 -> drop6 -> fc7 -> relu7 -> drop7 -> fc8
+    assert _layout(meta()) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    # torchvision's AlexNet: drop -> fc6 -> relu -> drop -> fc7 -> relu -> fc8
+    owt = meta(**vars(default_config("alexnet-owt")))
+    assert _layout(owt) == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert _layout(meta(dropout=0.0)) == ["Linear", "ReLU", "Identity", "Linear", "ReLU", "Identity", "Linear"]
+
+
+def _fc_inputs_and_outputs(model, x):
+    """In train mode: the input of fc6, fc7 and fc8, and the outputs of the features and fc6, fc7 after ReLU."""
+    seen = {}
+    for name in ("fc6", "fc7", "fc8"):
+        model.layer(name).register_forward_pre_hook(lambda m, i, name=name: seen.__setitem__(name + "_in", i[0]))
+        model.layer(name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name + "_act", torch.relu(o)))
+    model.features.register_forward_hook(lambda m, i, o: seen.__setitem__("pool5", o.flatten(1)))
+    with torch.no_grad():
+        model.train()(x)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["alexnet-paper", "alexnet-owt"])
+def test_dropout_masks_land_where_each_layout_puts_them(name):
+    torch.manual_seed(0)
+    model = build_model(default_config(name, **SMALL, dropout=0.5))
+    s = _fc_inputs_and_outputs(model, torch.randn(8, 3, 32, 32))
+
+    def dropped(before, after):
+        """Share of positive units zeroed, checking the rest are scaled by 1 / (1 - p) = 2."""
+        on = before > 0
+        kept = after[on] != 0
+        torch.testing.assert_close(after[on][kept], 2 * before[on][kept])
+        return 1 - kept.float().mean().item()
+
+    if name == "alexnet-paper":
+        torch.testing.assert_close(s["fc6_in"], s["pool5"])  # pool5 is not dropped
+        assert 0.4 < dropped(s["fc6_act"], s["fc7_in"]) < 0.6
+        assert 0.4 < dropped(s["fc7_act"], s["fc8_in"]) < 0.6  # fc7's output is
+    else:
+        assert 0.4 < dropped(s["pool5"], s["fc6_in"]) < 0.6
+        assert 0.4 < dropped(s["fc6_act"], s["fc7_in"]) < 0.6
+        torch.testing.assert_close(s["fc8_in"], s["fc7_act"])  # torchvision never drops fc7's output

@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 
 from repro import runs
-from repro.runner import list_table, run_experiments, status_table
+from repro.runner import LIST_COLUMNS, STATUS_COLUMNS, list_rows, run_experiments, status_caption, status_rows
+from repro.views import show
 
 from conftest import fake_fit
 
@@ -24,7 +25,10 @@ def _console():
 
 def _run(name, runs_dir, **kw):
     console = _console()
-    code = run_experiments(name, "smoke", data_dir="data/x", runs_dir=runs_dir, seeds=kw.pop("seeds", None),
+    data = Path(runs_dir).parent / "prepared"  # the stand-in manifest answers for any folder that has one
+    data.mkdir(exist_ok=True)
+    (data / "manifest.json").touch()
+    code = run_experiments(name, "smoke", data_dir=data, runs_dir=runs_dir, seeds=kw.pop("seeds", None),
                            sets=kw.pop("sets", []), dry_run=kw.pop("dry_run", False), progress=False,
                            console=console)
     return code, console.export_text()
@@ -120,8 +124,9 @@ def test_dry_run_uses_the_measured_rate(fake_engine, tmp_path, monkeypatch):
 def test_list_and_status_tables(fake_engine, tmp_path):
     _run("ablation-lrn", tmp_path)
     console = _console()
-    console.print(list_table(tmp_path, "smoke"))
-    console.print(status_table(tmp_path))
+    show(console, list_rows(tmp_path, "smoke"), LIST_COLUMNS)
+    rows = status_rows(tmp_path)
+    show(console, rows, STATUS_COLUMNS, caption=status_caption(rows))
     text = console.export_text()
     assert "ablation-lrn" in text and "2/2" in text and "top1_err -1.4" in text
     assert "relu-vs-tanh" in text and "0/6" in text

@@ -24,6 +24,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from repro.errors import UserError
+from repro.hints import prepare_command
 
 FORMAT_VERSION = 2
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
@@ -87,12 +88,12 @@ class BetonReader:
             if len(meta) != self.num_samples:
                 raise ValueError("metadata table is truncated")
         except (OSError, ValueError, IndexError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.path}: not a readable .beton file ({e}); re-run `repro prepare-data` "
-                            "with --force") from None
+            raise UserError(f"{self.path}: not a readable .beton file ({e}); "
+                            f"run `{prepare_command(self.path.parent, force=True)}`") from None
         fields = {name: meta[f"f{i}"] for i, name in enumerate(names)}
         if "image" not in fields or "label" not in fields or types[names.index("image")] != 2:
             raise UserError(f"{self.path}: expected fields 'image' (RGB) and 'label', found {names}; "
-                            "re-run `repro prepare-data` with --force")
+                            f"run `{prepare_command(self.path.parent, force=True)}`")
         self.images_meta = fields["image"]
         self.labels = np.asarray(fields["label"], dtype=np.int64)
         order = np.argsort(alloc["ptr"])

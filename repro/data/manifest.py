@@ -10,14 +10,14 @@ from pathlib import Path
 
 from data_prep.manifest import sha256_file  # the writer's own hash, so both sides agree
 from repro.errors import UserError
+from repro.hints import prepare_command
 
 MANIFEST_FORMAT = 1
 REQUIRED = ("source", "settings", "image", "classes", "splits", "mean", "std", "pca", "hash")
 
 
-def _prepare_hint(folder: Path, manifest: dict | None = None) -> str:
-    source = (manifest or {}).get("source") or folder.name or "SOURCE"
-    return f"run `repro prepare-data {source} --out {folder}`"
+def _prepare_hint(folder: Path, manifest: dict | None = None, force: bool = False) -> str:
+    return f"run `{prepare_command(folder, manifest, force=force)}`"
 
 
 def read_manifest(folder: str | Path, verify: bool = False) -> dict:
@@ -35,27 +35,28 @@ def read_manifest(folder: str | Path, verify: bool = False) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-run `repro prepare-data` with --force") from None
+        raise UserError(f"{path} is not valid JSON ({e}); {_prepare_hint(folder, force=True)}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"{path} has format {found!r}, this version reads format {MANIFEST_FORMAT}; "
-                        f"re-run `repro prepare-data` with --force")
+                        f"{_prepare_hint(folder, manifest if isinstance(manifest, dict) else None, force=True)}")
     missing = [key for key in REQUIRED if key not in manifest]
     splits = manifest.get("splits", {})
     missing += [f"splits.{s}" for s in ("train", "val") if not isinstance(splits, dict) or s not in splits]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; re-run `repro prepare-data` with --force")
+        raise UserError(f"{path} lacks {', '.join(missing)}; {_prepare_hint(folder, manifest, force=True)}")
     for name in ("train", "val"):
         split = splits[name]
         beton = folder / split.get("file", f"{name}.beton")
         if not beton.is_file():
-            raise UserError(f"{beton} not found; {_prepare_hint(folder, manifest)} --force")
+            raise UserError(f"{beton} not found; {_prepare_hint(folder, manifest, force=True)}")
         size = beton.stat().st_size
         if "bytes" in split and size != split["bytes"]:
             raise UserError(f"{beton} has {size} bytes but its manifest says {split['bytes']}; "
-                            "re-run prepare-data with --force")
+                            f"{_prepare_hint(folder, manifest, force=True)}")
         if verify and sha256_file(beton) != split.get("sha256"):
-            raise UserError(f"{beton} does not match its manifest (sha256); re-run prepare-data with --force")
+            raise UserError(f"{beton} does not match its manifest (sha256); "
+                            f"{_prepare_hint(folder, manifest, force=True)}")
     return manifest
 
 

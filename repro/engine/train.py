@@ -33,6 +33,7 @@ from repro.engine.provenance import provenance
 from repro.engine.record import RunRecord
 from repro.errors import UserError
 from repro.models import build_model
+from repro.views import progress_console
 
 
 class Diverged(Exception):
@@ -209,7 +210,8 @@ def _progress_bar(enabled: bool):
     if not enabled:
         return None
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[ips]:>7.0f} img/s"), TimeRemainingColumn(), transient=False)
+                    TextColumn("{task.fields[ips]:>7.0f} img/s"), TimeRemainingColumn(), transient=False,
+                    console=progress_console())
 
 
 def _curve_point(state: RunState, sums: torch.Tensor) -> None:

@@ -1,9 +1,16 @@
 """The AlexNet family: the paper's two-tower net (section 3.5) and torchvision's one-tower variant, one builder.
 
-Module layout follows torchvision's `AlexNet` (`features`, `avgpool`, `classifier` with dropout before fc6 and
-fc7), so `alexnet-owt` with `towers="one-full"`, `lrn=False` has torchvision's state-dict keys. The two GPUs of
+Module layout follows torchvision's `AlexNet` (`features`, `avgpool`, `classifier`). Dropout sits where each
+source puts it: `alexnet-paper` drops the outputs of fc6 and fc7 (section 4.2; Caffe's bvlc_alexnet: fc6 -> relu6 ->
+drop6 -> fc7 -> relu7 -> drop7 -> fc8), `alexnet-owt` the inputs of fc6 and fc7 (torchvision: pool5 -> drop -> fc6
+-> relu -> drop -> fc7 -> relu -> fc8), so that with `towers="one-full"`, `lrn=False` it has torchvision's
+state-dict keys. The two GPUs of
 the paper become groups=2 convolutions in conv2, conv4, conv5 (within a tower); conv3 and the FC layers see both
 towers. conv1 is one ordinary convolution whose first half of kernels is tower 1 (each tower sees the image).
+
+Layer removal (section 7) takes a conv layer out and keeps every pool, so the maps keep their sizes: without
+conv2 (and its LRN), conv1's pooled maps are pooled again and conv3 sees conv1's channels; without conv5, fc6 sees
+conv4's 384 maps (13,824 inputs at full size instead of 9,216).
 
 conv1 geometry: "cuda-convnet" (alexnet-paper) pads the input on the bottom/right just enough that the output
 follows `1 + ceil((n - 11) / 4)`, the author's rule: 224 -> 55 (3 px of padding) and 227 -> 55 (none, Caffe's
@@ -20,7 +27,6 @@ from torch import nn
 from repro.config import ModelConfig
 from repro.errors import UserError
 from repro.models.layers import LRN, activation, dropout, init_weights, max_pool, pool_out
-from repro.models.registry import register_model
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PAPER_WIDTHS = (96, 256, 384, 384, 256)
@@ -30,23 +36,32 @@ FC_WIDTH = 4096
 CONV_GEOMETRY = {"conv2": (5, 1, 2), "conv3": (3, 1, 1), "conv4": (3, 1, 1), "conv5": (3, 1, 1)}
 WITHIN_TOWER = ("conv2", "conv4", "conv5")  # connected only to the kernel maps on the same GPU
 BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")  # section 5
+POOLED = ("conv1", "conv2")  # LRN (section 3.3) and a max-pool follow these; one more pool follows the last conv
+DROPOUT_LAYOUTS = ("paper", "torchvision")  # dropout on the outputs of fc6, fc7 / on the inputs of fc6, fc7
 
 
 class AlexNet(nn.Module):
     """features -> avgpool (identity at the configured input) -> classifier; layers reachable by paper name."""
 
     def __init__(self, features: nn.Sequential, layer_paths: dict[str, str], grid: int, channels: int,
-                 fc_width: int, num_classes: int, p: float, act: str, towers: int):
+                 fc_width: int, num_classes: int, p: float, act: str, towers: int, dropout_layout: str):
         super().__init__()
         self.features = features
         # torchvision keeps this adaptive pool; at the configured input size the grid is already `grid` x `grid`.
         self.avgpool = nn.AdaptiveAvgPool2d((grid, grid))
-        self.classifier = nn.Sequential(
-            dropout(p), nn.Linear(channels * grid * grid, fc_width), activation(act),
-            dropout(p), nn.Linear(fc_width, fc_width), activation(act),
-            nn.Linear(fc_width, num_classes),
-        )
-        self.layer_paths = {**layer_paths, "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
+        fc6, fc7 = nn.Linear(channels * grid * grid, fc_width), nn.Linear(fc_width, fc_width)
+        if dropout_layout == "paper":
+            hidden = [fc6, activation(act), dropout(p), fc7, activation(act), dropout(p)]
+            self.layer_paths = {**layer_paths, "fc6": "classifier.0", "fc7": "classifier.3"}
+            self.hidden_end = 5  # classifier[:5] ends with fc7's activation, before drop7
+        elif dropout_layout == "torchvision":
+            hidden = [dropout(p), fc6, activation(act), dropout(p), fc7, activation(act)]
+            self.layer_paths = {**layer_paths, "fc6": "classifier.1", "fc7": "classifier.4"}
+            self.hidden_end = 6
+        else:
+            raise ValueError(f"dropout_layout {dropout_layout!r} is not one of {', '.join(DROPOUT_LAYOUTS)}")
+        self.classifier = nn.Sequential(*hidden, nn.Linear(fc_width, num_classes))
+        self.layer_paths["fc8"] = "classifier.6"
         self.features_dim = fc_width
         self.towers = towers
 
@@ -60,10 +75,10 @@ class AlexNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden layer (fc7 after its activation), the 4096-d code of section 6.1 at full width."""
         x = torch.flatten(self.avgpool(self.features(x)), 1)
-        return self.classifier[:-1](x)
+        return self.classifier[:self.hidden_end](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier[-1](self.forward_features(x))
+        return self.classifier[self.hidden_end:](self.forward_features(x))
 
     def conv1_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """conv1 kernels split by tower (figure 3); one-tower nets return (all kernels, None)."""
@@ -105,30 +120,33 @@ def _stem(cfg: ModelConfig, out: int, conv1_padding: str) -> tuple[list[nn.Modul
     return [nn.ZeroPad2d((0, pad, 0, pad)), nn.Conv2d(3, out, 11, 4)], (n + pad - 11) // 4 + 1
 
 
-def build_alexnet(cfg: ModelConfig, base_widths: tuple[int, ...], conv1_padding: str) -> AlexNet:
-    """One AlexNet from `cfg`, every switch applied; `conv1_padding` is "cuda-convnet" or "torchvision"."""
+def build_alexnet(cfg: ModelConfig, base_widths: tuple[int, ...], conv1_padding: str, dropout_layout: str) -> AlexNet:
+    """One AlexNet from `cfg`, every switch applied; `conv1_padding` is "cuda-convnet" or "torchvision",
+    `dropout_layout` "paper" or "torchvision"."""
     widths = conv_widths(base_widths, cfg)
     towers = 2 if cfg.towers == "two" else 1
     layers: list[nn.Module] = []
     paths: dict[str, str] = {}
     in_ch, size, pool_inputs = 3, cfg.input_size, []
-    for name, out in widths.items():
-        if name == "conv1":
-            stem, size = _stem(cfg, out, conv1_padding)
-            layers += stem[:-1]
-            conv = stem[-1]
-        else:
-            k, s, p = CONV_GEOMETRY[name]
-            conv = nn.Conv2d(in_ch, out, k, s, p, groups=towers if name in WITHIN_TOWER else 1)
-        paths[name] = f"features.{len(layers)}"
-        layers += [conv, activation(cfg.activation)]
-        if name in ("conv1", "conv2"):
-            if cfg.lrn:
+    for name in CONV_NAMES:
+        if name in widths:
+            out = widths[name]
+            if name == "conv1":
+                stem, size = _stem(cfg, out, conv1_padding)
+                layers += stem[:-1]
+                conv = stem[-1]
+            else:
+                k, s, p = CONV_GEOMETRY[name]
+                conv = nn.Conv2d(in_ch, out, k, s, p, groups=towers if name in WITHIN_TOWER else 1)
+            paths[name] = f"features.{len(layers)}"
+            layers += [conv, activation(cfg.activation)]
+            if name in POOLED and cfg.lrn:
                 layers.append(LRN(alpha_mode=cfg.lrn_alpha_mode, towers=towers))
+            in_ch = out
+        if name in POOLED:  # kept when the layer is removed, so later maps keep their sizes
             layers.append(max_pool(cfg.pooling))
             pool_inputs.append(size)
             size = pool_out(size)
-        in_ch = out
     layers.append(max_pool(cfg.pooling))  # after conv5, or whichever conv layer is last
     pool_inputs.append(size)
     if min(pool_inputs) < 3:
@@ -137,17 +155,16 @@ def build_alexnet(cfg: ModelConfig, base_widths: tuple[int, ...], conv1_padding:
                         f"before a 3x3 pool with stem {cfg.stem!r}; use {hint}")
     fc = max(1, round(FC_WIDTH * cfg.width))
     model = AlexNet(nn.Sequential(*layers), paths, pool_out(size), in_ch, fc, cfg.num_classes, cfg.dropout,
-                    cfg.activation, towers)
+                    cfg.activation, towers, dropout_layout)
     init_weights(model.named_layers(), cfg.init, cfg.activation, std=0.01, bias_one=BIAS_ONE)
     return model
 
 
-@register_model("alexnet-paper", summary="section 3.5: two towers as groups=2 convolutions, LRN")
 def alexnet_paper(cfg: ModelConfig) -> AlexNet:
-    return build_alexnet(cfg, PAPER_WIDTHS, conv1_padding="cuda-convnet")
+    """The builder of `alexnet-paper` (see repro.models.registry)."""
+    return build_alexnet(cfg, PAPER_WIDTHS, conv1_padding="cuda-convnet", dropout_layout="paper")
 
 
-@register_model("alexnet-owt", summary="torchvision's one-tower 64-192-384-256-256 AlexNet",
-                defaults={"towers": "one-full", "lrn": False})
 def alexnet_owt(cfg: ModelConfig) -> AlexNet:
-    return build_alexnet(cfg, OWT_WIDTHS, conv1_padding="torchvision")
+    """The builder of `alexnet-owt`: torchvision's widths, padding and dropout layout."""
+    return build_alexnet(cfg, OWT_WIDTHS, conv1_padding="torchvision", dropout_layout="torchvision")

@@ -19,7 +19,6 @@ from torch import nn
 from repro.config import ModelConfig
 from repro.errors import UserError
 from repro.models.layers import LRN, activation, avg_pool, dropout, init_weights, max_pool, pool_out
-from repro.models.registry import register_model
 
 WIDTHS = (32, 32, 64)
 LRN_SIZE, LRN_ALPHA = 3, 5e-5
@@ -68,8 +67,6 @@ class Cifar4(nn.Module):
         return self.layer("conv1").weight.detach(), None
 
 
-@register_model("cifar4", summary="section 3.1: four-layer CIFAR-10 net (layers-18pct)",
-                defaults={"num_classes": 10, "input_size": 32, "dropout": 0.0})
 def cifar4(cfg: ModelConfig) -> Cifar4:
     for key, default in (("towers", "two"), ("remove_layer", "none")):
         value = getattr(cfg, key)

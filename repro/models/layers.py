@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repro.config import check_value
 from repro.errors import UserError
 
 # Section 3.3: "k = 2, n = 5, alpha = 1e-4, and beta = 0.75".
@@ -35,8 +36,7 @@ class LRN(nn.Module):
     def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
                  k: float = LRN_K, alpha_mode: str = "per-size", towers: int = 1):
         super().__init__()
-        if alpha_mode not in ("paper", "per-size"):
-            raise UserError(f"model.lrn_alpha_mode = {alpha_mode!r} is not one of paper, per-size")
+        check_value("model.lrn_alpha_mode", alpha_mode)
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
         self.alpha_mode, self.towers = alpha_mode, towers
         self.scale = alpha if alpha_mode == "paper" else alpha / size
@@ -62,19 +62,15 @@ class LRN(nn.Module):
 
 def activation(name: str) -> nn.Module:
     """ReLU (in place, as torchvision) or tanh, section 3.1."""
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    if name == "tanh":
-        return nn.Tanh()
-    raise UserError(f"model.activation = {name!r} is not one of relu, tanh")
+    check_value("model.activation", name)
+    return nn.ReLU(inplace=True) if name == "relu" else nn.Tanh()
 
 
 def _pool(cls: type[nn.Module], pooling: str) -> nn.Module:
+    check_value("model.pooling", pooling)
     if pooling == "overlap":
         return cls(kernel_size=3, stride=2, ceil_mode=True)
-    if pooling == "non-overlap":
-        return cls(kernel_size=2, stride=2)
-    raise UserError(f"model.pooling = {pooling!r} is not one of overlap, non-overlap")
+    return cls(kernel_size=2, stride=2)
 
 
 def max_pool(pooling: str) -> nn.MaxPool2d:
@@ -94,8 +90,7 @@ def pool_out(n: int) -> int:
 
 def dropout(p: float) -> nn.Module:
     """Dropout, or an Identity in its place so state-dict indices stay those of torchvision's AlexNet."""
-    if not 0.0 <= p < 1.0:
-        raise UserError(f"model.dropout = {p} must be in [0, 1); 0 disables dropout")
+    check_value("model.dropout", p)
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
@@ -106,8 +101,7 @@ def init_weights(layers: dict[str, nn.Module], scheme: str, act: str, *,
     paper: weights N(0, std) (section 5), biases 1 for the layers in `bias_one`, 0 elsewhere.
     kaiming: He-normal fan-in weights for the activation used, zero biases; trains fast at small scales.
     """
-    if scheme not in ("paper", "kaiming"):
-        raise UserError(f"model.init = {scheme!r} is not one of paper, kaiming")
+    check_value("model.init", scheme)
     last = list(layers)[-1]
     for name, m in layers.items():
         if scheme == "paper":

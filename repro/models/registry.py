@@ -1,41 +1,47 @@
-"""Model registry, timm-style: `@register_model(name)` on a function `(ModelConfig) -> nn.Module`.
+"""Model registry, timm-style: every model name, what it is, its published settings and the function that builds it.
 
-`build_model(cfg)` honours every field of the config literally. Each entry also records the overrides that make
-it the network as published (`default_config(name)`): `alexnet-owt` is torchvision's net only with
-`towers = "one-full"` and `lrn = false`, and `cifar4` is cuda-convnet's net at 32 px, 10 classes, no dropout.
+The names live here and nowhere else: `repro.config` checks `model.name` against `list_models()`. This module
+imports neither torch nor the config, so planning a run (which validates names) starts fast; a builder's module
+is imported when a model is first built. `register_model(name)` adds a model from outside this package.
+
+Each entry records the overrides that make it the network as published (`default_config(name)`): `alexnet-owt` is
+torchvision's net only with `towers = "one-full"` and `lrn = false`, and `cifar4` is cuda-convnet's net at 32 px,
+10 classes, no dropout.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch import nn
-
-from repro.config import ModelConfig
 from repro.errors import UserError
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    fn: Callable[[ModelConfig], nn.Module]
+    builder: str | Callable  # "module:function" (imported on first use) or the function, `(ModelConfig) -> nn.Module`
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (
+    ModelEntry("alexnet-paper", "repro.models.alexnet:alexnet_paper",
+               "section 3.5: two towers as groups=2 convolutions, LRN"),
+    ModelEntry("alexnet-owt", "repro.models.alexnet:alexnet_owt",
+               "torchvision's one-tower 64-192-384-256-256 AlexNet", {"towers": "one-full", "lrn": False}),
+    ModelEntry("cifar4", "repro.models.cifar4:cifar4", "section 3.1: four-layer CIFAR-10 net (layers-18pct)",
+               {"num_classes": 10, "input_size": 32, "dropout": 0.0}),
+)}
 
 
 def register_model(name: str, *, summary: str = "", defaults: dict[str, Any] | None = None):
-    """Decorator registering a builder under `name`; `defaults` are the ModelConfig overrides of the published net."""
-    def wrap(fn: Callable[[ModelConfig], nn.Module]):
+    """Decorator registering a builder `(ModelConfig) -> nn.Module` under `name`; `defaults` are the ModelConfig
+    overrides of the published net."""
+    def wrap(fn: Callable):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        bad = set(defaults or {}) - {f.name for f in dataclasses.fields(ModelConfig)}
-        if bad:
-            raise ValueError(f"model {name!r}: defaults name unknown ModelConfig fields {sorted(bad)}")
         _REGISTRY[name] = ModelEntry(name, fn, summary or (fn.__doc__ or "").strip().split("\n")[0],
                                      dict(defaults or {}))
         return fn
@@ -61,22 +67,10 @@ def default_overrides(name: str) -> dict[str, Any]:
     return dict(_entry(name).defaults)
 
 
-def default_config(name: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of the published network `name`, with `overrides` on top."""
-    return ModelConfig(**{"name": name, **_entry(name).defaults, **overrides})
-
-
-def _check_common(cfg: ModelConfig) -> None:
-    if cfg.num_classes < 1:
-        raise UserError(f"model.num_classes = {cfg.num_classes} must be at least 1")
-    if not cfg.width > 0:
-        raise UserError(f"model.width = {cfg.width} must be > 0 (1.0 is the paper's widths)")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"model.dropout = {cfg.dropout} must be in [0, 1); 0 disables dropout")
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the registered model `cfg.name` with every switch of `cfg` applied."""
-    entry = _entry(cfg.name)
-    _check_common(cfg)
-    return entry.fn(cfg)
+def builder(name: str) -> Callable:
+    """The function that builds model `name` (importing its module, and so torch, the first time)."""
+    target = _entry(name).builder
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)

@@ -1,6 +1,9 @@
-"""Parameter and multiply-add counts of the registered models, as a rich table (`repro models`)."""
+"""Parameter and multiply-add counts of the registered models, as a rich table (`repro models`), and the size of
+one configured variant (`model_size`: what the page says about each layer-removal variant)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from rich.table import Table
@@ -9,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from repro.config import ModelConfig
 from repro.models.layers import LRN
-from repro.models.registry import build_model, default_config, default_overrides, list_models, model_summary
+from repro.models.build import build_model, default_config
+from repro.models.registry import default_overrides, list_models, model_summary
 
 
 def count_params(model: nn.Module) -> int:
@@ -31,6 +35,19 @@ def count_macs(model: nn.Module, input_size: int) -> int:
     lrn = [f"{type(model).__name__}.{name}" for name, m in model.named_modules() if isinstance(m, LRN)]
     lrn_flops = sum(sum(by_module.get(name, {}).values()) for name in lrn)
     return (counter.get_total_flops() - lrn_flops) // 2
+
+
+class ModelSize(NamedTuple):
+    params: int        # every weight and bias
+    fc6_inputs: int    # inputs of the first fully connected layer (fc6; the only FC layer of cifar4)
+
+
+def model_size(cfg: ModelConfig) -> ModelSize:
+    """Parameters and fc6 input width of the model `cfg` builds (on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    first_fc = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    return ModelSize(count_params(model), first_fc.in_features)
 
 
 def describe(cfg: ModelConfig) -> dict:

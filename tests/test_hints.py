@@ -1,0 +1,142 @@
+"""Every command a message suggests parses on the real command line, and the data hints make the folder asked for;
+`repro run --dry-run` plans without the data, from the scale's nominal sizes, and prints no made-up hash."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from repro.cli import app
+from repro.data import read_manifest
+from repro.errors import UserError
+from repro.experiments import load_scales
+from repro.hints import prepare_command, scale_sources
+
+REPO = Path(__file__).resolve().parent.parent
+SUGGESTED = re.compile(r"`(repro [^`]+)`")
+
+
+def parse(line: str, placeholder: Path) -> None:
+    """Parse `line` as the shell would pass it to `repro`, `...` replaced by a real folder: options, choices, types."""
+    args = shlex.split(line.replace("...", str(placeholder)))
+    assert args[0] == "repro", line
+    group = typer.main.get_command(app)
+    with group.make_context("repro", args[1:2]) as ctx:
+        sub = group.get_command(ctx, args[1])
+        assert sub is not None, f"{line}: no command {args[1]!r}"
+        sub.make_context(args[1], args[2:], parent=ctx).close()
+
+
+def _suggested(text: str) -> list[str]:
+    return SUGGESTED.findall(" ".join(text.split()))
+
+
+def _message_strings(path: Path) -> list[str]:
+    """The string literals of a module that are not docstrings (f-strings with `{}` where values go)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            out.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            out.append(node.value)
+    return out
+
+
+def test_every_command_written_in_the_code_parses(tmp_path):
+    """Messages and help texts: a bare `repro <command>` names a command; one with arguments parses."""
+    group = typer.main.get_command(app)
+    found = []
+    for path in [*REPO.glob("repro/**/*.py"), *REPO.glob("data_prep/**/*.py")]:
+        for text in _message_strings(path):
+            found += [c for c in _suggested(text) if "{" not in c]  # the built ones are tested below
+    assert len(found) >= 8
+    for line in found:
+        args = line.split()
+        if args[1:] == ["--help"]:
+            continue
+        assert args[1] in group.commands, line
+        if len(args) > 2:
+            parse(line, tmp_path)
+
+
+def test_each_scale_hint_parses_and_subset_names_the_real_source(tmp_path):
+    sources = scale_sources()
+    assert set(sources) == set(load_scales())
+    for scale, (data, _) in sources.items():
+        parse(prepare_command(data), tmp_path)
+    assert prepare_command("data/imagenet-100") == \
+        "repro prepare-data imagenet --root ... --classes 100 --res 128 --out data/imagenet-100"
+    assert prepare_command("data/fashion-mnist") == "repro prepare-data fashion-mnist --out data/fashion-mnist"
+    assert prepare_command(tmp_path / "cifar10").startswith("repro prepare-data cifar10 --root ... --out ")
+    assert prepare_command(tmp_path / "my photos").endswith(f"--out '{tmp_path / 'my photos'}'")
+
+
+def _hint_of(fn) -> str:
+    with pytest.raises(UserError) as e:
+        fn()
+    commands = _suggested(str(e.value))
+    assert len(commands) == 1, str(e.value)
+    return commands[0]
+
+
+def test_data_errors_suggest_a_command_that_rebuilds_the_folder(synthetic_data, tmp_path, monkeypatch):
+    data = shutil.copytree(synthetic_data, tmp_path / "copy")
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "val.beton").write_bytes(b"short")
+    hint = _hint_of(lambda: read_manifest(data))
+    assert hint.endswith(f"--out {data} --force") and "synthetic" in hint
+    parse(hint, tmp_path)
+    # pasted, it makes the folder again with the settings it had
+    res = CliRunner().invoke(app, shlex.split(hint)[1:] + ["--quiet", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((data / "manifest.json").read_text())["hash"] == manifest["hash"]
+
+    (data / "manifest.json").write_text("{not json")
+    parse(_hint_of(lambda: read_manifest(data)), tmp_path)
+    parse(_hint_of(lambda: read_manifest(tmp_path / "missing")), tmp_path)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "baseline", "--scale", "subset"])
+    assert res.exit_code == 2
+    hint = _suggested(res.output)[0]
+    assert hint.startswith("repro prepare-data imagenet --root ... --classes 100 --res 128 --out ")
+    parse(hint, tmp_path)
+
+
+def test_imagenet_manifest_gives_its_root_and_settings(tmp_path):
+    manifest = {"source": "imagenet", "root": "/datasets/ILSVRC 2012",
+                "settings": {"res": 128, "max_side": True, "classes": "100", "train_per_class": None,
+                             "val_per_class": 50, "jpeg_quality": 90, "write_mode": "jpg", "seed": 0}}
+    cmd = prepare_command(tmp_path / "x", manifest, force=True)
+    assert cmd == (f"repro prepare-data imagenet --root '/datasets/ILSVRC 2012' --res 128 --classes 100 "
+                   f"--val-per-class 50 --write-mode jpg --max-side --out {tmp_path / 'x'} --force")
+    parse(cmd, tmp_path)
+
+
+def test_dry_run_without_data_plans_from_nominal_sizes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", "ablation-lrn", "--scale", "subset", "--dry-run", "--format", "plain"])
+    assert res.exit_code == 0, res.output
+    lines = [line.split("\t") for line in res.stdout.splitlines()]
+    assert lines[0] == ["experiment", "variant", "seed", "hash", "status", "images", "est_time"]
+    # 126,689 nominal training images x 30 epochs per run; no hash, since a run's hash covers the data
+    assert [row[3:6] for row in lines[1:]] == [["", "no data", "3,800,670"]] * 4
+    assert "nominal dataset sizes (126,689 training images, 100 classes)" in " ".join(res.stderr.split())
+    hint = _suggested(res.stderr)[0]
+    assert hint == "repro prepare-data imagenet --root ... --classes 100 --res 128 --out data/imagenet-100"
+    table = CliRunner().invoke(app, ["run", "ablation-lrn", "--scale", "full", "--dry-run"])
+    assert table.exit_code == 0 and "after data" in table.stdout
+    assert not re.search(r"\b[0-9a-f]{12}\b", table.stdout)  # no hash printed that a later run would not have
+    assert "1,281,167 training images, 1000 classes" in " ".join(table.stdout.split())
+    assert not (tmp_path / "runs").exists()  # nothing recorded under a hash that is not the run's
