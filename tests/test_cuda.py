@@ -30,8 +30,9 @@ from repro.config import RunConfig, apply_overrides
 # on a machine without a GPU (a plumbing check, not a GPU result).
 DEVICE = os.environ.get("REPRO_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device visible; these tests run "
-                                 "on a GPU machine (`pytest -m cuda`, or scripts/gpu-check)")]
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                 reason="no CUDA device visible; these tests run on a GPU machine "
+                                 "(`pytest -m cuda`, or scripts/gpu-check)")]
 
 SMOKE_TOL = 10.0                # percentage points of val top-1 error, GPU (bf16) against CPU (fp32)
 STEP_RTOL = 1e-4                # one fp32 step, CPU against GPU
@@ -172,7 +173,8 @@ def test_ddp_on_nccl_world_size_1():
         print("ok")
     """)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    out = subprocess.run([sys.executable, "-c", f"DEVICE = {DEVICE!r}\n" + code], capture_output=True, text=True, timeout=240, env=env)
+    out = subprocess.run([sys.executable, "-c", f"DEVICE = {DEVICE!r}\n" + code], capture_output=True, text=True,
+                         timeout=240, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
