@@ -36,7 +36,9 @@ pytestmark = [pytest.mark.cuda,
 
 SMOKE_TOL = 10.0                # percentage points of val top-1 error, GPU (bf16) against CPU (fp32)
 STEP_RTOL = 1e-4                # one fp32 step, CPU against GPU
-NVJPEG_MEAN_TOL, NVJPEG_P99_TOL = 2.0, 12.0   # levels: nvJPEG against libjpeg-turbo, mean and 99th percentile
+# levels, nvJPEG against libjpeg-turbo: mean and 99th percentile of |difference|. Both use an exact IDCT but may
+# upsample the 4:2:0 chroma differently (libjpeg-turbo interpolates), which moves pixels at colour edges.
+NVJPEG_MEAN_TOL, NVJPEG_P99_TOL = 3.0, 24.0
 BACKENDS = ["nvjpeg", "torch"] + (["ffcv"] if importlib.util.find_spec("ffcv") else [])
 
 
@@ -222,3 +224,6 @@ def test_nvjpeg_on_the_gpu_decodes_like_the_cpu(jpg_dir):
     assert torch.equal(y_cpu, y_gpu)
     diff = (x_gpu.float() - x_cpu.float()).abs().flatten()
     assert diff.mean() <= NVJPEG_MEAN_TOL and diff.quantile(0.99) <= NVJPEG_P99_TOL
+    # and the windows are in the same place: one pixel off is much further away than the decoders are apart
+    shifted = (x_gpu[..., 1:].float() - x_cpu[..., :-1].float()).abs().mean()
+    assert shifted > 2 * diff.mean()
