@@ -176,7 +176,7 @@ def projection_row(rows: list[Row]) -> Row:
     best = max(e2e, key=lambda r: r.value)
     hours = 90 * ILSVRC_TRAIN_IMAGES / best.value / 3600
     return Row("paper's 90 epochs of ILSVRC-2012 (1.28M images), projected", None, best.value,
-               f"{hours:.1f} h at the best end-to-end rate ({best.measurement.split(', ')[2]}); "
+               f"{hours:.1f} h at the best end-to-end rate ({', '.join(best.measurement.split(', ')[2:])}); "
                f"the paper: {PAPER_DAYS}")
 
 

@@ -35,7 +35,7 @@ def test_projection_uses_the_best_end_to_end_rate():
             Row("end to end, fit(), ffcv backend", None, None, "FFCV not installed")]
     row = projection_row(rows)
     assert row.value == 25000.0
-    assert row.note.startswith("1.3 h at the best end-to-end rate (nvjpeg backend)")  # 90*1281167/25000/3600
+    assert row.note.startswith("1.3 h at the best end-to-end rate (nvjpeg backend, 256 px jpg beton)")  # 90*1281167/25000/3600
     assert row.cells()[1:4] == ["-", "25,000", "-"]
     assert rows[2].cells()[3] == "6.25x" and rows[3].cells()[1:4] == ["not measured", "not measured", "-"]
 
