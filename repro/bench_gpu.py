@@ -65,11 +65,12 @@ def train_flops_per_image(cfg: RunConfig) -> float:
 
 
 def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: bool, batch: int = 256,
-               steps: int = 30, warmup: int = 5) -> float:
+               steps: int = 30, warmup: int = 5, device: str = "cuda") -> float:
     """Training images/s of alexnet-paper on random batches that are already on the GPU (no data loading)."""
     from repro.models import build_model
 
-    device = torch.device("cuda")
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     x = torch.randn(batch, 3, cfg.model.input_size, cfg.model.input_size, device=device)
@@ -80,7 +81,7 @@ def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: boo
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,11 +89,11 @@ def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: boo
 
     for _ in range(warmup):  # with compile: the compilation happens here
         step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     return steps * batch / (time.perf_counter() - t0)
 
 
