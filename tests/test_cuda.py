@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.cuda,
                                  "(`pytest -m cuda`, or scripts/gpu-check)")]
 
 SMOKE_TOL = 10.0                # percentage points of val top-1 error, GPU (bf16) against CPU (fp32)
-STEP_RTOL = 1e-4                # one fp32 step, CPU against GPU
+STEP_RTOL = 1e-4                # one fp32 step, CPU against GPU (CPU fp32 against fp64: 1.9e-5 for the gradient)
 # levels, nvJPEG against libjpeg-turbo: mean and 99th percentile of |difference|. Both use an exact IDCT but may
 # upsample the 4:2:0 chroma differently (libjpeg-turbo interpolates), which moves pixels at colour edges.
 NVJPEG_MEAN_TOL, NVJPEG_P99_TOL = 3.0, 24.0
@@ -73,9 +73,13 @@ def small_run(data_dir, **overrides) -> RunConfig:
     return apply_overrides(RunConfig(), {**base, **overrides})
 
 
-def no_tf32():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+@pytest.fixture
+def exact_fp32():
+    """TF32 off (cuDNN convolutions use it by default in fp32), restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")
@@ -99,28 +103,36 @@ def test_smoke_run_scores_like_the_cpu(tmp_path, jpg_dir, cpu_run, backend):
     assert abs(gpu["metrics"]["top1_err"] - cpu["metrics"]["top1_err"]) <= SMOKE_TOL
 
 
-def test_one_fp32_step_agrees_between_cpu_and_gpu():
+def test_one_fp32_step_agrees_between_cpu_and_gpu(exact_fp32):
+    """alexnet-paper (dropout off: the two devices draw different masks), one SGD step with momentum and weight
+    decay: the loss, the whole gradient and the whole update agree. Compared as whole vectors: a layer whose
+    gradient is tiny and the sum of cancelling terms can differ more in relative terms without mattering."""
     from repro.models import build_model
 
-    no_tf32()
     cfg = apply_overrides(RunConfig(), {"model.num_classes": 10, "model.dropout": 0.0})
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(4, 3, 224, 224, generator=gen) * 255 - 120, torch.randint(0, 10, (4,), generator=gen)
+
+    def flat(tensors):
+        return torch.cat([t.detach().cpu().flatten() for t in tensors])
+
     results = {}
     for device in ("cpu", DEVICE):
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
+        before = flat(model.parameters())
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
         opt.zero_grad()
         loss.backward()
-        grads = [p.grad.detach().cpu().clone() for p in model.parameters()]
+        grads = flat(p.grad for p in model.parameters())
         opt.step()
-        results[device] = (loss.item(), grads, [p.detach().cpu() for p in model.parameters()])
-    (loss_c, grads_c, params_c), (loss_g, grads_g, params_g) = results["cpu"], results[DEVICE]
+        results[device] = (loss.item(), grads, flat(model.parameters()) - before)
+    (loss_c, grads_c, update_c), (loss_g, grads_g, update_g) = results["cpu"], results[DEVICE]
     assert loss_g == pytest.approx(loss_c, rel=STEP_RTOL)
-    for a, b in zip(grads_c + params_c, grads_g + params_g):
-        assert ((a - b).norm() / a.norm().clamp_min(1e-12)).item() < STEP_RTOL
+    assert grads_c.norm() > 0
+    for a, b in ((grads_c, grads_g), (update_c, update_g)):
+        assert ((a - b).norm() / a.norm()).item() < STEP_RTOL
 
 
 @pytest.mark.parametrize("switch", ["train.precision=bf16", "train.channels_last=true", "train.compile=true"])
@@ -180,13 +192,12 @@ def test_ddp_on_nccl_world_size_1():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-def test_ten_crop_evaluation_on_the_gpu(raw_dir):
+def test_ten_crop_evaluation_on_the_gpu(raw_dir, exact_fp32):
     from repro.data import make_loaders
     from repro.data.augment import BatchTransform
     from repro.engine import predict
     from repro.models import build_model
 
-    no_tf32()
     cfg = small_run(raw_dir, **{"data.backend": "torch"})
     outs = {}
     for device in ("cpu", DEVICE):
