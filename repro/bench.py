@@ -7,9 +7,8 @@ augmentation, one right after the other, so that the ratio survives a noisy shar
 2. training: `repro.engine.fit` against a loop written as torchvision's reference train.py writes it (fp32, NCHW,
    DataLoader over the ImageFolder), for `alexnet-paper` at demo scale and at 224 px;
 3. preparation: `repro prepare-data imagefolder` against a single-process PIL loop writing the same beton;
-4. on CUDA only: bf16 autocast, channels_last and torch.compile one by one and together, the end-to-end rate of
-   `fit` at 224, the projected 90-epoch wall time and the fraction of the GPU's bf16 peak.
-Results go to the console and to a Markdown file with the machine, date, versions and command.
+Results go to the console and to a Markdown file with the machine, date, versions and command. The GPU
+measurements (`repro bench --device cuda`) are in repro.bench_gpu and write their own section of the same file.
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ from rich.table import Table
 from repro import io
 from repro.config import RunConfig, apply_overrides
 
-ILSVRC_TRAIN_IMAGES = 1_281_167
 WARMUP_ITERS = 3  # training iterations run before the clock starts, on both sides
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
 
 def _fake_images(root: Path, size: int, per_class: int, classes: int, fmt: str) -> None:
@@ -100,27 +96,32 @@ def bench_loader(folder: Path, data_dir: Path, crop: int, batch_size: int) -> tu
     return base, ours
 
 
-def _reference_train(folder: Path, cfg: RunConfig, iters: int, warmup: int = WARMUP_ITERS) -> float:
-    """torchvision references/classification/train.py's loop: fp32, NCHW, DataLoader; images/s after `warmup`
-    iterations (as the engine's rate is taken after a warm-up run)."""
+def _reference_train(folder: Path, cfg: RunConfig, iters: int, warmup: int = WARMUP_ITERS,
+                     device: str = "cpu") -> float:
+    """torchvision references/classification/train.py's loop: fp32, NCHW, DataLoader with one worker per core;
+    images/s after `warmup` iterations (as the engine's rate is taken after a warm-up run)."""
     from torchvision import datasets, transforms
 
     from repro.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(apply_overrides(cfg, {"model.num_classes": 10}).model)
+    device = torch.device(device)
+    model = build_model(apply_overrides(cfg, {"model.num_classes": 10}).model).to(device)
     mean = [0.5, 0.5, 0.5]
     tf = transforms.Compose([transforms.RandomCrop(cfg.model.input_size), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(mean, [1 / 255.0] * 3)])
     ds = datasets.ImageFolder(str(folder / "train"), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
-                                         num_workers=os.cpu_count() or 1, drop_last=True)
+                                         num_workers=os.cpu_count() or 1, drop_last=True,
+                                         pin_memory=device.type == "cuda")
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9, weight_decay=5e-4)
     model.train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n, t0, step = 0, time.perf_counter(), 0
     while step < warmup + iters:
         for images, target in loader:
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             output = model(images)
             loss = criterion(output, target)
             optimizer.zero_grad()
@@ -128,11 +129,13 @@ def _reference_train(folder: Path, cfg: RunConfig, iters: int, warmup: int = WAR
             optimizer.step()
             step += 1
             if step == warmup:
+                sync()
                 t0 = time.perf_counter()
             elif step > warmup:
                 n += images.shape[0]
             if step >= warmup + iters:
                 break
+    sync()
     return _rate(n, time.perf_counter() - t0)
 
 
@@ -183,66 +186,6 @@ def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
     return base, _rate(n, time.perf_counter() - t0)
 
 
-def bench_gpu(data_dir: Path, runs: Path, console: Console) -> list[tuple[str, str]]:
-    """CUDA only: the speed switches on synthetic batches, then `fit` end to end with the real loader."""
-    from repro.engine import fit
-    from repro.models import build_model
-
-    rows, device = [], torch.device("cuda")
-    cfg = RunConfig()
-    x_all = torch.randn(256, 3, 224, 224, device=device)
-    y_all = torch.randint(0, 1000, (256,), device=device)
-
-    def step_rate(bf16: bool, channels_last: bool, compiled: bool, steps: int = 30) -> float:
-        torch.manual_seed(0)
-        model = build_model(cfg.model).to(device)
-        x = x_all
-        if channels_last:
-            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        net = torch.compile(model) if compiled else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-        def one():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(net(x).float(), y_all)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(5):
-            one()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one()
-        torch.cuda.synchronize()
-        return _rate(steps * x.shape[0], time.perf_counter() - t0)
-
-    base = step_rate(False, False, False)
-    rows.append(("fp32, NCHW (synthetic batches)", f"{base:,.0f} img/s (1.00x)"))
-    for name, flags in [("bf16 autocast", (True, False, False)), ("channels_last", (False, True, False)),
-                        ("torch.compile", (False, False, True)), ("all three", (True, True, True))]:
-        r = step_rate(*flags)
-        rows.append((name, f"{r:,.0f} img/s ({r / base:.2f}x)"))
-    run_cfg = apply_overrides(cfg, {"data.dir": str(data_dir), "train.batch_size": 256, "train.epochs": 2,
-                                    "train.ten_crop": False, "train.compile": True, "model.num_classes": 1000})
-    record = fit(run_cfg, runs / "gpu-e2e", progress=False)
-    ips = float(record.provenance["images_per_s"])
-    rows.append(("end to end, alexnet-paper 224, FFCV, fit()", f"{ips:,.0f} img/s ({record.provenance['data_backend']})"))
-    rows.append(("projected 90 epochs of ILSVRC-2012", f"{90 * ILSVRC_TRAIN_IMAGES / ips / 3600:.1f} h"))
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(cfg.model).to(device)
-    with FlopCounterMode(display=False) as counter:
-        model(x_all[:1]).sum().backward()
-    flops = counter.get_total_flops()
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    rows.append(("fraction of bf16 peak", f"{flops * ips / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s" if peak
-                 else f"unknown peak for {name}"))
-    return rows
-
-
 def run_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> Path:
     console = console or Console()
     per_class = 20 if quick else 200
@@ -273,7 +216,6 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
             rows.append(("training, alexnet-paper demo scale", base, ours, ">= 1.3x"))
             base, ours = bench_training(big, big_data, 224, False, 32, iters, tmp / "runs")
             rows.append(("training, alexnet-paper 224 px", base, ours, "-"))
-        gpu_rows = bench_gpu(big_data, tmp / "runs", console) if torch.cuda.is_available() else []
 
     table = Table(title="repro bench (images/s; ratio = repro / baseline, same run)")
     for col in ("measurement", "baseline", "repro", "ratio", "target"):
@@ -281,13 +223,12 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
     for label, base, ours, target in rows:
         table.add_row(label, f"{base:,.0f}", f"{ours:,.0f}", f"{ours / base:.2f}x", target)
     console.print(table)
-    for label, value in gpu_rows:
-        console.print(f"{label}: {value}")
-    _write_markdown(out, rows, gpu_rows, quick)
+    _write_markdown(out, rows, quick)
     return out
 
 
-def _write_markdown(out: Path, rows, gpu_rows, quick: bool) -> None:
+def machine_lines(command: str) -> list[str]:
+    """Command, date, machine and package versions: the first lines of every benchmark section."""
     import importlib.metadata as md
 
     def version(pkg: str) -> str:
@@ -297,18 +238,33 @@ def _write_markdown(out: Path, rows, gpu_rows, quick: bool) -> None:
             return "not installed"
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    lines = [
-        "# Benchmarks", "",
-        f"- command: `repro bench{' --quick' if quick else ''}`",
+    return [
+        f"- command: `{command}`",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, {device}; Python {sys.version.split()[0]}",
         "- versions: " + ", ".join(f"{p} {version(p)}" for p in ("torch", "torchvision", "ffcv", "numpy", "Pillow")),
+    ]
+
+
+def _write_markdown(out: Path, rows, quick: bool) -> None:
+    lines = [
+        "# Benchmarks", "", *machine_lines(f"repro bench{' --quick' if quick else ''}"),
         "", "Every ratio compares two measurements taken one after the other in the same process on the same images.",
         "", "| measurement | baseline img/s | repro img/s | ratio | target |", "|---|---:|---:|---:|---|",
     ]
     lines += [f"| {a} | {b:,.0f} | {c:,.0f} | {c / b:.2f}x | {t} |" for a, b, c, t in rows]
-    if gpu_rows:
-        lines += ["", "## GPU", "", "| measurement | value |", "|---|---|"]
-        lines += [f"| {a} | {b} |" for a, b in gpu_rows]
+    write_section(out, "cpu", lines)
+
+
+def write_section(out: Path, name: str, lines: list[str]) -> None:
+    """Put `lines` between the `<!-- bench:name -->` markers of `out`, keeping the file's other sections (the CPU
+    and GPU benchmarks run on different machines); appended when the file has no such section yet."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = "\n".join([begin, *lines, end])
+    text = out.read_text() if out.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    io.write_text(out, "\n".join(lines) + "\n")
+    io.write_text(out, text)

@@ -267,12 +267,20 @@ def keys():
 @app.command("bench")
 @friendly
 def bench(
-    output: Path = typer.Option(Path("benchmarks/RESULTS.md"), "--out", help="Markdown file to write."),
+    output: Path = typer.Option(Path("benchmarks/RESULTS.md"), "--out", help="Markdown file to write (each device "
+                                "writes its own section of it)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer images per measurement."),
+    device: str = typer.Option("cpu", "--device", help="cpu: loaders, training and preparation against plain "
+                               "baselines; cuda: the GPU rows (model-bound, end to end per backend, 90-epoch "
+                               "projection)."),
 ):
     """Measure loader, training and preparation speed, each as a ratio against a plain baseline."""
-    from repro.bench import run_bench
-
-    path = run_bench(output, quick=quick, console=console)
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: use cpu or cuda")
+    if device == "cuda":
+        from repro.bench_gpu import run_gpu_bench as run
+    else:
+        from repro.bench import run_bench as run
+    path = run(output, quick=quick, console=console)
     console.print(f"wrote {path}")
 

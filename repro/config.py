@@ -61,8 +61,8 @@ class ModelConfig:
 class DataConfig:
     dir: str = _f("data/imagenet", hash=False, help="folder with train.beton, val.beton, manifest.json")
     manifest_hash: str = _f("", help="filled in when the config is resolved; identifies the data")
-    backend: str = _f("auto", choices=("auto", "ffcv", "torch"), hash=False,
-                      help="auto: FFCV when importable, else the torchvision fallback")
+    backend: str = _f("auto", choices=("auto", "ffcv", "torch", "nvjpeg"), hash=False,
+                      help="auto: nvjpeg on CUDA; on CPU FFCV when importable, else the torchvision fallback")
     flip: bool = _f(True, help="random horizontal flips at train time")
     pca_lighting: float = _f(0.1, help="sigma of the PCA colour noise (section 4.1); 0 disables")
     normalize: str = _f("mean", choices=("mean", "mean-std"), help="mean: subtract the mean only, as the paper")

@@ -21,9 +21,9 @@ STAGES = [
     ("repro.models", "repro.engine"),
     ("repro.runs", "repro.lease"),
     ("repro.launch",),
-    ("repro.experiments", "repro.runner", "repro.analysis", "repro.bench"),
+    ("repro.experiments", "repro.runner", "repro.analysis", "repro.bench", "repro.bench_gpu"),
     ("repro.report",),
-    ("repro.cli",),
+    ("repro.cli", "repro.__main__"),
 ]
 # The model registry holds the one list of model names that the config validates against; it imports neither torch
 # nor the config, so every stage may read it.

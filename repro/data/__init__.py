@@ -4,6 +4,7 @@ Train batches are the paper's fixed-size random crops (cfg.model.input_size out 
 horizontal flips; val and train_eval batches are the full stored images in stored order. All are uint8 NCHW on the
 device with int64 labels; `repro.data.augment.BatchTransform` turns them into model input. FFCV does the work
 when it is importable (or asked for); otherwise a torch DataLoader reads the same files (repro.data.torch_loader).
+On a GPU, "auto" picks the nvjpeg backend, which decodes the JPEGs on the device (repro.data.nvjpeg_loader).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Loaders:
     val: Any
     train_eval: Any   # the (limited) training images, uncropped and in stored order, e.g. for retrieval
     manifest: dict
-    backend: str      # "ffcv" | "torch"
+    backend: str      # "ffcv" | "torch" | "nvjpeg"
     num_train: int
     num_val: int
     batches_per_epoch: int
@@ -48,9 +49,19 @@ def subset_indices(count: int, limit: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(count, size=limit, replace=False)).astype(np.uint64)
 
 
-def pick_backend(requested: str) -> str:
+def pick_backend(requested: str, device: torch.device | str = "cpu") -> str:
+    """The loader backend for `requested` ("auto", "ffcv", "torch", "nvjpeg") on `device`.
+
+    auto on CPU: FFCV when importable (benchmarks/RESULTS.md, rows "loader, 224 of 256 px": 1.44x (jpg) and 3.11x
+    (raw) the torchvision DataLoader on 2 cores), else the torch fallback. auto on CUDA: nvjpeg, which decodes on
+    the GPU instead of the host's cores; see the "## GPU" section of benchmarks/RESULTS.md, rows "end to end,
+    ... 256 px jpg beton", where each backend is measured against the others on the same GPU.
+    """
+    device = torch.device(device)
     has_ffcv = importlib.util.find_spec("ffcv") is not None
     if requested == "auto":
+        if device.type == "cuda":
+            return "nvjpeg"
         return "ffcv" if has_ffcv else "torch"
     if requested == "ffcv" and not has_ffcv:
         raise UserError("data.backend = 'ffcv' but FFCV is not installed; install ffcv==1.0.2 or "
@@ -74,9 +85,11 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
     if len(train_ids) < cfg.train.batch_size:  # the train loader drops the last partial batch
         raise UserError(f"train.batch_size = {cfg.train.batch_size} is larger than the {len(train_ids)} training "
                         f"images in {folder}; lower train.batch_size or raise data.train_limit")
-    backend = pick_backend(cfg.data.backend)
+    backend = pick_backend(cfg.data.backend, device)
     if backend == "ffcv":
         from repro.data.ffcv_loader import make_ffcv_batches as make
+    elif backend == "nvjpeg":
+        from repro.data.nvjpeg_loader import make_nvjpeg_batches as make
     else:
         from repro.data.torch_loader import make_torch_batches as make
     splits = manifest["splits"]

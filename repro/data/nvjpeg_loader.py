@@ -1,0 +1,193 @@
+"""The GPU JPEG backend (`data.backend = "nvjpeg"`): the same betons, order, crops and flips, decoded on the device.
+
+A background thread reads each batch's bytes from the beton (repro.data.beton's numpy reader, no FFCV), decodes the
+whole batch with `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG's batched decoder on CUDA; libjpeg-turbo
+on the CPU, so CI runs the same code) and cuts every image's crop with one gather over the batch, while the main
+thread trains on the previous batch. Raw betons skip the decode: their pixels are stacked and copied over.
+
+Crops and flips are drawn exactly as by the other backends (`repro.data.crops`, from the batch's sample ids, in
+the order of `torch_loader.BatchOrder`), so positions are identical; pixels differ from the FFCV/torch backends
+only by the JPEG decoders' IDCTs (libjpeg-turbo's fast integer DCT there, the accurate one or nvJPEG's here), a
+few levels (tests/test_nvjpeg.py states the tolerance). Each batch's crop boxes and flips stay available
+(`last_boxes`, `last_flips`) for steps that depend on where the crop came from; `normalise` is that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from repro.data import augment
+from repro.data.beton import JPG, BetonReader
+from repro.data.crops import crop_window, draw_words, flip_bit
+from repro.data.torch_loader import BatchOrder
+from repro.errors import UserError
+
+PREFETCH = 3  # batches decoded ahead of the training step
+
+
+def crop_boxes(ids: np.ndarray, heights: np.ndarray, widths: np.ndarray, crop: int, res: int,
+               flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) int64 (top, left, side) and (N,) bool flips for one training batch, drawn as every backend draws."""
+    words = draw_words(np.asarray(ids, dtype=np.uint64))
+    boxes = np.array([crop_window(w, int(h), int(wd), crop, res) for w, h, wd in zip(words, heights, widths)],
+                     dtype=np.int64).reshape(-1, 3)
+    flips = np.array([flip and bool(flip_bit(w)) for w in words], dtype=bool)
+    return boxes, flips
+
+
+def gather_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, crop: int) -> torch.Tensor:
+    """Equal-sized windows of a batch in one gather: images (N, H, W, C), boxes (N, 3) with side == crop, flips (N,)
+    -> (N, C, crop, crop), each window mirrored left-right where its flip is set."""
+    n, device = images.shape[0], images.device
+    steps = torch.arange(crop, device=device)
+    rows = boxes[:, :1] + steps                                   # (N, crop)
+    cols = boxes[:, 1:2] + torch.where(flips[:, None], crop - 1 - steps, steps)
+    batch = torch.arange(n, device=device)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, crop: int) -> torch.Tensor:
+    """Variable-size data: each (C, H, W) image's window scaled to crop x crop, one image at a time."""
+    out = []
+    for image, (top, left, side), flipped in zip(images, boxes.tolist(), flips.tolist()):
+        window = TF.resize(image[:, top:top + side, left:left + side], [crop, crop], antialias=True)
+        out.append(TF.horizontal_flip(window) if flipped else window)
+    return torch.stack(out)
+
+
+def normalise(x: torch.Tensor, boxes: torch.Tensor | None, flips: torch.Tensor | None, *, mode: str,
+              manifest: dict, out_size: int) -> torch.Tensor:
+    """One normalisation step on a float batch given where its crops came from: "mean" subtracts the training
+    set's per-channel mean, "mean-std" also divides by the std, "mean-image" subtracts the mean image's window at
+    each crop box (mirrored where flipped), as the paper's "subtracting the mean activity over the training set"."""
+    mean = torch.tensor(manifest["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    if mode == "mean":
+        return x - mean
+    if mode == "mean-std":
+        return (x - mean) / torch.tensor(manifest["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    if mode == "mean-image":
+        subtract = getattr(augment, "subtract_mean_image", None)
+        if subtract is None or "mean_image" not in manifest:
+            raise UserError("data.normalize = 'mean-image' needs repro.data.augment.subtract_mean_image and a "
+                            "manifest with a mean image; use data.normalize=mean")
+        mean_image = torch.as_tensor(np.asarray(manifest["mean_image"]), dtype=x.dtype, device=x.device)
+        return subtract(x, mean_image, boxes, flips, out_size)
+    raise UserError(f"data.normalize = {mode!r} is not one of mean, mean-std, mean-image")
+
+
+class NvjpegBatches:
+    """Batches `(images uint8 NCHW, labels int64 (N,))` on `device`, decoded there; `set_epoch` as the others."""
+
+    def __init__(self, path: str, order: BatchOrder, *, train: bool, crop: int, res: int, fixed_size: bool,
+                 flip: bool, device: torch.device):
+        self.reader = BetonReader(path)
+        self.order, self.train, self.crop, self.res = order, train, crop, res
+        self.fixed_size, self.flip, self.device = fixed_size, flip, device
+        self.heights, self.widths = self.reader.sizes()
+        self.last_boxes: torch.Tensor | None = None
+        self.last_flips: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.order.epoch, self.order.first_batch = epoch, first_batch
+
+    def _images(self, ids: np.ndarray) -> list[torch.Tensor] | torch.Tensor:
+        """The batch's stored images on the device: a stacked (N, H, W, 3) uint8 tensor where every image has one
+        size, else a list of (3, H, W) tensors."""
+        meta = self.reader.images_meta[ids]
+        if (meta["mode"] == JPG).any():
+            data = [torch.from_numpy(np.array(self.reader.raw_bytes(int(i)))) for i in ids]
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            same = len({tuple(t.shape) for t in decoded}) == 1
+            return torch.stack(decoded).permute(0, 2, 3, 1) if same else decoded
+        pixels = [np.asarray(self.reader.raw_bytes(int(i))).reshape(int(m["height"]), int(m["width"]), 3)
+                  for i, m in zip(ids, meta)]
+        if len({p.shape for p in pixels}) == 1:
+            host = torch.from_numpy(np.stack(pixels))
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            return host.to(self.device, non_blocking=True)
+        return [torch.from_numpy(p).permute(2, 0, 1).to(self.device) for p in pixels]
+
+    def _batch(self, ids: np.ndarray):
+        images = self._images(ids)
+        labels = torch.from_numpy(self.reader.labels[ids.astype(np.int64)]).to(self.device, non_blocking=True)
+        if not self.train:
+            return self._eval(images), labels, None, None
+        boxes_np, flips_np = crop_boxes(ids, self.heights[ids], self.widths[ids], self.crop, self.res, self.flip)
+        boxes, flips = torch.from_numpy(boxes_np).to(self.device), torch.from_numpy(flips_np).to(self.device)
+        if isinstance(images, torch.Tensor) and (boxes_np[:, 2] == self.crop).all():
+            return gather_crops(images, boxes, flips, self.crop), labels, boxes, flips
+        if isinstance(images, torch.Tensor):
+            images = list(images.permute(0, 3, 1, 2))
+        return resized_crops(images, boxes, flips, self.crop), labels, boxes, flips
+
+    def _eval(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and self.fixed_size:
+            return images.permute(0, 3, 1, 2).contiguous()
+        if isinstance(images, torch.Tensor):
+            images = list(images.permute(0, 3, 1, 2))
+        out = []  # as the other backends: the centre square, resized to res
+        for image in images:
+            short = min(image.shape[1:])
+            out.append(TF.resize(TF.center_crop(image, [short, short]), [self.res, self.res], antialias=True))
+        return torch.stack(out)
+
+    def __iter__(self):
+        batches = list(iter(self.order))  # fixed now: the caller moves the epoch on right after
+        self.order.epoch, self.order.first_batch = self.order.epoch + 1, 0
+        results: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        stop = threading.Event()
+
+        def put(item) -> bool:  # False once the consumer has gone away
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                    for ids in batches:
+                        if not put(("batch", self._batch(np.asarray(ids, dtype=np.int64)))):
+                            return
+                put(("end", None))
+            except BaseException as e:  # handed to the consumer, which raises it
+                put(("error", e))
+
+        worker = threading.Thread(target=produce, name="nvjpeg-reader", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, item = results.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                images, labels, self.last_boxes, self.last_flips = item
+                yield images, labels
+        finally:
+            stop.set()
+            worker.join()
+
+
+def make_nvjpeg_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
+                        fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
+                        distributed: bool) -> NvjpegBatches:
+    """Same arguments and batches as `make_torch_batches`; `workers` is unused (one reader thread suffices: the
+    decode, the costly part, runs on the device)."""
+    order = BatchOrder(indices, batch_size, train=train, seed=seed, distributed=distributed)
+    return NvjpegBatches(str(path), order, train=train, crop=crop, res=res, fixed_size=fixed_size, flip=flip,
+                         device=device)
