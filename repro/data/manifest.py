@@ -6,7 +6,10 @@ Sizes are always checked (cheap); sha256 content hashes only with `verify=True` 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
+
+import numpy as np
 
 from data_prep.manifest import sha256_file  # the writer's own hash, so both sides agree
 from repro.errors import UserError
@@ -61,3 +64,37 @@ def read_manifest(folder: str | Path, verify: bool = False) -> dict:
 
 def beton_path(folder: str | Path, manifest: dict, split: str) -> Path:
     return Path(folder) / manifest["splits"][split].get("file", f"{split}.beton")
+
+
+def read_mean_image(folder: str | Path, manifest: dict) -> np.ndarray:
+    """The training set's mean image, float32 (H, W, 3) on 0..255, as recorded in the manifest."""
+    folder = Path(folder)
+    info = manifest.get("mean_image")
+    if not isinstance(info, dict) or "file" not in info:
+        raise UserError(f"{folder / 'manifest.json'} has no mean image (needed by data.normalize = "
+                        f"'mean-image', the default); rebuild with `{prepare_command(folder, manifest)}`, or set "
+                        f"data.normalize = 'mean'")
+    path = folder / info["file"]
+    try:
+        mean_image = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the mean image ({e}); re-run `repro prepare-data` with --force") from None
+    if list(mean_image.shape) != list(info.get("shape", mean_image.shape)) or mean_image.ndim != 3:
+        raise UserError(f"{path} has shape {list(mean_image.shape)}, its manifest says {info.get('shape')}; "
+                        f"re-run `repro prepare-data` with --force")
+    return mean_image.astype(np.float32, copy=False)
+
+
+def prepare_command(folder: Path, manifest: dict) -> str:
+    """The `repro prepare-data` command line that rebuilds `folder` with the settings its manifest records."""
+    settings = manifest.get("settings", {})
+    words = ["repro", "prepare-data", str(manifest.get("source") or "SOURCE")]
+    if manifest.get("root"):
+        words += ["--root", str(manifest["root"])]
+    for key in ("res", "classes", "train_per_class", "val_per_class", "write_mode", "jpeg_quality", "seed"):
+        if settings.get(key) is not None:
+            words += [f"--{key.replace('_', '-')}", str(settings[key])]
+    if settings.get("max_side"):
+        words.append("--max-side")
+    words += ["--out", str(folder), "--force"]
+    return shlex.join(words)
