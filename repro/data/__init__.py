@@ -34,6 +34,7 @@ class Loaders:
     num_train: int
     num_val: int
     batches_per_epoch: int
+    mean_image: torch.Tensor | None = None  # (3, res, res) float32, subtracted by the loaders ("mean-image")
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the next training pass with seed + epoch (call before each epoch; needed after a resume)."""
@@ -95,4 +96,5 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
     val = make(val_path, indices=val_ids, train=False, **common)
     train_eval = make(train_path, indices=train_ids, train=False, **common)
     return Loaders(train=train, val=val, train_eval=train_eval, manifest=manifest, backend=backend,
-                   num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train))
+                   num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train),
+                   mean_image=mean_image)
