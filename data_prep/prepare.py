@@ -24,6 +24,7 @@ from repro import io
 from repro.errors import UserError
 
 RAW_MAX_SIDE = 64  # stored side up to which images are kept raw (tiny sets decode fastest uncompressed)
+MEAN_IMAGE_FILE = "mean_image.npy"  # float32 (res, res, 3), 0..255, beside the betons
 
 
 @dataclass
@@ -57,6 +58,11 @@ def resolve_settings(source: str, opts: PrepareOptions) -> dict:
     return settings
 
 
+def read_class_file(path: Path) -> list[str]:
+    """The class ids in a --classes file: the first word of each line; blank lines and # comments skipped."""
+    return [s.split()[0] for s in path.read_text().splitlines() if s.strip() and not s.startswith("#")]
+
+
 def select_classes(data: SourceData, classes: str | None) -> list[int]:
     """Indices into data.class_ids kept by --classes (a count N: the first N ids; or a file of ids)."""
     ids = data.class_ids
@@ -69,7 +75,7 @@ def select_classes(data: SourceData, classes: str | None) -> list[int]:
         return list(range(n))
     path = Path(classes)
     try:
-        wanted = [s.split()[0] for s in path.read_text().splitlines() if s.strip() and not s.startswith("#")]
+        wanted = read_class_file(path)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--classes {classes}: neither a number nor a readable file of class ids ({e})") from None
     index = {c: i for i, c in enumerate(ids)}
@@ -125,35 +131,34 @@ def _class_file_unchanged(classes: str | None, manifest: dict) -> bool:
     if classes is None or classes.isdigit():
         return True
     try:
-        ids = [s.split()[0] for s in Path(classes).read_text().splitlines() if s.strip() and not s.startswith("#")]
+        return read_class_file(Path(classes)) == manifest["classes"]["ids"]
     except (OSError, UnicodeDecodeError):
         return False
-    return ids == manifest["classes"]["ids"]
 
 
-def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, progress: bool = True) -> str:
-    """Convert `source` at `root` into `out/{train,val}.beton` + `out/manifest.json`; return the summary line."""
+def _resolve_root(source: str, root: Path | None) -> Path | None:
     if source not in DEFAULT_RES:
         raise UserError(f"unknown source {source!r}; use one of {', '.join(DEFAULT_RES)}")
     if root is None and source in DEFAULT_ROOTS:
         root = Path(DEFAULT_ROOTS[source])
     if root is None and source in ("cifar10", "imagefolder", "imagenet"):
         raise UserError(f"{source} needs --root: the folder holding the dataset")
-    root_str = os.path.abspath(root) if root is not None else None
-    out = Path(out)
-    settings = resolve_settings(source, opts)
+    return root
 
+
+def _up_to_date(out: Path, source: str, root_str: str | None, settings: dict, opts: PrepareOptions) -> str | None:
+    """The summary line when `out` already holds this conversion (mean image included), else None."""
     old = read_existing(out)
-    if old and not opts.force and old.get("source") == source and old.get("root") == root_str \
-            and old.get("settings") == settings and _class_file_unchanged(opts.classes, old):
-        total = sum(s["count"] for s in old["splits"].values())
-        return f"{out} is up to date ({total:,} images, hash {old.get('hash')}); use --force to rebuild"
+    if not old or opts.force or old.get("source") != source or old.get("root") != root_str \
+            or old.get("settings") != settings or not _class_file_unchanged(opts.classes, old) \
+            or not (out / old.get("mean_image", {}).get("file", MEAN_IMAGE_FILE)).is_file():
+        return None
+    total = sum(s["count"] for s in old["splits"].values())
+    return f"{out} is up to date ({total:,} images, hash {old.get('hash')}); use --force to rebuild"
 
-    from data_prep.writer import make_progress, write_split  # imports ffcv (seconds): not on the up-to-date path
 
-    start = time.time()  # the clock for the summary's rate starts after the imports
-
-    data = load_source(source, root, opts)
+def _select(data: SourceData, source: str, opts: PrepareOptions, root_str: str | None) -> tuple[list[int], dict]:
+    """The kept class indices and the train/val splits restricted to them and to the per-class caps."""
     rng = np.random.default_rng(opts.seed)
     keep = list(range(len(data.class_ids))) if source == "synthetic" else select_classes(data, opts.classes)
     splits = {"train": restrict(data.train, keep, opts.train_per_class, rng),
@@ -162,13 +167,21 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
         if not len(split):
             raise UserError(f"{root_str or source}: the {name} split is empty after selecting classes; "
                             f"check --root and --classes")
+    return keep, splits
+
+
+def _write_splits(out: Path, splits: dict, settings: dict, opts: PrepareOptions, source: str,
+                  progress: bool) -> tuple[dict, dict]:
+    """Both betons under .tmp names, and the mean image; on any failure nothing of this run is left behind."""
+    from data_prep.writer import make_progress, write_split  # imports ffcv (seconds): not on the up-to-date path
+
     res = settings["res"]
     bytes_per_image = res * res * 3 if settings["write_mode"] == "raw" else res * res * 3 // 5
     estimate = sum(len(s) for s in splits.values()) * bytes_per_image + 64 * (1 << 21)
-
     created = _first_missing(out.absolute())
     check_output(out, estimate)
     tmp = {name: out / f"{name}.beton.tmp" for name in splits}
+    tmp["mean_image"] = out / f"{MEAN_IMAGE_FILE}.tmp"
     results = {}
     try:
         with make_progress(progress) as bar:
@@ -182,6 +195,8 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
                                             write_mode=settings["write_mode"], jpeg_quality=opts.jpeg_quality,
                                             workers=opts.workers or os.cpu_count() or 1, order=order,
                                             stats=name == "train", progress=bar, name=f"{source} {name}")
+        with open(tmp["mean_image"], "wb") as f:  # np.save on a path would append .npy to the .tmp name
+            np.save(f, results["train"]["mean_image"])
     except BaseException as e:
         for path in tmp.values():
             path.unlink(missing_ok=True)
@@ -190,8 +205,12 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
             raise UserError(f"writing to {out} failed ({e.strerror}); free space or choose a writable --out") from None
         raise
+    return results, tmp
 
-    skipped = [{"path": p, "reason": r} for p, r in ((d["path"], d["reason"]) for d in data.skipped)]
+
+def _manifest(data: SourceData, source: str, root_str: str | None, settings: dict, opts: PrepareOptions,
+              keep: list[int], splits: dict, results: dict, tmp: dict, start: float) -> dict:
+    skipped = [{"path": d["path"], "reason": d["reason"]} for d in data.skipped]
     split_info = {}
     for name, split in splits.items():
         index = results[name]["index"]
@@ -199,13 +218,19 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
         split_info[name] = {"file": f"{name}.beton", "count": int(len(index)),
                             "per_class": np.bincount(split.labels[index], minlength=len(keep)).tolist(),
                             "sha256": sha256_file(tmp[name]), "bytes": tmp[name].stat().st_size}
-    train = results["train"]
-    manifest = {
+    train, res = results["train"], settings["res"]
+    return {
         "format": FORMAT, "source": source, "root": root_str, "settings": settings,
         "image": {"height": res, "width": res, "fixed_size": not opts.max_side},
         "classes": {"ids": [data.class_ids[i] for i in keep], "names": [data.class_names[i] for i in keep]},
         "splits": split_info,
         **pixel_stats(train["sums"]),
+        # Section 2 of the paper: the mean over the training images of each pixel, at the stored resolution.
+        # Images stored with their aspect ratio kept enter as their centre square at res x res, as the loaders
+        # show them; the train crops then take the matching window of it.
+        "mean_image": {"file": MEAN_IMAGE_FILE, "shape": list(train["mean_image"].shape), "dtype": "float32",
+                       "sha256": sha256_file(tmp["mean_image"]),
+                       "of": "centre square at res x res" if opts.max_side else "stored image"},
         "stats_from": {"images": train["stat_images"], "of": split_info["train"]["count"],
                        "sampled": train["stat_images"] < split_info["train"]["count"]},
         "train_order": "shuffled",
@@ -215,16 +240,41 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "hash": content_hash([split_info["train"]["sha256"], split_info["val"]["sha256"]], settings),
     }
-    (out / "manifest.json").unlink(missing_ok=True)  # old manifest must not describe the new betons
-    for name in splits:
-        os.replace(tmp[name], out / f"{name}.beton")
+
+
+def _publish(out: Path, tmp: dict, manifest: dict) -> None:
+    """Old manifest out first (it must not describe the new files), then the files, the new manifest last."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name, path in tmp.items():
+        os.replace(path, path.with_name(path.name.removesuffix(".tmp")))
     io.write_json(out / "manifest.json", manifest)
 
+
+def _summary(out: Path, manifest: dict, seconds: float) -> str:
+    split_info, skipped = manifest["splits"], manifest["skipped"]
     written = sum(s["count"] for s in split_info.values())
     size = sum(s["bytes"] for s in split_info.values())
-    seconds = time.time() - start
     line = (f"wrote {split_info['train']['count']:,} train + {split_info['val']['count']:,} val images to {out} "
             f"({size / 1e6:,.1f} MB) in {seconds:.1f} s ({written / seconds:,.0f} images/s), skipped {len(skipped)}")
     if skipped:
         line += f" (listed in manifest.json; first: {skipped[0]['path']}: {skipped[0]['reason']})"
     return line
+
+
+def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, progress: bool = True) -> str:
+    """Convert `source` at `root` into `out/{train,val}.beton`, `out/mean_image.npy` and `out/manifest.json`;
+    return the summary line."""
+    root = _resolve_root(source, root)
+    root_str = os.path.abspath(root) if root is not None else None
+    out = Path(out)
+    settings = resolve_settings(source, opts)
+    if (line := _up_to_date(out, source, root_str, settings, opts)) is not None:
+        return line
+    import data_prep.writer  # noqa: F401  ffcv takes seconds to import: not on the up-to-date path, nor in the rate
+    start = time.time()
+    data = load_source(source, root, opts)
+    keep, splits = _select(data, source, opts, root_str)
+    results, tmp = _write_splits(out, splits, settings, opts, source, progress)
+    manifest = _manifest(data, source, root_str, settings, opts, keep, splits, results, tmp, start)
+    _publish(out, tmp, manifest)
+    return _summary(out, manifest, time.time() - start)

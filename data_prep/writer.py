@@ -14,18 +14,21 @@ import signal
 from multiprocessing import Process, Queue, RawArray, Value
 from time import sleep
 
+import cv2
 import numpy as np
+import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from data_prep.images import SkipImage, array_to_stored, read_image, to_stored
+from data_prep.images import SkipImage, array_to_stored, centre_square, read_image, to_stored
 from data_prep.sources import Split
 from repro.errors import UserError
 
 STATS_SAMPLE = 50_000  # image files whose pixels enter mean/std/PCA (in-memory sources use every image)
+STATS_FULL_PIXELS = 128 * 128  # larger images enter mean/std/PCA with 1/16 of their pixels (the mean image: all)
 OK, FAILED = 0, 1
 
 
@@ -43,7 +46,7 @@ def make_progress(enabled: bool) -> Progress:
 class SplitDataset:
     """Indexable view FFCV's workers read from: item i -> (stored RGB uint8 image, label)."""
 
-    def __init__(self, split: Split, res: int, max_side: bool, stat_slots: np.ndarray):
+    def __init__(self, split: Split, res: int, max_side: bool, stat_slots: np.ndarray, workers: int):
         self.split, self.res, self.max_side = split, res, max_side
         n = len(split)
         self.status = np.frombuffer(RawArray(ctypes.c_int8, max(n, 1)), dtype=np.int8)
@@ -53,6 +56,29 @@ class SplitDataset:
         self.slot = stat_slots
         self.sums = np.frombuffer(RawArray(ctypes.c_double, max(1, int((stat_slots >= 0).sum())) * 13),
                                   dtype=np.float64).reshape(-1, 13)
+        # The mean image: each worker process adds the sampled images into its own row (integer sums are exact
+        # and cheap); `mean_row` hands rows out, one per process, and `reset_mean` clears them before a pass.
+        rows = max(1, workers) if (stat_slots >= 0).any() else 0
+        self.mean_sums = np.frombuffer(RawArray(ctypes.c_uint32, max(1, rows * res * res * 3)),
+                                       dtype=np.uint32)[:rows * res * res * 3].reshape(rows, res, res, 3)
+        self.mean_rows_taken = Value(ctypes.c_int, 0)
+        self._mean_row, self._pid = None, None
+
+    def reset_mean(self) -> None:
+        self.mean_sums[:] = 0
+        self.mean_rows_taken.value = 0
+
+    def _add_to_mean(self, img: np.ndarray) -> None:
+        if self._pid != os.getpid():
+            with self.mean_rows_taken.get_lock():
+                row = self.mean_rows_taken.value
+                self.mean_rows_taken.value += 1
+            self._mean_row, self._pid = self.mean_sums[row], os.getpid()
+        # Images stored with their aspect ratio count as the loaders show them: the centre square at res x res
+        # (FFCV's centre-crop decoder; an upscale, since the longer side is at most res, hence plain bilinear).
+        if img.shape[:2] != (self.res, self.res):
+            img = centre_square(img, self.res)
+        np.add(self._mean_row, img, out=self._mean_row)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -69,12 +95,20 @@ class SplitDataset:
             self.reason_codes[i] = REASONS.get(str(e), OTHER)
             return np.zeros((8, 8, 3), np.uint8), label
         if self.slot[i] >= 0:
-            x = img.reshape(-1, 3).astype(np.float64)
-            row = self.sums[self.slot[i]]
-            row[:3] = x.sum(0)
-            row[3:12] = (x.T @ x).ravel()
-            row[12] = len(x)
+            self.sums[self.slot[i]] = pixel_sums(img)
+            self._add_to_mean(img)
         return img, label
+
+
+def pixel_sums(img: np.ndarray) -> np.ndarray:
+    """(sum of RGB, sum of RGB outer products, pixel count) over the image's pixels, as 13 float64.
+
+    Images larger than STATS_FULL_PIXELS contribute every fourth row and column (a regular sample of 1/16 of
+    their pixels, still thousands per image): on all pixels the statistics cost as much as decoding the file."""
+    if img.shape[0] * img.shape[1] > STATS_FULL_PIXELS:
+        img = img[::4, ::4]
+    x = np.ascontiguousarray(img.reshape(-1, 3).T, dtype=np.float64)  # (3, n): contiguous rows for BLAS
+    return np.concatenate([x.sum(1), (x @ x.T).ravel(), [x.shape[1]]])
 
 
 # Reasons travel from workers as small integers; the table is fixed so codes mean the same in every process.
@@ -86,6 +120,8 @@ OTHER = REASONS["unreadable"]
 
 def _worker(work_fn, *args):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    torch.set_num_threads(1)  # one process per core already: threads inside each would only contend
+    cv2.setNumThreads(1)
     work_fn(*args)
 
 
@@ -146,8 +182,9 @@ def _write(path: str, dataset: SplitDataset, order: np.ndarray, write_mode: str,
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality),
               "label": IntField()}
     # Each worker fills whole pages: fewer workers for small splits keeps tiny betons tiny.
-    n_workers = max(1, min(workers, math.ceil(len(order) / 1000)))
+    n_workers = max(1, min(workers, math.ceil(len(order) / 200)))
     page_size = MIN_PAGE_SIZE if res <= 512 else 8 * MIN_PAGE_SIZE
+    dataset.reset_mean()
     task = progress.add_task(description, total=len(order))
     writer = _Writer(path, fields, page_size, n_workers, lambda k: progress.advance(task, k))
     writer.from_indexed_dataset(dataset, indices=list(order), chunksize=max(1, min(100, len(order) // n_workers)))
@@ -157,13 +194,14 @@ def _write(path: str, dataset: SplitDataset, order: np.ndarray, write_mode: str,
 def write_split(path: str, split: Split, *, res: int, max_side: bool, write_mode: str, jpeg_quality: int,
                 workers: int, order: np.ndarray, stats: bool, progress: Progress, name: str) -> dict:
     """Write `split[order]` to `path`; return {"index": written source indices, "skipped": [(i, reason)],
-    "sums": summed pixel statistics or None}."""
+    "sums": summed pixel statistics or None, "stat_images": how many images they cover, "mean_image": their
+    mean image, float32 (res, res, 3), or None}."""
     slots = np.full(len(split), -1, dtype=np.int64)
     if stats:
         chosen = order if len(order) <= STATS_SAMPLE or split.images is not None else np.sort(
             np.random.default_rng(0).choice(order, STATS_SAMPLE, replace=False))
         slots[chosen] = np.arange(len(chosen))
-    dataset = SplitDataset(split, res, max_side, slots)
+    dataset = SplitDataset(split, res, max_side, slots, workers)
     _write(path, dataset, order, write_mode, res, jpeg_quality, workers, progress, f"{name}")
     failed = order[dataset.status[order] == FAILED]
     if len(failed):  # rare: rewrite without the broken files so the beton holds real images only
@@ -176,5 +214,8 @@ def write_split(path: str, split: Split, *, res: int, max_side: bool, write_mode
     names = {k: r for r, k in REASONS.items()}
     skipped = [(int(i), names.get(int(dataset.reason_codes[i]), "unreadable")) for i in failed]
     used = slots[order]
+    stat_images = int((used >= 0).sum())
     sums = dataset.sums[used[used >= 0]].sum(0) if stats else None
-    return {"index": order, "skipped": skipped, "sums": sums, "stat_images": int((used >= 0).sum())}
+    mean_image = (dataset.mean_sums.sum(0, dtype=np.float64) / max(stat_images, 1)).astype(np.float32) \
+        if stats else None
+    return {"index": order, "skipped": skipped, "sums": sums, "stat_images": stat_images, "mean_image": mean_image}

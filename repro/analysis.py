@@ -179,7 +179,9 @@ def _thumbs(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _embed(model, loader, transform, crop: int, limit: int):
+def _embed(model, loader, transform, crop: int, limit: int, mean_image: torch.Tensor | None = None):
+    """`mean_image`: what the loader subtracted ("mean-image"), added back for the thumbnails only (pixel
+    distances do not change when every image loses the same image)."""
     from repro.data.augment import center_crop
 
     feats, pixels, labels, thumbs, n = [], [], [], [], 0
@@ -189,7 +191,8 @@ def _embed(model, loader, transform, crop: int, limit: int):
         feats.append(model.forward_features(transform(x)).float())
         pixels.append(x.float().flatten(1))
         labels.append(y[: len(images)].cpu().clone())
-        thumbs.append(_thumbs(x))
+        shown = x if mean_image is None else (x + center_crop(mean_image.cpu(), crop)).round().clamp(0, 255).byte()
+        thumbs.append(_thumbs(shown))
         n += len(images)
         if n >= limit:
             break
@@ -216,8 +219,8 @@ def retrieval(done) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     loaders = make_loaders(cfg, device="cpu")
     transform = BatchTransform(loaders.manifest, cfg, train=False)
     crop = cfg.model.input_size
-    qf, qp, ql, qt = _embed(model, loaders.val, transform, crop, RETRIEVAL_QUERIES)
-    df, dp, dl, dt = _embed(model, loaders.train_eval, transform, crop, RETRIEVAL_DATABASE)
+    qf, qp, ql, qt = _embed(model, loaders.val, transform, crop, RETRIEVAL_QUERIES, loaders.mean_image)
+    df, dp, dl, dt = _embed(model, loaders.train_eval, transform, crop, RETRIEVAL_DATABASE, loaders.mean_image)
     k = min(RETRIEVAL_K, len(dl))
     feat_score, idx = neighbour_agreement(qf, df, ql, dl, k)
     pix_score, _ = neighbour_agreement(qp, dp, ql, dl, k)

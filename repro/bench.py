@@ -186,6 +186,47 @@ def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
     return base, _rate(n, time.perf_counter() - t0)
 
 
+def bench_prepare_vs_ffcv_imagenet(tmp: Path, workers: int, per_class: int = 300) -> tuple[float, float]:
+    """`repro prepare-data imagefolder --max-side` against ffcv-imagenet's `write_imagenet.py` (torchvision
+    ImageFolder into FFCV's DatasetWriter, jpg, max side 256, quality 90), same `workers`, on photo-sized JPEGs
+    (about 450x340, noise and shapes, 10 classes); images/s over train + val, each side once."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from PIL import ImageDraw
+    from torchvision.datasets import ImageFolder
+
+    from data_prep.prepare import PrepareOptions, prepare
+
+    folder, rng = tmp / "photos", np.random.default_rng(1)
+    counts = {"train": per_class, "val": max(per_class // 10, 1)}
+    for split, count in counts.items() if not folder.exists() else ():
+        for c in range(10):
+            (folder / split / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                w, h = int(rng.integers(400, 500)), int(rng.integers(300, 380))
+                noise = rng.normal(128, 40, size=(h // 4, w // 4, 3)).clip(0, 255).astype(np.uint8)
+                im = Image.fromarray(noise).resize((w, h), Image.BILINEAR)
+                draw = ImageDraw.Draw(im)
+                for _ in range(4):
+                    x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
+                    box = (x0, y0, x0 + int(rng.integers(20, 60)), y0 + int(rng.integers(20, 60)))
+                    fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+                    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+                im.save(folder / split / f"n{c:08d}" / f"{split}_{i:05d}.JPEG", quality=90)
+    n = 10 * sum(counts.values())
+    t0 = time.perf_counter()
+    for split in ("train", "val"):  # write_imagenet.py, once per split
+        fields = {"image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90), "label": IntField()}
+        DatasetWriter(str(tmp / f"ffcv_{split}.beton"), fields, num_workers=workers).from_indexed_dataset(
+            ImageFolder(str(folder / split)), chunksize=100)
+    base = _rate(n, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    prepare("imagefolder", folder, tmp / "prepared-photos",
+            PrepareOptions(res=256, max_side=True, write_mode="jpg", jpeg_quality=90, workers=workers, force=True),
+            progress=False)
+    return base, _rate(n, time.perf_counter() - t0)
+
+
 def run_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> Path:
     console = console or Console()
     per_class = 20 if quick else 200
@@ -201,6 +242,9 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
         with console.status("preparation: plain PIL loop vs repro prepare-data"):
             base, ours = bench_prepare(big, tmp / "prep", 256)
         rows.append(("prepare-data, 256 px JPEG", base, ours, "-"))
+        with console.status("preparation: ffcv-imagenet's write_imagenet.py vs repro prepare-data --max-side"):
+            base, ours = bench_prepare_vs_ffcv_imagenet(tmp / "photos", os.cpu_count() or 1, 30 if quick else 300)
+        rows.append(("prepare-data --max-side 256, 450x340 JPEG vs ffcv-imagenet writer", base, ours, ">= 1.5x"))
         prepare("imagefolder", small, tmp / "small", PrepareOptions(res=28), progress=False)
         big_data, big_raw = tmp / "prep" / "prepared", tmp / "prep" / "raw"
         prepare("imagefolder", big, big_raw, PrepareOptions(res=256, write_mode="raw"), progress=False)

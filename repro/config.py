@@ -19,8 +19,9 @@ from typing import Any, Callable, get_type_hints
 from repro.errors import UserError
 from repro.models.registry import list_models
 
-CONFIG_FORMAT = 5  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
-#                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7
+CONFIG_FORMAT = 6  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
+#                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7;
+#                    6: data.normalize defaults to the mean image
 
 
 def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "",
@@ -65,7 +66,10 @@ class DataConfig:
                       help="auto: nvjpeg on CUDA; on CPU FFCV when importable, else the torchvision fallback")
     flip: bool = _f(True, help="random horizontal flips at train time")
     pca_lighting: float = _f(0.1, help="sigma of the PCA colour noise (section 4.1); 0 disables")
-    normalize: str = _f("mean", choices=("mean", "mean-std"), help="mean: subtract the mean only, as the paper")
+    normalize: str = _f("mean-image", choices=("mean-image", "mean", "mean-std"),
+                        help="mean-image: subtract the training set's mean image, cropped and flipped as each "
+                             "image (section 2 of the paper); mean: the per-channel mean; mean-std: per-channel "
+                             "mean, then divide by the per-channel std")
     train_limit: int = _f(0, help="use a fixed random subset of this many training images; 0 = all")
     val_limit: int = _f(0, help="use a fixed random subset of this many validation images; 0 = all")
     workers: int = _f(0, hash=False, help="loader worker threads; 0 = all cores")

@@ -1,13 +1,14 @@
-"""repro.data.augment: PCA lighting against numpy, mean subtraction, centre crop and ten-crop against slicing."""
+"""repro.data.augment: PCA lighting and mean subtraction (per channel, mean image) against numpy, crops against slicing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from repro.config import RunConfig, apply_overrides
-from repro.data.augment import BatchTransform, center_crop, ten_crop
+from repro.data.augment import BatchTransform, center_crop, subtract_mean_image, ten_crop
 
 
 def manifest_from(pixels: np.ndarray) -> dict:
@@ -28,7 +29,7 @@ def batch():
 
 
 def cfg(**overrides) -> RunConfig:
-    return apply_overrides(RunConfig(), overrides)
+    return apply_overrides(RunConfig(), {"data.normalize": "mean", **overrides})
 
 
 def test_pca_lighting_matches_numpy(batch):
@@ -91,3 +92,43 @@ def test_center_crop_and_ten_crop():
         assert torch.equal(crops[5 + k], expected)
     # the mirrored top-left crop is the flipped top-right crop of the original
     assert torch.equal(crops[5], torch.flip(crops[1], dims=[-1]))
+
+
+def test_subtract_mean_image_cuts_and_flips_as_the_crop():
+    """Known 2x2 crops of a known 4x5 mean image: image 0 at (1, 2) unflipped, image 1 at (0, 0) flipped."""
+    mean = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)  # (C, H, W)
+    images = np.full((2, 3, 2, 2), 100.0, dtype=np.float32)
+    out = subtract_mean_image(torch.from_numpy(images), torch.from_numpy(mean),
+                              torch.tensor([[1, 2, 2, 2], [0, 0, 2, 2]]), torch.tensor([False, True]), 2)
+    want = images.copy()
+    want[0] -= mean[:, 1:3, 2:4]
+    want[1] -= mean[:, 0:2, 0:2][:, :, ::-1]
+    np.testing.assert_array_equal(out.numpy(), want)
+    # by hand, channel 0: rows 1-2, columns 2-3 of [[0..4], [5..9], ...] are 7 8 / 12 13; image 1 mirrored: 1 0 / 6 5
+    np.testing.assert_array_equal(out[0, 0].numpy(), [[93, 92], [88, 87]])
+    np.testing.assert_array_equal(out[1, 0].numpy(), [[99, 100], [94, 95]])
+
+
+def test_subtract_mean_image_resizes_windows_of_another_size():
+    """Windows of other sizes (aspect-kept data): numpy's slice of the window, mirrored by numpy, then resized by
+    torchvision to the crop size; the same-size window in the batch is still exact."""
+    mean = np.random.default_rng(0).uniform(0, 255, (3, 7, 7)).astype(np.float32)
+    images = torch.zeros(2, 3, 3, 3)
+    out = subtract_mean_image(images, torch.from_numpy(mean), torch.tensor([[1, 2, 5, 4], [4, 1, 3, 3]]),
+                              torch.tensor([True, False]), 3)
+    window = torch.from_numpy(mean[:, 1:6, 2:6][:, :, ::-1].copy())
+    want = -TF.resize(window, [3, 3], antialias=True)
+    np.testing.assert_allclose(out[0].numpy(), want.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(out[1].numpy(), -mean[:, 4:7, 1:4])
+
+
+def test_mean_image_mode_adds_only_the_lighting(batch):
+    """The loaders subtract the mean image; the transform then adds the PCA lighting and nothing else."""
+    pixels, manifest = batch
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() - 50.0
+    alpha = torch.tensor(np.random.default_rng(1).normal(0, 0.1, (5, 3))).float()
+    transform = BatchTransform(manifest, cfg(**{"data.normalize": "mean-image"}), train=True)
+    out = transform(images, alpha)
+    np.testing.assert_allclose(out.numpy(), (images + transform.lighting(5, images.device, alpha)).numpy(), atol=1e-4)
+    np.testing.assert_allclose(BatchTransform(manifest, cfg(**{"data.normalize": "mean-image"}), train=False)(
+        images).numpy(), images.numpy())

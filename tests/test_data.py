@@ -63,8 +63,15 @@ def write_dataset(folder: Path, mode: str, seed: int = 0) -> dict:
                 "splits": splits, "mean": pixels.mean(0).tolist(), "std": pixels.std(0).tolist(),
                 "pca": {"eigval": eigval[::-1].tolist(), "eigvec": eigvec[:, ::-1].tolist()},
                 "skipped": [], "hash": "0" * 16}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    write_mean_image(folder, manifest, arrays["train"][0].mean(0, dtype=np.float64).astype(np.float32))
     return arrays
+
+
+def write_mean_image(folder: Path, manifest: dict, mean_image: np.ndarray) -> None:
+    """Save `mean_image` as the folder's mean image and write the manifest that records it."""
+    np.save(folder / "mean_image.npy", mean_image)
+    manifest = manifest | {"mean_image": {"file": "mean_image.npy", "shape": list(mean_image.shape)}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +87,8 @@ def jpg_data(tmp_path_factory):
 
 
 def config(folder, **overrides) -> RunConfig:
-    base = {"data.dir": str(folder), "model.input_size": CROP, "train.batch_size": 8, "data.workers": 1}
+    base = {"data.dir": str(folder), "model.input_size": CROP, "train.batch_size": 8, "data.workers": 1,
+            "data.normalize": "mean"}  # uint8 batches: the pixels as stored
     return apply_overrides(RunConfig(), {**base, **overrides})
 
 
@@ -104,7 +112,7 @@ def test_manifest_reads_and_verifies(raw_data):
 
 def _copy(folder: Path, dest: Path) -> Path:
     dest.mkdir()
-    for name in ("train.beton", "val.beton", "manifest.json"):
+    for name in ("train.beton", "val.beton", "manifest.json", "mean_image.npy"):
         (dest / name).write_bytes((folder / name).read_bytes())
     return dest
 
@@ -296,7 +304,7 @@ def test_fallback_runs_without_ffcv(raw_data):
         "from repro.config import RunConfig, apply_overrides\n"
         "from repro.data import make_loaders\n"
         f"cfg = apply_overrides(RunConfig(), {{'data.dir': {str(folder)!r}, 'model.input_size': {CROP},"
-        " 'train.batch_size': 8, 'data.workers': 1})\n"
+        " 'train.batch_size': 8, 'data.workers': 1, 'data.normalize': 'mean'})\n"
         "loaders = make_loaders(cfg, device='cpu')\n"
         "x = torch.cat([b[0] for b in loaders.val])\n"
         "print(loaders.backend, int(x.long().sum()))\n"
@@ -356,3 +364,52 @@ def test_variable_size_images(tmp_path):
     for k in range(2):
         diff = (out["ffcv"][k][0].float() - out["torch"][k][0].float()).abs()
         assert diff.mean() < 2
+
+
+# ---------------------------------------------------------------- the mean image (section 2)
+
+
+def ramp_mean_image(size: int) -> np.ndarray:
+    """A mean image whose every value says where it is: 1000 * row + 10 * column + channel."""
+    rows, cols, chans = np.meshgrid(np.arange(size), np.arange(size), np.arange(3), indexing="ij")
+    return (1000 * rows + 10 * cols + chans).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_mean_image_is_cut_and_flipped_as_each_crop(raw_data, tmp_path, backend):
+    """Loader batches with "mean-image" = the stored-pixel crops minus the mean image's window at the crop's
+    place, mirrored where the crop is: read the window back from the ramp and check it against numpy slicing."""
+    folder = _copy(raw_data[0], tmp_path / "ramp")
+    mean = ramp_mean_image(RES)
+    write_mean_image(folder, json.loads((folder / "manifest.json").read_text()), mean)
+    plain = make_loaders(config(folder, **{"data.backend": backend}), device="cpu")
+    minus = make_loaders(config(folder, **{"data.backend": backend, "data.normalize": "mean-image"}), device="cpu")
+    (px, py), (mx, my) = collect(plain.train), collect(minus.train)
+    assert mx.dtype == torch.float32 and torch.equal(py, my)
+    sources = nchw(raw_data[1]["train"][0])
+    order = np.random.default_rng(0).permutation(N_TRAIN)  # seed 0, epoch 0: the images behind px, in order
+    flips = 0
+    for i in range(len(px)):
+        window = (px[i].float() - mx[i]).permute(1, 2, 0).numpy()  # (CROP, CROP, 3) values of the ramp
+        top, left = int(window[:, :, 0].min()) // 1000, int(window[:, :, 0].min()) % 1000 // 10
+        (image_top, image_left, flipped), = find_window(px[i], sources[order[i]])
+        assert (top, left) == (image_top, image_left)
+        want = mean[top:top + CROP, left:left + CROP]
+        np.testing.assert_array_equal(window, want[:, ::-1] if flipped else want)
+        flips += flipped
+    assert 0 < flips < len(px)
+    # whole stored images (val, train_eval) lose the whole mean image
+    (vx, _), (ux, _) = collect(plain.val), collect(minus.val)
+    np.testing.assert_array_equal((vx.float() - ux).permute(0, 2, 3, 1).numpy(), np.broadcast_to(mean, (N_VAL,
+                                                                                                        *mean.shape)))
+
+
+def test_mean_image_missing_names_the_manifest_and_the_command(raw_data, tmp_path):
+    folder = _copy(raw_data[0], tmp_path / "old")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["mean_image"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"{folder}/manifest.json has no mean image .*`repro prepare-data "
+                                        rf"synthetic --res {RES} --write-mode raw --out {folder} --force`"):
+        make_loaders(config(folder, **{"data.normalize": "mean-image"}), device="cpu")
+    make_loaders(config(folder), device="cpu")  # the per-channel mean needs no mean image

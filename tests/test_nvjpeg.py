@@ -1,5 +1,6 @@
 """The nvjpeg backend on the CPU (the same code decodes with libjpeg-turbo when there is no GPU): same batches as
-the torch backend, the batched crop against a per-image reference, normalisation, and a run through `fit`.
+the torch backend (with and without the mean image), the batched crop against a per-image reference, and a run
+through `fit`.
 
 JPEG tolerance: the other backends decode with libjpeg-turbo's fast integer IDCT (as FFCV does); this one with
 torchvision's decoder (the accurate IDCT on the CPU, nvJPEG's on a GPU). On these 64 px synthetic images at
@@ -16,8 +17,7 @@ import torch
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders, pick_backend
 from repro.data.crops import crop_window, draw_words, flip_bit
-from repro.data.nvjpeg_loader import crop_boxes, gather_crops, normalise
-from repro.errors import UserError
+from repro.data.nvjpeg_loader import crop_boxes, gather_crops
 
 pytest.importorskip("ffcv")  # the betons are written with FFCV's writer
 
@@ -60,9 +60,14 @@ def everything(ld) -> list[torch.Tensor]:
     return out + [torch.cat(xs), torch.cat(ys)]
 
 
-def test_raw_beton_batches_equal_the_torch_backend(raw_dir):
-    ours, theirs = loaders(raw_dir, "nvjpeg"), loaders(raw_dir, "torch")
+@pytest.mark.parametrize("normalize", ["mean-image", "mean"])
+def test_raw_beton_batches_equal_the_torch_backend(raw_dir, normalize):
+    """uint8 batches ("mean": the engine's transform subtracts it), or float32 minus the mean image's window at
+    each crop, mirrored with it ("mean-image", the paper's recipe): the same values to the bit."""
+    ours = loaders(raw_dir, "nvjpeg", **{"data.normalize": normalize})
+    theirs = loaders(raw_dir, "torch", **{"data.normalize": normalize})
     assert ours.backend == "nvjpeg" and len(ours.train) == len(theirs.train) == 48 // 8
+    assert (everything(ours)[0].dtype == torch.uint8) == (normalize == "mean")
     for a, b in zip(everything(ours), everything(theirs)):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
@@ -99,18 +104,6 @@ def test_crop_boxes_are_the_shared_draws():
     assert boxes.tolist() == [list(crop_window(w, 64, 64, 56, 64)) for w in words]
     assert flips.tolist() == [bool(flip_bit(w)) for w in words]
     assert not crop_boxes(ids, np.full(4, 64), np.full(4, 64), 56, 64, flip=False)[1].any()
-
-
-def test_normalise_modes():
-    manifest = {"mean": [100.0, 120.0, 140.0], "std": [50.0, 60.0, 70.0]}
-    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2) * 10
-    mean, std = np.array(manifest["mean"])[None, :, None, None], np.array(manifest["std"])[None, :, None, None]
-    np.testing.assert_allclose(normalise(x, None, None, mode="mean", manifest=manifest, out_size=2).numpy(),
-                               x.numpy() - mean, rtol=1e-6)
-    np.testing.assert_allclose(normalise(x, None, None, mode="mean-std", manifest=manifest, out_size=2).numpy(),
-                               (x.numpy() - mean) / std, rtol=1e-6)
-    with pytest.raises(UserError, match="mean-image"):  # no mean image in this manifest
-        normalise(x, None, None, mode="mean-image", manifest=manifest, out_size=2)
 
 
 def test_auto_picks_nvjpeg_on_cuda_only():

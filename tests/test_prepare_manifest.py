@@ -155,3 +155,44 @@ def stored_modes(path) -> set[str]:
 
     names = {code: name for name, code in IMAGE_MODES.items()}
     return {names[int(m)] for m in Reader(str(path)).metadata["f0"]["mode"]}
+
+
+def test_mean_image_matches_numpy(cifar_run):
+    """Section 2's mean image: the per-pixel mean of the stored training images, float32 HxWx3, hashed."""
+    data, out, m, _ = cifar_run
+    mean_image = np.load(out / "mean_image.npy")
+    assert mean_image.dtype == np.float32 and mean_image.shape == (32, 32, 3)
+    assert np.allclose(mean_image, data["train"][0].astype(np.float64).mean(0), atol=1e-4)
+    info = m["mean_image"]
+    assert info["file"] == "mean_image.npy" and info["shape"] == [32, 32, 3] and info["dtype"] == "float32"
+    assert info["sha256"] == hashlib.sha256((out / "mean_image.npy").read_bytes()).hexdigest()
+    assert np.allclose(mean_image.reshape(-1, 3).mean(0), m["mean"], atol=1e-3)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_mean_image_of_aspect_kept_images_is_over_their_centre_squares(tmp_path):
+    import cv2
+
+    make_tree(tmp_path / "d" / "train", ["a", "b"], per_class=2)  # 40x30 and 41x30 images
+    make_tree(tmp_path / "d" / "val", ["a"], per_class=1)
+    prepare("imagefolder", tmp_path / "d", tmp_path / "out", opts(res=20, max_side=True, write_mode="raw"),
+            progress=False)
+    images, _ = read_beton(tmp_path / "out" / "train.beton")
+    squares = []
+    for img in images:  # stored 15 x 20: its centre square is columns 2..16, shown at 20 x 20
+        h, w = img.shape[:2]
+        left = (w - h) // 2
+        squares.append(cv2.resize(img[:, left:left + h], (20, 20), interpolation=cv2.INTER_AREA))
+    want = np.mean(np.stack(squares).astype(np.float64), axis=0)
+    assert np.allclose(np.load(tmp_path / "out" / "mean_image.npy"), want, atol=1e-4)
+
+
+def test_pixel_statistics_sample_every_fourth_row_and_column_of_large_images():
+    from data_prep.writer import pixel_sums
+
+    rng = np.random.default_rng(3)
+    for shape, step in [((100, 120, 3), 1), ((200, 150, 3), 4)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        x = img[::step, ::step].reshape(-1, 3).astype(np.float64)
+        want = np.concatenate([x.sum(0), (x.T @ x).ravel(), [len(x)]])
+        assert np.array_equal(pixel_sums(img), want)

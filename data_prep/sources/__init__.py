@@ -43,7 +43,6 @@ class SourceData:
 DEFAULT_ROOTS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 # Stored side when --res is not given: native for the small sets, the paper's 256 for photos.
 DEFAULT_RES = {"fashion-mnist": 28, "cifar10": 32, "synthetic": 32, "imagefolder": 256, "imagenet": 256}
-NATIVE_RES = {"fashion-mnist": 28, "cifar10": 32}
 
 
 def load_source(name: str, root: Path | None, opts) -> SourceData:

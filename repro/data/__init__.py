@@ -1,8 +1,9 @@
 """Batches from prepared betons: `make_loaders(cfg, device=...)` -> train, val and train_eval loaders.
 
 Train batches are the paper's fixed-size random crops (cfg.model.input_size out of the stored image) with random
-horizontal flips; val and train_eval batches are the full stored images in stored order. All are uint8 NCHW on the
-device with int64 labels; `repro.data.augment.BatchTransform` turns them into model input. FFCV does the work
+horizontal flips; val and train_eval batches are the full stored images in stored order. All are NCHW on the
+device with int64 labels: uint8, or float32 minus the mean image, cut and flipped as each crop, when
+`data.normalize = "mean-image"`; `repro.data.augment.BatchTransform` turns them into model input. FFCV does the work
 when it is importable (or asked for); otherwise a torch DataLoader reads the same files (repro.data.torch_loader).
 On a GPU, "auto" picks the nvjpeg backend, which decodes the JPEGs on the device (repro.data.nvjpeg_loader).
 """
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from repro.config import RunConfig
-from repro.data.manifest import beton_path, read_manifest
+from repro.data.manifest import beton_path, read_manifest, read_mean_image
+from repro.hints import prepare_command
 from repro.errors import UserError
 
 __all__ = ["Loaders", "make_loaders", "read_manifest", "subset_indices", "pick_backend"]
@@ -33,6 +36,7 @@ class Loaders:
     num_train: int
     num_val: int
     batches_per_epoch: int
+    mean_image: torch.Tensor | None = None  # (3, res, res) float32, subtracted by the loaders ("mean-image")
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
         """Shuffle the next training pass with seed + epoch (call before each epoch; needed after a resume) and
@@ -94,11 +98,19 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
         from repro.data.torch_loader import make_torch_batches as make
     splits = manifest["splits"]
     val_ids = subset_indices(int(splits["val"]["count"]), cfg.data.val_limit)
+    mean_image = None
+    if cfg.data.normalize == "mean-image":
+        mean_image = torch.from_numpy(read_mean_image(folder, manifest)).permute(2, 0, 1).contiguous()
+        if tuple(mean_image.shape) != (3, res, res):
+            raise UserError(f"{folder}: the mean image is {tuple(mean_image.shape)[1:]}, the loaders show {res}x{res} "
+                            f"images; rebuild with `{prepare_command(Path(folder), manifest, force=True)}`")
     common = dict(batch_size=cfg.train.batch_size, crop=crop, res=res, fixed_size=fixed, flip=cfg.data.flip,
-                  seed=cfg.train.seed, workers=cfg.data.workers, device=device, distributed=distributed)
+                  seed=cfg.train.seed, workers=cfg.data.workers, device=device, distributed=distributed,
+                  mean_image=mean_image)
     train_path, val_path = beton_path(folder, manifest, "train"), beton_path(folder, manifest, "val")
     train = make(train_path, indices=train_ids, train=True, **common)
     val = make(val_path, indices=val_ids, train=False, **common)
     train_eval = make(train_path, indices=train_ids, train=False, **common)
     return Loaders(train=train, val=val, train_eval=train_eval, manifest=manifest, backend=backend,
-                   num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train))
+                   num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train),
+                   mean_image=mean_image)

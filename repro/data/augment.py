@@ -1,8 +1,10 @@
-"""Batch transforms in torch, after the loader: PCA lighting, mean subtraction, centre crop and ten-crop.
+"""Batch transforms in torch: PCA lighting, mean subtraction (per channel, or the mean image), centre and ten-crop.
 
 Pixels stay on the 0..255 scale as in the paper (section 4.1): lighting adds `eigvec @ (alpha * eigval)`, with the
 manifest's eigen-decomposition of the training pixels' RGB covariance (computed on [0, 1] values, hence the
 factor 255), then the training set's per-channel mean is subtracted (and, for "mean-std", divided by the std).
+The paper's own recipe (section 2, `data.normalize = "mean-image"`) subtracts the mean image instead, cut and
+mirrored as each crop was: `subtract_mean_image`, which the loaders call, since they know the crop windows.
 """
 
 from __future__ import annotations
@@ -13,12 +15,47 @@ from torchvision.transforms.v2 import functional as TF
 from repro.config import RunConfig
 
 
+def subtract_mean_image(images: torch.Tensor, mean_image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                        out_size: int) -> torch.Tensor:
+    """`images` (N, C, S, S) float minus, for each image, the window `boxes[i]` = (top, left, height, width) of
+    `mean_image` (C, H, W), resized to out_size x out_size when the window is of another size, and mirrored left to
+    right where `flips[i]`: the same crop and flip as the image's. Any device; boxes and flips (N,) may be on any.
+    """
+    mean = mean_image.to(device=images.device, dtype=images.dtype)
+    boxes = boxes.to(images.device, torch.long)
+    flips = flips.to(images.device, torch.bool)
+    if bool(((boxes[:, 2] == out_size) & (boxes[:, 3] == out_size)).all()):  # one gather for the whole batch
+        ar = torch.arange(out_size, device=images.device)
+        rows = boxes[:, :1] + ar
+        cols = boxes[:, 1:2] + torch.where(flips[:, None], ar.flip(0), ar)
+        return images - mean[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
+    windows = []
+    for (top, left, height, width), flip in zip(boxes.tolist(), flips.tolist()):
+        window = TF.resize(mean[:, top:top + height, left:left + width], [out_size, out_size], antialias=True)
+        windows.append(TF.horizontal_flip(window) if flip else window)
+    return images - torch.stack(windows)
+
+
+def subtract_loader_mean(images: torch.Tensor, mean_image: torch.Tensor, crops: torch.Tensor | None,
+                         out_size: int) -> torch.Tensor:
+    """What the loaders yield for "mean-image": float32 images minus the mean image (C, H, W), cut by `crops`
+    (N, 5) = (top, left, height, width, flip) for train crops, or whole for stored-size images (crops None)."""
+    images = images.float()
+    if crops is None:
+        return images - mean_image.to(images.device)
+    return subtract_mean_image(images, mean_image, crops[:, :4], crops[:, 4], out_size)
+
+
 class BatchTransform:
-    """uint8 NCHW batch -> float32 batch ready for the model; PCA lighting only when `train` and sigma > 0."""
+    """Loader batch -> float32 batch ready for the model; PCA lighting only when `train` and sigma > 0.
+
+    With `data.normalize = "mean-image"` the loaders have already subtracted the mean image (they know each
+    crop's window), so only the lighting is added here."""
 
     def __init__(self, manifest: dict, cfg: RunConfig, train: bool):
         self.sigma = cfg.data.pca_lighting if train else 0.0
-        self.mean = torch.tensor(manifest["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        mean = [0.0, 0.0, 0.0] if cfg.data.normalize == "mean-image" else manifest["mean"]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = manifest["std"] if cfg.data.normalize == "mean-std" else [1.0, 1.0, 1.0]
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.eigval = torch.tensor(manifest["pca"]["eigval"], dtype=torch.float32)

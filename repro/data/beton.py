@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ctypes
-import ctypes.util
-import os
-
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from data_prep.turbojpeg import TJFLAG_FASTDCT, decode_rgb, turbojpeg
 from repro.errors import UserError
 from repro.hints import prepare_command
 
@@ -36,32 +33,12 @@ FIELD_META = {0: np.dtype("<f8"), 1: np.dtype("<i8"), 2: RGB_META}  # FloatField
 JPG, RAW = 0, 1
 
 
-TJPF_RGB, TJFLAG_FASTDCT = 0, 2048
-_turbo = {"lib": None, "handle": None, "pid": None}
-
-
-def _turbojpeg():
-    """This process's libturbojpeg decompressor (DataLoader workers are processes), or None if not installed."""
-    if _turbo["pid"] != os.getpid():
-        name = ctypes.util.find_library("turbojpeg")
-        lib = ctypes.CDLL(name) if name else None
-        if lib is not None:
-            lib.tjInitDecompress.restype = ctypes.c_void_p
-            lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
-                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        _turbo.update(lib=lib, handle=lib.tjInitDecompress() if lib else None, pid=os.getpid())
-    return _turbo["lib"], _turbo["handle"]
-
-
 def decode_jpg(data: np.ndarray, height: int, width: int) -> torch.Tensor:
     """JPEG bytes -> uint8 (3, H, W), decoded as FFCV decodes them when libturbojpeg is available."""
-    lib, handle = _turbojpeg()
-    if lib is None:
+    if turbojpeg()[0] is None:
         return decode_jpeg(torch.from_numpy(np.array(data)), mode=ImageReadMode.RGB)
-    src = np.ascontiguousarray(data)
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    if lib.tjDecompress2(handle, src.ctypes.data, src.size, out.ctypes.data, width, 0, height, TJPF_RGB,
-                         TJFLAG_FASTDCT) != 0:
+    out = decode_rgb(data, height=height, width=width, flags=TJFLAG_FASTDCT)
+    if out is None:
         raise ValueError("libturbojpeg could not decode an image")
     return torch.from_numpy(out).permute(2, 0, 1)
 

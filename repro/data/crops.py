@@ -72,3 +72,34 @@ def crop_window(words, height, width, crop, res):
 def flip_bit(words):
     """True for half of the images: the top bit of the third word."""
     return (words[2] >> _S63) == _ONE
+
+
+@_jit
+def mean_image_box(words, height, width, crop, res):
+    """Top, left and side of the crop's window in the mean image (res x res, see `data_prep`'s mean image).
+
+    Fixed-size data: the crop's own window. Images stored with their aspect ratio kept: the mean image holds
+    their centre squares at res x res, so the window is mapped into it (scaled by res / shorter side) and its
+    side is `crop`, which the mapped side equals up to rounding; the corner is rounded and kept inside.
+    """
+    top, left, side = crop_window(words, height, width, crop, res)
+    short = min(height, width)
+    if short == res:
+        return top, left, side
+    scale = res / short
+    top = min(max(int(round((top - (height - short) // 2) * scale)), 0), res - crop)
+    left = min(max(int(round((left - (width - short) // 2) * scale)), 0), res - crop)
+    return top, left, crop
+
+
+@_jit
+def mean_image_crops(batch_indices, heights, widths, crop, res, do_flip):
+    """(n, 5) int64 rows (top, left, height, width, flip) of each train crop's window in the mean image, for the
+    batch's sample ids; `heights`/`widths` (n,) are those images' stored sizes."""
+    words = draw_words(batch_indices)
+    out = np.empty((len(batch_indices), 5), dtype=np.int64)
+    for k in range(len(batch_indices)):
+        top, left, side = mean_image_box(words[k], heights[k], widths[k], crop, res)
+        out[k, 0], out[k, 1], out[k, 2], out[k, 3] = top, left, side, side
+        out[k, 4] = 1 if do_flip and flip_bit(words[k]) else 0
+    return out

@@ -25,9 +25,12 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-from repro.data.crops import crop_window, draw_words, flip_bit
+from repro.data.augment import subtract_loader_mean
+from repro.data.crops import crop_window, draw_words, flip_bit, mean_image_crops
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 8
@@ -95,6 +98,32 @@ class _Slice:
         return self.inner.sample_order(epoch)[:self.stop][self.start:]
 
 
+class MeanImageCropsDecoder(Operation):
+    """A second output from the image field: each train crop's window in the mean image and its flip, (N, 5)
+    int64 (see `crops.mean_image_crops`), drawn from the same sample ids as `CropFlipDecoder`'s crops."""
+
+    def __init__(self, crop: int, res: int, flip: bool):
+        super().__init__()
+        self.crop, self.res, self.flip = crop, res, flip
+
+    def declare_state_and_memory(self, previous_state):
+        return (replace(previous_state, jit_mode=True, shape=(5,), dtype=np.dtype("<i8")),
+                AllocationQuery((5,), np.dtype("<i8")))
+
+    def generate_code(self):
+        crop, res, do_flip = self.crop, self.res, self.flip
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            n = len(batch_indices)
+            heights, widths = np.empty(n, np.int64), np.empty(n, np.int64)
+            for k in range(n):
+                heights[k], widths[k] = metadata[batch_indices[k]]["height"], metadata[batch_indices[k]]["width"]
+            destination[:n] = mean_image_crops(batch_indices, heights, widths, crop, res, do_flip)
+            return destination[:n]
+
+        return decode
+
+
 class FFCVBatches:
     """Batches `(images uint8 NCHW, labels int64 (N,))` of a possibly shared FFCV Loader over `indices`.
 
@@ -102,8 +131,10 @@ class FFCVBatches:
     this object and are put on the Loader each time it starts an epoch, so two of them never disturb each other.
     """
 
-    def __init__(self, loader: Loader, indices: np.ndarray, batch_size: int, seed: int, train: bool):
+    def __init__(self, loader: Loader, indices: np.ndarray, batch_size: int, seed: int, train: bool,
+                 mean_image: torch.Tensor | None = None, crop: int = 0):
         self.loader, self.indices, self.batch_size, self.seed, self.train = loader, indices, batch_size, seed, train
+        self.mean_image, self.crop = mean_image, crop
         self.epoch, self.first_batch = 0, 0
         self._configure()
         self.length = len(loader)
@@ -134,20 +165,26 @@ class FFCVBatches:
         epoch_iterator = iter(self.loader)
         self.epoch, self.first_batch = self.epoch + 1, 0
         # FFCV reuses its output buffers a few batches later: consume a batch before asking for the next ones
-        for images, labels in epoch_iterator:
+        for images, labels, *crops in epoch_iterator:
+            if self.mean_image is not None:
+                images = subtract_loader_mean(images, self.mean_image, crops[0] if crops else None, self.crop)
             yield images, labels.view(-1)
 
 
 def make_ffcv_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
                       fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
-                      distributed: bool) -> FFCVBatches:
-    """Batches over `path` restricted to `indices`; train: shuffled, cropped, flipped; else in stored order."""
+                      distributed: bool, mean_image: torch.Tensor | None = None) -> FFCVBatches:
+    """Batches over `path` restricted to `indices`; train: shuffled, cropped, flipped; else in stored order.
+    With `mean_image` (C, res, res) float: float32 images minus the mean image, cut and flipped as each crop."""
     indices = np.asarray(indices, dtype=np.uint64)
+    if mean_image is not None:
+        mean_image = mean_image.to(device)
     # what the compiled pipeline depends on (crop and flip only matter for training)
-    key = (str(path), train, (crop, flip) if train else None, res, fixed_size, workers, str(device), distributed)
+    key = (str(path), train, (crop, flip) if train else None, res, fixed_size, workers, str(device), distributed,
+           train and mean_image is not None)
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        return FFCVBatches(_CACHE[key], indices, batch_size, seed, train)
+        return FFCVBatches(_CACHE[key], indices, batch_size, seed, train, mean_image, crop)
     # fresh operation objects for every Loader: FFCV operations must not be shared between Loaders
     if train:
         decoder = CropFlipDecoder(crop, res, flip)
@@ -159,16 +196,14 @@ def make_ffcv_batches(path: str, *, indices: np.ndarray, batch_size: int, train:
     to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
     image_pipeline = [decoder, ToTensor(), *to_device, ToTorchImage()]
     label_pipeline = [IntDecoder(), ToTensor(), *to_device]
+    pipelines = {"image": image_pipeline, "label": label_pipeline}
+    if train and mean_image is not None:
+        pipelines["mean_image_crops"] = PipelineSpec("image", decoder=MeanImageCropsDecoder(crop, res, flip),
+                                                     transforms=[ToTensor()])
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers if workers > 0 else -1,
                     order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, distributed=distributed,
-                    seed=seed, indices=indices, pipelines={"image": image_pipeline, "label": label_pipeline},
-                    drop_last=train, os_cache=True)
+                    seed=seed, indices=indices, pipelines=pipelines, drop_last=train, os_cache=True)
     _CACHE[key] = loader
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return FFCVBatches(loader, indices, batch_size, seed, train)
-
-
-def clear_cache() -> None:
-    """Forget the cached Loaders (tests; or to free their memory maps)."""
-    _CACHE.clear()
+    return FFCVBatches(loader, indices, batch_size, seed, train, mean_image, crop)

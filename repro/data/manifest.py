@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from data_prep.manifest import sha256_file  # the writer's own hash, so both sides agree
 from repro.errors import UserError
 from repro.hints import prepare_command
@@ -62,3 +64,23 @@ def read_manifest(folder: str | Path, verify: bool = False) -> dict:
 
 def beton_path(folder: str | Path, manifest: dict, split: str) -> Path:
     return Path(folder) / manifest["splits"][split].get("file", f"{split}.beton")
+
+
+def read_mean_image(folder: str | Path, manifest: dict) -> np.ndarray:
+    """The training set's mean image, float32 (H, W, 3) on 0..255, as recorded in the manifest."""
+    folder = Path(folder)
+    info = manifest.get("mean_image")
+    if not isinstance(info, dict) or "file" not in info:
+        raise UserError(f"{folder / 'manifest.json'} has no mean image (needed by data.normalize = 'mean-image', "
+                        f"the default); rebuild with `{prepare_command(folder, manifest, force=True)}`, "
+                        f"or set data.normalize = 'mean'")
+    path = folder / info["file"]
+    try:
+        mean_image = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the mean image ({e}); "
+                        f"re-run `{prepare_command(folder, manifest, force=True)}`") from None
+    if list(mean_image.shape) != list(info.get("shape", mean_image.shape)) or mean_image.ndim != 3:
+        raise UserError(f"{path} has shape {list(mean_image.shape)}, its manifest says {info.get('shape')}; "
+                        f"re-run `{prepare_command(folder, manifest, force=True)}`")
+    return mean_image.astype(np.float32, copy=False)

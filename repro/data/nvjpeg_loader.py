@@ -8,8 +8,8 @@ thread trains on the previous batch. Raw betons skip the decode: their pixels ar
 Crops and flips are drawn exactly as by the other backends (`repro.data.crops`, from the batch's sample ids, in
 the order of `torch_loader.BatchOrder`), so positions are identical; pixels differ from the FFCV/torch backends
 only by the JPEG decoders' IDCTs (libjpeg-turbo's fast integer DCT there, the accurate one or nvJPEG's here), a
-few levels (tests/test_nvjpeg.py states the tolerance). Each batch's crop boxes and flips stay available
-(`last_boxes`, `last_flips`) for steps that depend on where the crop came from; `normalise` is that step.
+few levels (tests/test_nvjpeg.py states the tolerance). With `data.normalize = "mean-image"` the mean image's
+window at each crop (mirrored where the crop is) is subtracted on the device, as the other backends do.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from repro.data import augment
+from repro.data.augment import subtract_loader_mean
 from repro.data.beton import JPG, BetonReader
-from repro.data.crops import crop_window, draw_words, flip_bit
+from repro.data.crops import crop_window, draw_words, flip_bit, mean_image_crops
 from repro.data.torch_loader import BatchOrder
-from repro.errors import UserError
 
 PREFETCH = 3  # batches decoded ahead of the training step
 
@@ -62,37 +61,17 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.
     return torch.stack(out)
 
 
-def normalise(x: torch.Tensor, boxes: torch.Tensor | None, flips: torch.Tensor | None, *, mode: str,
-              manifest: dict, out_size: int) -> torch.Tensor:
-    """One normalisation step on a float batch given where its crops came from: "mean" subtracts the training
-    set's per-channel mean, "mean-std" also divides by the std, "mean-image" subtracts the mean image's window at
-    each crop box (mirrored where flipped), as the paper's "subtracting the mean activity over the training set"."""
-    mean = torch.tensor(manifest["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    if mode == "mean":
-        return x - mean
-    if mode == "mean-std":
-        return (x - mean) / torch.tensor(manifest["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    if mode == "mean-image":
-        subtract = getattr(augment, "subtract_mean_image", None)
-        if subtract is None or "mean_image" not in manifest:
-            raise UserError("data.normalize = 'mean-image' needs repro.data.augment.subtract_mean_image and a "
-                            "manifest with a mean image; use data.normalize=mean")
-        mean_image = torch.as_tensor(np.asarray(manifest["mean_image"]), dtype=x.dtype, device=x.device)
-        return subtract(x, mean_image, boxes, flips, out_size)
-    raise UserError(f"data.normalize = {mode!r} is not one of mean, mean-std, mean-image")
-
-
 class NvjpegBatches:
-    """Batches `(images uint8 NCHW, labels int64 (N,))` on `device`, decoded there; `set_epoch` as the others."""
+    """Batches `(images NCHW, labels int64 (N,))` on `device`, decoded there: uint8, or float32 minus the mean image
+    when one is given (as the other backends); `set_epoch` as the others."""
 
     def __init__(self, path: str, order: BatchOrder, *, train: bool, crop: int, res: int, fixed_size: bool,
-                 flip: bool, device: torch.device):
+                 flip: bool, device: torch.device, mean_image: torch.Tensor | None = None):
         self.reader = BetonReader(path)
         self.order, self.train, self.crop, self.res = order, train, crop, res
         self.fixed_size, self.flip, self.device = fixed_size, flip, device
+        self.mean_image = None if mean_image is None else mean_image.to(device)
         self.heights, self.widths = self.reader.sizes()
-        self.last_boxes: torch.Tensor | None = None
-        self.last_flips: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.order)
@@ -122,14 +101,26 @@ class NvjpegBatches:
         images = self._images(ids)
         labels = torch.from_numpy(self.reader.labels[ids.astype(np.int64)]).to(self.device, non_blocking=True)
         if not self.train:
-            return self._eval(images), labels, None, None
-        boxes_np, flips_np = crop_boxes(ids, self.heights[ids], self.widths[ids], self.crop, self.res, self.flip)
+            return self._minus_mean(self._eval(images), ids), labels
+        heights, widths = self.heights[ids], self.widths[ids]
+        boxes_np, flips_np = crop_boxes(ids, heights, widths, self.crop, self.res, self.flip)
         boxes, flips = torch.from_numpy(boxes_np).to(self.device), torch.from_numpy(flips_np).to(self.device)
         if isinstance(images, torch.Tensor) and (boxes_np[:, 2] == self.crop).all():
-            return gather_crops(images, boxes, flips, self.crop), labels, boxes, flips
-        if isinstance(images, torch.Tensor):
-            images = list(images.permute(0, 3, 1, 2))
-        return resized_crops(images, boxes, flips, self.crop), labels, boxes, flips
+            crops = gather_crops(images, boxes, flips, self.crop)
+        else:
+            if isinstance(images, torch.Tensor):
+                images = list(images.permute(0, 3, 1, 2))
+            crops = resized_crops(images, boxes, flips, self.crop)
+        return self._minus_mean(crops, ids, heights, widths), labels
+
+    def _minus_mean(self, images: torch.Tensor, ids: np.ndarray, heights=None, widths=None) -> torch.Tensor:
+        """"mean-image": the mean image's window at each train crop (the whole of it for stored-size val images)."""
+        if self.mean_image is None:
+            return images
+        if heights is None:
+            return subtract_loader_mean(images, self.mean_image, None, self.crop)
+        windows = mean_image_crops(ids.astype(np.uint64), heights, widths, self.crop, self.res, self.flip)
+        return subtract_loader_mean(images, self.mean_image, torch.from_numpy(windows).to(self.device), self.crop)
 
     def _eval(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and self.fixed_size:
@@ -176,8 +167,7 @@ class NvjpegBatches:
                     return
                 if kind == "error":
                     raise item
-                images, labels, self.last_boxes, self.last_flips = item
-                yield images, labels
+                yield item
         finally:
             stop.set()
             worker.join()
@@ -185,9 +175,9 @@ class NvjpegBatches:
 
 def make_nvjpeg_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
                         fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
-                        distributed: bool) -> NvjpegBatches:
+                        distributed: bool, mean_image: torch.Tensor | None = None) -> NvjpegBatches:
     """Same arguments and batches as `make_torch_batches`; `workers` is unused (one reader thread suffices: the
     decode, the costly part, runs on the device)."""
     order = BatchOrder(indices, batch_size, train=train, seed=seed, distributed=distributed)
     return NvjpegBatches(str(path), order, train=train, crop=crop, res=res, fixed_size=fixed_size, flip=flip,
-                         device=device)
+                         device=device, mean_image=mean_image)

@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
+from repro.data.augment import subtract_loader_mean
 from repro.data.beton import BetonReader
-from repro.data.crops import crop_window, draw_words, flip_bit
+from repro.data.crops import crop_window, draw_words, flip_bit, mean_image_crops
 
 
 class BetonBatches(Dataset):
@@ -25,17 +26,22 @@ class BetonBatches(Dataset):
     def __init__(self, path: str, *, train: bool, crop: int, res: int, fixed_size: bool, flip: bool):
         self.path, self.train, self.crop, self.res, self.fixed_size, self.flip = path, train, crop, res, fixed_size, flip
         self.reader = None  # opened lazily, once per worker process
+        self.sizes = None  # (heights, widths) of every stored image, read once
 
     def __getitem__(self, batch_indices: list[int]):
         if self.reader is None:
             self.reader = BetonReader(self.path)
         ids = np.asarray(batch_indices, dtype=np.uint64)
-        if self.train:
-            words = draw_words(ids)
-            images = [self._train_image(int(i), w) for i, w in zip(ids, words)]
-        else:
-            images = [self._eval_image(int(i)) for i in ids]
-        return torch.stack(images), torch.from_numpy(self.reader.labels[ids.astype(np.int64)])
+        labels = torch.from_numpy(self.reader.labels[ids.astype(np.int64)])
+        if not self.train:
+            return torch.stack([self._eval_image(int(i)) for i in ids]), labels
+        words = draw_words(ids)
+        images = torch.stack([self._train_image(int(i), w) for i, w in zip(ids, words)])
+        if self.sizes is None:
+            self.sizes = self.reader.sizes()
+        heights, widths = (a[ids.astype(np.int64)] for a in self.sizes)
+        crops = mean_image_crops(ids, heights, widths, self.crop, self.res, self.flip)
+        return images, labels, torch.from_numpy(crops)
 
     def _train_image(self, i: int, words: np.ndarray) -> torch.Tensor:
         image = self.reader.image(i)
@@ -84,8 +90,10 @@ class BatchOrder:
 class TorchBatches:
     """Batches `(images uint8 NCHW, labels int64 (N,))` on `device`; `set_epoch` picks the shuffle seed+epoch."""
 
-    def __init__(self, dataset: BetonBatches, order: BatchOrder, *, workers: int, device: torch.device):
-        self.order, self.device = order, device
+    def __init__(self, dataset: BetonBatches, order: BatchOrder, *, workers: int, device: torch.device,
+                 mean_image: torch.Tensor | None = None):
+        self.order, self.device, self.crop = order, device, dataset.crop
+        self.mean_image = None if mean_image is None else mean_image.to(device)
         self.loader = DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)
@@ -99,14 +107,18 @@ class TorchBatches:
     def __iter__(self):
         batches = iter(self.loader)  # the sampler's order is fixed here, before the epoch moves on
         self.order.epoch, self.order.first_batch = self.order.epoch + 1, 0
-        for images, labels in batches:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        for images, labels, *crops in batches:
+            images = images.to(self.device, non_blocking=True)
+            if self.mean_image is not None:
+                images = subtract_loader_mean(images, self.mean_image, crops[0] if crops else None, self.crop)
+            yield images, labels.to(self.device, non_blocking=True)
 
 
 def make_torch_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
                        fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
-                       distributed: bool) -> TorchBatches:
+                       distributed: bool, mean_image: torch.Tensor | None = None) -> TorchBatches:
     """Same arguments and batches as `make_ffcv_batches`; `workers` 0 means one per core."""
     dataset = BetonBatches(str(path), train=train, crop=crop, res=res, fixed_size=fixed_size, flip=flip)
     order = BatchOrder(indices, batch_size, train=train, seed=seed, distributed=distributed)
-    return TorchBatches(dataset, order, workers=workers if workers > 0 else (os.cpu_count() or 1), device=device)
+    return TorchBatches(dataset, order, workers=workers if workers > 0 else (os.cpu_count() or 1), device=device,
+                        mean_image=mean_image)
