@@ -1,5 +1,5 @@
-"""`python -m repro ...`: the `repro` command where the package is not installed (PYTHONPATH checkouts)."""
+"""`python -m repro`: the same commands as the `repro` script, for a checkout used through PYTHONPATH."""
 
-from repro.cli import main
+from repro.cli import app
 
-main()
+app(prog_name="repro")
