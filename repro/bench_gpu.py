@@ -130,10 +130,11 @@ def make_data(tmp: Path, per_class: int, val_limit: int) -> dict[str, Path]:
 
 
 def paper_config(data_dir: Path, backend: str, epochs: int) -> RunConfig:
-    """The paper's recipe at 224 on the bench data; lr 0.001 keeps random images from diverging."""
+    """The paper's recipe at 224 on the bench data, for its speed: lr 1e-4 keeps random images from diverging
+    (at 0.001 the bf16 nvjpeg run on an H200 reached a NaN loss in its second epoch)."""
     return apply_overrides(RunConfig(), {
         "data.dir": str(data_dir), "data.backend": backend, "model.num_classes": 10, "train.batch_size": 128,
-        "train.epochs": epochs, "train.lr": 0.001, "train.schedule": "constant", "train.ten_crop": False,
+        "train.epochs": epochs, "train.lr": 1e-4, "train.schedule": "constant", "train.ten_crop": False,
         "train.device": "cuda", "train.log_every": 1000})
 
 
@@ -162,10 +163,14 @@ def end_to_end_rows(data: dict[str, Path], runs: Path, epochs: int, console: Con
     rows = [Row("end to end, torchvision reference loop (ImageFolder, fp32, all cores) (baseline)", base, base)]
     for mode in ("jpg", "raw"):
         for backend in backends_present():
-            with console.status(f"end to end: {backend} backend, {mode} beton"):
-                rate = fit_rate(paper_config(data[mode], backend, epochs), runs / f"{backend}-{mode}")
-            rows.append(Row(f"end to end, fit(), {backend} backend, 256 px {mode} beton", base, rate,
-                            ">= 20,000 img/s and >= 3x" if mode == "jpg" else ""))
+            name = f"end to end, fit(), {backend} backend, 256 px {mode} beton"
+            try:  # one backend that fails must not hide the others' rows
+                with console.status(f"end to end: {backend} backend, {mode} beton"):
+                    rate = fit_rate(paper_config(data[mode], backend, epochs), runs / f"{backend}-{mode}")
+            except Exception as e:
+                rows.append(Row(name, base, None, f"failed: {type(e).__name__}: {e}"[:200]))
+                continue
+            rows.append(Row(name, base, rate, ">= 20,000 img/s and >= 3x" if mode == "jpg" else ""))
     if "ffcv" not in backends_present():
         rows.append(Row("end to end, fit(), ffcv backend", None, None, "FFCV not installed"))
     return rows
@@ -173,6 +178,8 @@ def end_to_end_rows(data: dict[str, Path], runs: Path, epochs: int, console: Con
 
 def projection_row(rows: list[Row]) -> Row:
     e2e = [r for r in rows if r.measurement.startswith("end to end, fit()") and r.value]
+    if not e2e:
+        return Row("paper's 90 epochs of ILSVRC-2012 (1.28M images), projected", None, None, "no end-to-end rate")
     best = max(e2e, key=lambda r: r.value)
     hours = 90 * ILSVRC_TRAIN_IMAGES / best.value / 3600
     return Row("paper's 90 epochs of ILSVRC-2012 (1.28M images), projected", None, best.value,
