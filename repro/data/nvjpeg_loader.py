@@ -148,11 +148,21 @@ class NvjpegBatches:
                     continue
             return False
 
+        on_cuda = self.device.type == "cuda"
+        # The reader works on a stream of its own and waits for it before handing a batch over: the consumer then
+        # reads finished tensors, and `record_stream` below keeps the allocator from giving their memory back to
+        # the reader while the training stream still uses it (without both, a float batch could be overwritten
+        # by the next decode: a NaN loss on an H200).
+        side = torch.cuda.Stream(self.device) if on_cuda else None
+
         def produce():
             try:
-                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                with torch.cuda.stream(side) if on_cuda else contextlib.nullcontext():
                     for ids in batches:
-                        if not put(("batch", self._batch(np.asarray(ids, dtype=np.int64)))):
+                        batch = self._batch(np.asarray(ids, dtype=np.int64))
+                        if on_cuda:
+                            side.synchronize()
+                        if not put(("batch", batch)):
                             return
                 put(("end", None))
             except BaseException as e:  # handed to the consumer, which raises it
@@ -167,6 +177,9 @@ class NvjpegBatches:
                     return
                 if kind == "error":
                     raise item
+                if on_cuda:
+                    for t in item:
+                        t.record_stream(torch.cuda.current_stream(self.device))
                 yield item
         finally:
             stop.set()
