@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from repro import runs as store
+from repro.analysis import analyse
+from repro.claims import get_kind
 from repro.config import parse_set
 from repro.errors import UserError
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
@@ -119,6 +121,7 @@ def print_plan(planned: dict[str, list[PlannedRun]], runs_dir: Path, console: Co
 
 def _train(run: PlannedRun, run_dir: Path, progress: bool, console: Console) -> str:
     """Train one run under its lock (already held); returns its final status."""
+    # the engine loads torch: only when something trains, not for `repro list` or `--dry-run` (start-up time)
     from repro.engine import fit
 
     try:
@@ -208,8 +211,6 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
         return print_plan(planned, runs_dir, console)
     t0 = time.time()
     statuses = train_all(planned, runs_dir, progress=progress, console=console)
-    from repro.analysis import analyse
-
     for exp_name, runs in planned.items():
         try:
             summary = analyse(registry[exp_name], runs, runs_dir)
@@ -238,7 +239,7 @@ def list_table(runs_dir: Path | str, scale: str, experiments_dir=None) -> Table:
     for col in ("name", "section", "kind", "claim", "paper", "runs done"):
         table.add_column(col, overflow="fold")
     for name, e in registry.items():
-        paper = ", ".join(f"{k} {v:+g}" if e.kind in ("effect", "ensemble", "ten-crop") else f"{k} {v:g}"
+        paper = ", ".join(f"{k} {v:+g}" if get_kind(e.kind).signed_paper else f"{k} {v:g}"
                           for k, v in e.paper.items() if k != "note") or "qualitative"
         settings = scale_settings(e, scale, scales)
         expected = len(e.variants) * settings["seeds"]
