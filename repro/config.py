@@ -109,9 +109,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-
 def _section_types() -> dict[str, type]:
     return get_type_hints(RunConfig)
 
@@ -206,10 +203,10 @@ def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
 def from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
     """Rebuild a config saved with `to_dict`; unknown sections or keys are errors naming `source`."""
-    flat = {}
+    flat, sections = {}, _section_types()
     for sec, values in d.items():
-        if sec not in SECTIONS or not isinstance(values, dict):
-            raise UserError(f"{source}: unknown config section {sec!r}; expected {', '.join(SECTIONS)}")
+        if sec not in sections or not isinstance(values, dict):
+            raise UserError(f"{source}: unknown config section {sec!r}; expected {', '.join(sections)}")
         flat.update({f"{sec}.{k}": v for k, v in values.items()})
     return apply_overrides(RunConfig(), flat, source=source)
 

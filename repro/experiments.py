@@ -15,6 +15,9 @@ Meaning of `[paper]` per kind (all error numbers in percentage points):
   filters, retrieval       : qualitative; `note` says what the paper shows.
 A sweep (`[sweep]`, e.g. `"train.lr" = [0.01, 0.03]`) expands every variant into `<variant>-lr0.01`, ...; the
 variants that came from one entry form a group (`Experiment.groups`) and the analysis keeps the best of each.
+`[judge]` holds how the claim is judged (`needs_colour`, and what its kind reads: see repro.claims.<kind>);
+`[page]` its place on the report (`order`), the later re-measurements shown beside it (`context`) and the measured
+facts its section states (`show`: "lrn-strength", "parameters").
 """
 
 from __future__ import annotations
@@ -27,18 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repro.claims import get_kind, kind_names
 from repro.config import RunConfig, apply_overrides, config_hash
 from repro.errors import UserError
 from repro.hints import prepare_command
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 SCALES = ("smoke", "demo", "subset", "full")
-KINDS = ("absolute", "effect", "convergence", "ensemble", "ten-crop", "filters", "retrieval")
 METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
            "best_val_top1_err", "iters_to_target")
 PAPER_KEYS = set(METRICS) | {"speedup", "iters_ratio", "note"}
 REQUIRED = ("title", "section", "claim", "kind", "variants")
-OPTIONAL = ("control", "treatments", "metric", "compare", "reproduced_if", "paper", "base", "sweep", "scales")
+OPTIONAL = ("control", "treatments", "metric", "compare", "reproduced_if", "paper", "base", "sweep", "scales", "judge",
+            "page")
+JUDGE_KEYS = ("needs_colour",)  # read by repro.claims.judge for every kind; each kind adds its own
+PAGE_KEYS = ("order", "context", "show")
+SHOW = ("lrn-strength", "parameters")
+DIRECTIONS = ("lower", "higher")
 SCALE_REQUIRED = ("seeds", "data")
 NOMINAL = ("nominal_train_images", "nominal_val_images", "nominal_classes")  # the data's sizes before it exists
 SCALE_SPECIAL = SCALE_REQUIRED + ("prepare",) + NOMINAL  # keys of a scale table that are not config keys
@@ -62,6 +70,10 @@ class Experiment:
     paper: dict[str, Any] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    judge: dict[str, Any] = field(default_factory=dict)      # how the claim is judged ([judge])
+    order: int | None = None                 # its place on the report page
+    context: tuple[str, ...] = ()            # later re-measurements shown beside it
+    show: tuple[str, ...] = ()               # measured facts its section states
     file: str = ""
 
 
@@ -129,6 +141,60 @@ def _sweep_name(key: str, value: Any) -> str:
     return f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}"
 
 
+def expand_sweep(variants: dict[str, dict[str, Any]], sweep: dict[str, list]) -> tuple[dict, dict]:
+    """Every variant crossed with every sweep value: ({variant-lr0.01: overrides}, {variant: (its members)})."""
+    out: dict[str, dict[str, Any]] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    for name, overrides in variants.items():
+        members: list[tuple[dict[str, Any], str]] = [({}, name)]
+        for key, values in sweep.items():
+            members = [({**o, key: v}, f"{n}-{_sweep_name(key, v)}") for o, n in members for v in values]
+        for o, n in members:
+            out[n] = {**overrides, **o}
+        groups[name] = tuple(n for _, n in members)
+    return out, groups
+
+
+def _check_judge(path: Path, raw: Any, kind) -> dict[str, Any]:
+    table = _want(path, "[judge]", raw, dict, "a table")
+    allowed = JUDGE_KEYS + kind.judge_keys
+    for key, value in table.items():
+        if key not in allowed:
+            raise _unknown(path, "[judge] ", key, allowed)
+        if key == "needs_colour":
+            _want(path, "[judge] needs_colour", value, bool, "true or false")
+        elif key == "expect":
+            _want(path, "[judge.expect]", value, dict, "a table of metric = \"lower\" | \"higher\"")
+            for metric, d in value.items():
+                if metric not in METRICS + ("gap",):
+                    raise _unknown(path, "[judge.expect] ", metric, METRICS + ("gap",))
+                if d not in DIRECTIONS:
+                    raise UserError(f"{path}: [judge.expect] {metric} = {d!r} must be \"lower\" or \"higher\"")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise UserError(f"{path}: [judge] {key} = {value!r} must be a number >= 0")
+    if "tolerance" in kind.judge_keys and "tolerance" not in table:
+        raise UserError(f"{path}: kind = {kind.name!r} needs [judge] tolerance (points from the paper's number that "
+                        "still count as reproduced)")
+    return dict(table)
+
+
+def _check_page(path: Path, raw: Any) -> dict[str, Any]:
+    table = _want(path, "[page]", raw, dict, "a table")
+    for key, value in table.items():
+        if key not in PAGE_KEYS:
+            raise _unknown(path, "[page] ", key, PAGE_KEYS)
+    if "order" in table:
+        _want(path, "[page] order", table["order"], int, "a whole number")
+    for key in ("context", "show"):
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{path}: [page] {key} = {value!r} must be a list of strings")
+    for item in table.get("show", []):
+        if item not in SHOW:
+            raise _unknown(path, "[page] show ", item, SHOW)
+    return table
+
+
 def parse_experiment(path: Path) -> Experiment:
     """Read and validate one experiment file; every problem is a UserError naming the file and the key."""
     path = Path(path)
@@ -142,8 +208,9 @@ def parse_experiment(path: Path) -> Experiment:
     for key in ("title", "section", "claim", "kind", "metric", "compare", "control", "reproduced_if"):
         if key in raw:
             _want(path, key, raw[key], str, "a string")
-    if raw["kind"] not in KINDS:
-        raise UserError(f"{path}: kind = {raw['kind']!r} is not one of {', '.join(KINDS)}")
+    if raw["kind"] not in kind_names():
+        raise UserError(f"{path}: kind = {raw['kind']!r} is not one of {', '.join(kind_names())}")
+    kind = get_kind(raw["kind"])
     for key in ("metric", "compare"):
         if key in raw and raw[key] not in METRICS:
             raise UserError(f"{path}: {key} = {raw[key]!r} is not one of {', '.join(METRICS)}")
@@ -158,20 +225,10 @@ def parse_experiment(path: Path) -> Experiment:
             raise UserError(f"{path}: [sweep] {key!r} must be a non-empty list of values")
         for v in values:
             _check_config(path, "sweep", {key: v})
-    variants: dict[str, dict[str, Any]] = {}
-    groups: dict[str, tuple[str, ...]] = {}
     for name, overrides in variants_raw.items():
         _want(path, f"[variants.{name}]", overrides, dict, "a table")
         _check_config(path, f"variants.{name}", overrides)
-        if not sweep:
-            variants[name], groups[name] = dict(overrides), (name,)
-            continue
-        members = [({}, name)]
-        for key, values in sweep.items():
-            members = [({**o, key: v}, f"{n}-{_sweep_name(key, v)}") for o, n in members for v in values]
-        for o, n in members:
-            variants[n] = {**overrides, **o}
-        groups[name] = tuple(n for _, n in members)
+    variants, groups = expand_sweep(variants_raw, sweep)
 
     control = raw.get("control")
     treatments = raw.get("treatments", [])
@@ -181,7 +238,7 @@ def parse_experiment(path: Path) -> Experiment:
         if ref not in groups:
             raise UserError(f"{path}: control/treatments name {ref!r}, which is not a [variants.<name>] table; "
                             f"variants: {', '.join(groups)}")
-    if raw["kind"] in ("effect", "convergence") and not (control and treatments):
+    if kind.needs_arms and not (control and treatments):
         raise UserError(f"{path}: kind = {raw['kind']!r} needs both control and treatments")
 
     paper = _want(path, "[paper]", raw.get("paper", {}), dict, "a table")
@@ -199,11 +256,19 @@ def parse_experiment(path: Path) -> Experiment:
             raise _unknown(path, "[scales] ", scale, SCALES)
         _check_scale_table(path, f"scales.{scale}", table)
 
+    judge = _check_judge(path, raw.get("judge", {}), kind)
+    page = _check_page(path, raw.get("page", {}))
+    try:  # `reproduced_if` may quote the [judge] settings, e.g. {tolerance:g}, so that each number is written once
+        reproduced_if = raw.get("reproduced_if", "").format(**judge)
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(f"{path}: reproduced_if names {e} in braces, which [judge] does not set") from None
     return Experiment(
         name=path.stem, title=raw["title"], section=raw["section"], claim=raw["claim"], kind=raw["kind"],
         variants=variants, groups=groups, control=control, treatments=tuple(treatments),
-        metric=raw.get("metric", "top1_err"), compare=raw.get("compare"), reproduced_if=raw.get("reproduced_if", ""),
-        paper=dict(paper), base=base, scales={k: dict(v) for k, v in scales.items()}, file=str(path))
+        metric=raw.get("metric", "top1_err"), compare=raw.get("compare"), reproduced_if=reproduced_if,
+        paper=dict(paper), base=base, scales={k: dict(v) for k, v in scales.items()}, judge=judge,
+        order=page.get("order"), context=tuple(page.get("context", ())), show=tuple(page.get("show", ())),
+        file=str(path))
 
 
 def load_scales(directory: Path | str | None = None) -> dict[str, dict[str, Any]]:
@@ -253,6 +318,7 @@ def data_dir_for(exp: Experiment, scale: str, data_dir: Path | str | None, scale
 
 @functools.lru_cache(maxsize=16)
 def _manifest(data_dir: str) -> tuple[str, int, int]:
+    # repro.data loads torch and FFCV: only when a plan needs the data, not for `repro list` (start-up time)
     from repro.data import read_manifest
 
     m = read_manifest(Path(data_dir))

@@ -20,6 +20,8 @@ from rich.markup import escape
 
 from repro import io, lease
 from repro import runs as store
+from repro.analysis import analyse
+from repro.claims import get_kind
 from repro.config import parse_set
 from repro.engine.record import finite
 from repro.errors import UserError
@@ -257,8 +259,6 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
         console.print("runs are queued or running as Slurm jobs: `repro status` shows where they are; run this "
                       "command again (or with --wait) once they have ended to run the analyses")
         return 0
-    from repro.analysis import analyse
-
     for exp_name, runs in planned.items():
         try:
             summary = analyse(registry[exp_name], runs, runs_dir)
@@ -290,7 +290,7 @@ def list_rows(runs_dir: Path | str, scale: str, experiments_dir=None) -> list[di
     df = store.collect(runs_dir)
     rows = []
     for name, e in registry.items():
-        paper = ", ".join(f"{k} {v:+g}" if e.kind in ("effect", "ensemble", "ten-crop") else f"{k} {v:g}"
+        paper = ", ".join(f"{k} {v:+g}" if get_kind(e.kind).signed_paper else f"{k} {v:g}"
                           for k, v in e.paper.items() if k != "note") or "qualitative"
         settings = scale_settings(e, scale, scales)
         expected = len(e.variants) * settings["seeds"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import test_engine_support as sup
+import engine_support as sup
 
-SCRIPT = Path(__file__).with_name("test_engine_support.py")
+SCRIPT = Path(__file__).with_name("engine_support.py")
 
 
 def test_two_process_gloo_run(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import test_engine_support as sup
+import engine_support as sup
 from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import train as train_mod

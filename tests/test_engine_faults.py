@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_engine_support as sup
+import engine_support as sup
 from repro.engine import fit
 
-SCRIPT = Path(__file__).with_name("test_engine_support.py")
+SCRIPT = Path(__file__).with_name("engine_support.py")
 CFG = {"train.epochs": 5}
 
 

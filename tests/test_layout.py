@@ -21,7 +21,7 @@ STAGES = [
     ("repro.models", "repro.engine"),
     ("repro.runs", "repro.lease"),
     ("repro.launch",),
-    ("repro.experiments", "repro.runner", "repro.analysis", "repro.bench", "repro.bench_gpu"),
+    ("repro.claims", "repro.experiments", "repro.runner", "repro.analysis", "repro.bench", "repro.bench_gpu"),
     ("repro.report",),
     ("repro.cli", "repro.__main__"),
 ]

@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_report_fakes import fabricate_all, make_run, write_analysis  # noqa: E402
+from fakes import fabricate_all, make_run, write_analysis  # noqa: E402
 
 import repro.report as report  # noqa: E402
 from repro.errors import UserError  # noqa: E402
 from repro.experiments import Experiment, load_registry  # noqa: E402
-from repro.report.claims import evaluate  # noqa: E402
+from repro.claims import judge_claim  # noqa: E402
+from repro.report import build  # noqa: E402
 from repro.runs import collect  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def test_effect_is_paired_by_seed_and_skips_runs_that_did_not_finish():
         ("ablation-lrn", "no-lrn", 0, "smoke", "done", 90.0, 80.0, None, 10),   # a smaller scale: not judged
         ("other", "lrn", 0, "demo", "done", 0.0, 0.0, None, 1),
     ])
-    r = evaluate(experiment(), df)
+    r = judge_claim(experiment(), df)
     assert r.scale == "demo"
     top1 = r.comparisons[0]
     # only seeds 0 and 1 have both variants done: differences -1.5 and -1.0
@@ -60,24 +61,36 @@ def test_effect_is_paired_by_seed_and_skips_runs_that_did_not_finish():
     half = 12.7062047 * 0.25 / math.sqrt(2) * math.sqrt(2)  # t(0.975, 1) * s / sqrt(2), s = 0.3536
     assert top1.measured.lo == pytest.approx(-1.25 - half, rel=1e-4)
     assert top1.verdict == "inconclusive"  # the interval spans zero with two seeds
-    assert r.status_counts == {"done": 6, "diverged": 1, "failed": 1}
+    assert r.summary.status_counts == {"done": 6, "diverged": 1, "failed": 1}
+    # the smaller scale is evidence of its own, not overridden and not mixed in
+    assert [s.scale for s in r.scales] == ["demo", "smoke"] and r.scales[1].seeds == 1
+
+
+def test_each_scale_is_judged_and_the_summary_is_the_largest_with_two_seeds():
+    rows = [("ablation-lrn", v, s, "demo", "done", 30.0 + s + (1.0 if v == "no-lrn" else 0.0) + 0.1 * s * (v == "lrn"),
+             10.0, None, 100) for v in ("lrn", "no-lrn") for s in range(5)]
+    rows += [("ablation-lrn", v, 0, "full", "done", 40.0, 18.0, None, 100) for v in ("lrn", "no-lrn")]
+    r = judge_claim(experiment(), table(rows))
+    assert [(s.scale, s.seeds) for s in r.scales] == [("full", 1), ("demo", 5)]
+    assert r.scale == "demo" and r.verdict == "same direction"   # one full-scale seed does not replace five
+    assert r.scales[0].verdict == "inconclusive"
 
 
 def test_claim_without_runs_is_not_run():
-    r = evaluate(experiment(), table([("baseline", "baseline", 0, "demo", "done", 30.0, 10.0, None, 1)]))
+    r = judge_claim(experiment(), table([("baseline", "baseline", 0, "demo", "done", 30.0, 10.0, None, 1)]))
     assert r.verdict == "not run" and r.scale == "" and all(c.measured.n == 0 for c in r.comparisons)
 
 
 def test_several_treatments_take_the_weakest_verdict_and_context_variants_do_not_count():
     rows = []
     for s in range(3):
-        rows += [("layer-removal", "full", s, "demo", "done", 30.0 + s, 10.0, None, 100),
-                 ("layer-removal", "no-conv3", s, "demo", "done", 32.5 + s + 0.1 * s, 10.0, None, 100),
-                 ("layer-removal", "no-conv4", s, "demo", "done", 30.05 + s + 0.02 * s, 10.0, None, 100),
-                 ("layer-removal", "extra", s, "demo", "done", 20.0 + s * 0.3, 10.0, None, 100)]
+        rows += [("layer-removal", "full", s, "subset", "done", 30.0 + s, 10.0, None, 100),
+                 ("layer-removal", "no-conv3", s, "subset", "done", 32.5 + s + 0.1 * s, 10.0, None, 100),
+                 ("layer-removal", "no-conv4", s, "subset", "done", 30.05 + s + 0.02 * s, 10.0, None, 100),
+                 ("layer-removal", "extra", s, "subset", "done", 20.0 + s * 0.3, 10.0, None, 100)]
     exp = experiment("layer-removal", control="full", treatments=("no-conv3", "no-conv4"), paper={"top1_err": 2.0},
                      variants={"full": {}, "no-conv3": {}, "no-conv4": {}, "extra": {}})
-    r = evaluate(exp, table(rows))
+    r = judge_claim(exp, table(rows))
     verdicts = {c.label: c.verdict for c in r.comparisons}
     assert verdicts["no-conv3 - full"] == "reproduced"
     assert verdicts["no-conv4 - full"] == "same direction, smaller"  # +0.05..+0.09, far below 1.0
@@ -94,7 +107,7 @@ def test_convergence_uses_the_best_learning_rate_of_each_group():
     exp = experiment("relu-vs-tanh", kind="convergence", control="tanh", treatments=("relu",),
                      paper={"speedup": 6.0}, variants={v: {} for v in iters},
                      groups={"relu": ("relu-lr0.01", "relu-lr0.02"), "tanh": ("tanh-lr0.01", "tanh-lr0.02")})
-    r = evaluate(exp, table(rows))
+    r = judge_claim(exp, table(rows))
     assert r.best_variants == {"tanh": "tanh-lr0.01", "relu": "relu-lr0.02"}
     c = r.comparisons[0]
     assert c.values == {0: pytest.approx(7.5), 1: pytest.approx(6.0)}
@@ -103,23 +116,26 @@ def test_convergence_uses_the_best_learning_rate_of_each_group():
 
 
 def test_ten_crop_and_ensemble_effects():
-    rows = [("ten-crop", "baseline", s, "demo", "done", 30.0 + s, 10.0, None, 1) for s in range(3)]
+    rows = [("ten-crop", "baseline", s, "subset", "done", 30.0 + s, 10.0, None, 1) for s in range(3)]
     df = table(rows)
-    df["top1_err_10crop"] = [29.0, 29.6, 30.8]  # -1.0, -1.4, -1.2
     exp = experiment("ten-crop", kind="ten-crop", control=None, treatments=(), paper={"top1_err": -1.5},
                      variants={"baseline": {}}, metric="top1_err_10crop", compare="top1_err")
-    c = evaluate(exp, df).comparisons[0]
-    assert c.measured.mean == pytest.approx(-1.2) and c.verdict == "reproduced"
+    scored = {"scale": "subset", "runs": [{"variant": "baseline", "seed": s, "top1_err": 30.0 + s,
+                                           "top1_err_10crop": t} for s, t in enumerate([29.0, 29.6, 30.8])]}
+    c = judge_claim(exp, df, scored).comparisons[0]
+    assert c.measured.mean == pytest.approx(-1.2) and c.verdict == "reproduced"  # -1.0, -1.4, -1.2 within runs
+    assert judge_claim(exp, df.assign(scale="demo"), {**scored, "scale": "demo"}).verdict == "same direction"
+    assert judge_claim(exp, df, None).verdict == "not run"
 
     ens = experiment("ensemble", kind="ensemble", control=None, treatments=(), paper={"top1_err": -2.6},
                      variants={"baseline": {}})
-    analysis = {"ensemble": {"top1_err": 27.0}, "members": [{"top1_err": 30.0}, {"top1_err": 29.0},
-                                                           {"top1_err": 29.6}]}
-    c = evaluate(ens, df.assign(experiment="ensemble"), analysis).comparisons[0]
+    analysis = {"scale": "subset", "ensemble": {"top1_err": 27.0},
+                "members": [{"top1_err": 30.0}, {"top1_err": 29.0}, {"top1_err": 29.6}]}
+    c = judge_claim(ens, df.assign(experiment="ensemble"), analysis).comparisons[0]
     assert c.values == {0: -3.0, 1: -2.0, 2: pytest.approx(-2.6)}
     assert c.verdict == "reproduced"
-    assert evaluate(ens, df, None).verdict == "not run"
-    status_only = evaluate(ens, df, {"status": "needs at least 2 done members", "members": 1})
+    assert judge_claim(ens, df, None).verdict == "not run"
+    status_only = judge_claim(ens, df, {"scale": "subset", "status": "needs at least 2 done members", "members": 1})
     assert status_only.verdict == "not run" and "needs at least 2" in status_only.comparisons[0].reason
 
 
@@ -190,8 +206,8 @@ def test_failed_and_stale_runs_appear_as_such_never_as_zeros(rendered):
     text = out.read_text()
     assert "CUDA out of memory" in text and "stale" in text
     df = collect(runs)
-    r = evaluate(registry["ablation-lrn"], df)
-    assert r.status_counts.get("failed") == 1 and r.status_counts.get("stale") == 1
+    r = judge_claim(registry["ablation-lrn"], df)
+    assert r.summary.status_counts.get("failed") == 1 and r.summary.status_counts.get("stale") == 1
     # the stale record's 0.0 never enters the comparison: only the two fabricated seeds are paired
     assert r.comparisons[0].measured.n == 2 and 8 not in r.comparisons[0].values
 
@@ -217,7 +233,7 @@ def test_failed_render_keeps_the_previous_page(tmp_path, monkeypatch):
     def boom(context):
         raise RuntimeError("template bug")
 
-    monkeypatch.setattr(report, "render", boom)
+    monkeypatch.setattr(build, "render", boom)
     with pytest.raises(RuntimeError):
         report.build_report(runs, out, registry=registry)
     assert out.read_bytes() == before and not list(out.parent.glob("*.tmp"))
@@ -281,8 +297,8 @@ def test_convergence_never_reached_falls_back_to_the_relative_threshold(tmp_path
                      for i, e in enumerate(errs)]
             make_run(runs, exp.name, v, s, scale="demo", metrics={"top1_err": 50.0, "iters_to_target": None},
                      overrides={"model.activation": v}, curve=curve)
-    analysis = {"best": {"relu": "relu", "tanh": "tanh"}, "relative_train_err": 60.0}
-    r = evaluate(exp, collect(runs), analysis, runs)
+    analysis = {"scale": "demo", "best": {"relu": "relu", "tanh": "tanh"}, "relative_train_err": 60.0}
+    r = judge_claim(exp, collect(runs), analysis, runs)
     at25, rel = r.comparisons
     assert at25.context and at25.verdict == "inconclusive" and at25.measured.n == 0
     assert not rel.context and rel.values == {0: pytest.approx(3.0), 1: pytest.approx(2.0)}
@@ -307,7 +323,7 @@ def test_qualitative_effect_also_shows_the_generalisation_gap():
                                   ("no-dropout", 1, 33.5)]])
     df["train_top1_err"] = [25.0, 26.5, 20.0, 21.0]  # gaps: dropout 5.0, 4.5; no-dropout 12.0, 12.5
     exp = experiment("dropout", control="no-dropout", treatments=("dropout",), paper={"note": "qualitative"})
-    r = evaluate(exp, df)
+    r = judge_claim(exp, df)
     head, gap = r.comparisons
     assert head.paper is None and head.values == {0: -2.0, 1: -2.5} and not head.context
     assert gap.context and gap.values == {0: -7.0, 1: -8.0}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_report_fakes import fabricate_all  # noqa: E402
+from fakes import fabricate_all  # noqa: E402
 
 from repro.experiments import load_registry  # noqa: E402
 from repro.report import build_report  # noqa: E402

@@ -1,4 +1,5 @@
-"""Post-training analyses against independent references (scipy softmax, brute-force distances, hand values)."""
+"""Post-training analyses of each claim kind against independent references (scipy softmax, brute-force distances,
+hand values)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from scipy.special import softmax
 
 import repro.experiments as ex
 from repro import analysis, runs
+from repro.claims import convergence, ensemble, filters, retrieval, ten_crop
 from repro.config import RunConfig, apply_overrides, config_hash
 
 from conftest import fake_fit
@@ -30,7 +32,7 @@ def _done(tmp_path, exp_name, variant_cfgs):
 def test_ensemble_against_scipy(tmp_path):
     done = _done(tmp_path, "ensemble", [("baseline", s, {}) for s in range(3)])
     labels = np.random.default_rng(7).integers(0, 4, size=20)
-    res = analysis.ensemble(done, labels=labels)
+    res, _ = ensemble.analyse(None, done, labels=labels)
     logits = [np.load(d / "val_logits.npy").astype(np.float64) for _, d, _ in done]
     probs = [softmax(l, axis=1) for l in logits]
     avg = np.mean(probs, axis=0)
@@ -42,15 +44,7 @@ def test_ensemble_against_scipy(tmp_path):
         assert m["top5_err"] == pytest.approx(0.0)
     mean1 = np.mean([100 * np.mean(p.argmax(1) != labels) for p in probs])
     assert res["effect"]["top1_err"] == pytest.approx(want_top1 - mean1)
-    assert analysis.ensemble(done[:1], labels=labels)["members"] == 1  # one member: nothing to average
-
-
-def test_topk_err_by_hand():
-    probs = np.array([[0.1, 0.2, 0.3, 0.35, 0.05, 0.0], [0.5, 0.01, 0.1, 0.12, 0.13, 0.14]])
-    top1, top5 = analysis.topk_err(probs, np.array([3, 1]))  # row 0 right; row 1's class ranks 6th of 6
-    assert top1 == pytest.approx(50.0) and top5 == pytest.approx(50.0)
-    top1, top5 = analysis.topk_err(probs, np.array([4, 2]))  # both rank 5th: top-1 wrong, top-5 right
-    assert top1 == pytest.approx(100.0) and top5 == pytest.approx(0.0)
+    assert ensemble.analyse(None, done[:1], labels=labels)[0]["members"] == 1  # one member: nothing to average
 
 
 def test_colour_specificity_by_hand():
@@ -58,30 +52,30 @@ def test_colour_specificity_by_hand():
     grey = p.expand(1, 3, 2, 2).clone()
     red_only = torch.stack([p, torch.zeros_like(p), torch.zeros_like(p)])[None]
     opponent = torch.stack([p, -p, torch.zeros_like(p)])[None]
-    assert analysis.colour_specificity(grey) == pytest.approx(0.0, abs=1e-6)
-    assert analysis.colour_specificity(opponent) == pytest.approx(1.0)
+    assert filters.colour_specificity(grey) == pytest.approx(0.0, abs=1e-6)
+    assert filters.colour_specificity(opponent) == pytest.approx(1.0)
     # red only: grey part p/3 in every channel; chroma (2p/3)^2 + 2 (p/3)^2 = 2/3 of p^2
-    assert analysis.colour_specificity(red_only) == pytest.approx(2 / 3)
+    assert filters.colour_specificity(red_only) == pytest.approx(2 / 3)
     both = torch.cat([grey, opponent])
-    assert analysis.colour_specificity(both) == pytest.approx(0.5)
+    assert filters.colour_specificity(both) == pytest.approx(0.5)
 
 
 def test_neighbour_agreement_against_brute_force():
     g = torch.Generator().manual_seed(0)
     q, db = torch.randn(30, 8, generator=g), torch.randn(100, 8, generator=g)
     ql, dl = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (100,), generator=g)
-    score, idx = analysis.neighbour_agreement(q, db, ql, dl, 5)
+    per_query, idx = retrieval.neighbour_agreement(q, db, ql, dl, 5)
     d = cdist(q.numpy(), db.numpy())
     nn = np.argsort(d, axis=1)[:, :5]
     assert np.array_equal(np.sort(idx.numpy(), 1), np.sort(nn, 1))
-    assert score == pytest.approx(np.mean(dl.numpy()[nn] == ql.numpy()[:, None]))
+    assert per_query.numpy() == pytest.approx(np.mean(dl.numpy()[nn] == ql.numpy()[:, None], axis=1))
 
 
 def test_convergence_picks_the_fastest_lr_and_computes_the_speedup(tmp_path):
     e = ex.load_registry()["relu-vs-tanh"]
     cfgs = [(v, 0, o) for v, o in e.variants.items()]
     done = _done(tmp_path, e.name, cfgs)
-    res = analysis.convergence(e, done)
+    res, _ = convergence.analyse(e, done)
     # stand-in curves: err(i) = 75 / (1 + r i / 10), i = 10, 20, ..., 200; r = 3 lr/0.01 (relu) or lr/0.01 (tanh)
     assert res["best"] == {"relu": "relu-lr0.02", "tanh": "tanh-lr0.02"}
     # 25%: relu r=6 first below at i=10; tanh r=2 needs i > 10, so i=20
@@ -103,3 +97,13 @@ def test_analyse_writes_once_and_skips_when_inputs_are_unchanged(tmp_path, monke
     assert analysis.analyse(e, planned, tmp_path) is None  # up to date
     assert runs.load_analyses(tmp_path)[e.name]["best"]["relu"] == "relu-lr0.02"
     assert analysis.analyse(ex.load_registry()["ablation-lrn"], planned, tmp_path) is None  # no analysis kind
+
+
+def test_ten_crop_reads_the_scores_a_run_recorded_and_pairs_them_within_the_run(tmp_path):
+    e = ex.load_registry()["ten-crop"]
+    done = _done(tmp_path, e.name, [("baseline", s, {}) for s in range(3)])
+    res, _ = ten_crop.analyse(e, done)
+    assert [r["scored"] for r in res["runs"]] == ["at the end of training"] * 3
+    for r, (_, _, rec) in zip(res["runs"], done):
+        assert r["top1_err_10crop"] == rec["metrics"]["top1_err_10crop"] and r["top1_err"] == rec["metrics"]["top1_err"]
+    assert "-1.00 points over 3 run(s)" in ten_crop.summary(res)

@@ -148,7 +148,7 @@ def test_kill_9_mid_run_then_resume_matches_a_straight_run(tmp_path, small_beton
     cfg = apply_overrides(RunConfig(), overrides)
     straight = fit(cfg, tmp_path / "straight", progress=False)
 
-    script = Path(__file__).with_name("test_engine_support.py")
+    script = Path(__file__).with_name("engine_support.py")
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir),
                              json.dumps({**overrides, "_real": True, "_sleep": 0.1})],

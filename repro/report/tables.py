@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from repro.claims.judge import SCALE_ORDER
+
 # (model, top-1 err, top-5 err, source) -- the paper's Table 2, ILSVRC-2012 validation unless noted
 TABLE2_PAPER = [
     ("SIFT + FVs [7]", None, 26.2, "paper, Table 2 (test set)"),
@@ -33,17 +35,6 @@ TABLE1_PAPER = [
     ("SIFT + FVs [24]", 45.7, 25.7, "paper, Table 1"),
     ("CNN", 37.5, 17.0, "paper, Table 1 (ten-crop averaging)"),
 ]
-# later re-measurements, shown as context in the matching claim's section
-CONTEXT = {
-    "ablation-lrn": [
-        "VGG (Simonyan & Zisserman, 2014): LRN gives no gain on ILSVRC (29.6 vs 29.7 top-1 error).",
-        "Mishkin et al. 2016 (CaffeNet at 128 px): top-1 accuracy 0.470 with LRN, 0.471 without.",
-    ],
-    "relu-vs-tanh": ["Mishkin et al. 2016 (CaffeNet at 128 px): top-1 accuracy 0.401 with tanh, 0.471 with ReLU."],
-    "two-gpu-split": ["Mishkin et al. 2016 (CaffeNet at 128 px): top-1 accuracy 0.487 without grouping, "
-                      "0.471 grouped."],
-}
-
 PROVENANCE_COLUMNS = [
     ("run", "run_dir"), ("variant", "variant"), ("seed", "seed"), ("status", "status"),
     ("config hash", "config_hash"), ("git commit", "prov.git_commit"), ("packages", "prov.packages"),
@@ -64,12 +55,11 @@ def fmt(x, digits: int = 1) -> str:
 
 
 def _measured(df: pd.DataFrame, experiment: str, metric: str) -> tuple[str, str]:
-    """Mean and seed count of a metric over finished runs of one experiment, at its largest scale."""
-    from repro.report.claims import pick_scale
-
-    rows = df[df["experiment"] == experiment] if "experiment" in df else df.iloc[0:0]
-    scale = pick_scale(rows)
-    rows = rows[(rows["scale"] == scale) & (rows["status"] == "done")] if scale else rows.iloc[0:0]
+    """Mean and seed count of a metric over finished runs of one experiment, at its largest scale with one."""
+    rows = df[(df["experiment"] == experiment) & (df["status"] == "done")] if "experiment" in df else df.iloc[0:0]
+    present = set(rows["scale"].dropna().astype(str)) if len(rows) else set()
+    scale = next((s for s in SCALE_ORDER if s in present), "")
+    rows = rows[rows["scale"] == scale] if scale else rows.iloc[0:0]
     if metric not in rows or rows[metric].notna().sum() == 0:
         return "\u2014", "not run"
     vals = pd.to_numeric(rows[metric], errors="coerce").dropna()
@@ -81,7 +71,7 @@ def table2(df: pd.DataFrame, ensemble_analysis: dict | None) -> list[dict]:
     rows = [dict(model=m, top1=fmt(a), top5=fmt(b), source=s, kind="paper") for m, a, b, s in TABLE2_PAPER]
     t1, src = _measured(df, "baseline", "top1_err")
     t5, _ = _measured(df, "baseline", "top5_err")
-    rows.append(dict(model="1 CNN (this harness)", top1=t1, top5=t5, source=src, kind="measured"))
+    rows.append(dict(model="1 CNN, centre crop (this harness)", top1=t1, top5=t5, source=src, kind="measured"))
     ens = (ensemble_analysis or {}).get("ensemble", {})
     n = len((ensemble_analysis or {}).get("members", []))
     rows.append(dict(model=f"{n or 5} CNNs averaged (this harness)", top1=fmt(ens.get("top1_err")),
@@ -93,12 +83,15 @@ def table2(df: pd.DataFrame, ensemble_analysis: dict | None) -> list[dict]:
     return rows
 
 
-def table1(df: pd.DataFrame) -> list[dict]:
-    """Rows like the paper's Table 1 (ILSVRC-2010 test), with this harness's ten-crop numbers."""
+def table1(ten_crop_analysis: dict | None) -> list[dict]:
+    """Rows like the paper's Table 1 (ILSVRC-2010 test), with this harness's ten-crop numbers (its analysis)."""
     rows = [dict(model=m, top1=fmt(a), top5=fmt(b), source=s, kind="paper") for m, a, b, s in TABLE1_PAPER]
-    t1, src = _measured(df, "ten-crop", "top1_err_10crop")
-    t5, _ = _measured(df, "ten-crop", "top5_err_10crop")
-    rows.append(dict(model="CNN, ten-crop (this harness)", top1=t1, top5=t5, source=src, kind="measured"))
+    runs = [r for r in (ten_crop_analysis or {}).get("runs", []) if isinstance(r, dict)]
+    mean = lambda k: sum(float(r[k]) for r in runs) / len(runs) if runs else None  # noqa: E731
+    src = (f"measured, {ten_crop_analysis.get('scale', '?')} scale, mean of {len(runs)} run(s)" if runs
+           else "not run")
+    rows.append(dict(model="CNN, ten-crop (this harness)", top1=fmt(mean("top1_err_10crop")),
+                     top5=fmt(mean("top5_err_10crop")), source=src, kind="measured"))
     return rows
 
 

@@ -1,6 +1,6 @@
 """Tiny stand-ins for the engine tests: a 4-class model and in-memory loaders that honour the loader contract
 (uint8 NCHW batches, seeded shuffle by (seed, epoch), fixed val order). Also runnable as a script so that the
-signal tests can train in a child process:  python tests/test_engine_support.py RUN_DIR '{"train.epochs": 3}'
+signal tests can train in a child process:  python tests/engine_support.py RUN_DIR '{"train.epochs": 3}'
 """
 
 from __future__ import annotations

@@ -1,0 +1,133 @@
+"""Judge one registered claim: per scale that has runs, its comparisons and verdict, from the run table.
+
+Scales are evidence side by side, not overrides: each scale with runs gets its own verdict, and the claim's headline
+is the largest scale with at least two seeds (else the largest with a finished run). What each kind compares is its
+module's `judge` (repro.claims.<kind>); analyses are per experiment and judged at the scale they were made at.
+A claim whose TOML says `[judge] needs_colour = true` is `not testable on this data` when the data is greyscale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from repro.claims import verdicts as V
+from repro.claims.facts import rows_data_facts
+from repro.claims.registry import Evidence, get_kind
+
+SCALE_ORDER = ("full", "subset", "demo", "smoke")
+
+
+@dataclass
+class ScaleResult:
+    """The judgement of a claim at one scale."""
+
+    scale: str
+    comparisons: list[V.Comparison]
+    verdict: str
+    headline: V.Comparison | None
+    seeds: int                                  # distinct seeds with a finished run
+    status_counts: dict = field(default_factory=dict)
+    best_variants: dict = field(default_factory=dict)   # group -> chosen variant (sweeps)
+    caveat: str = ""
+    data: dict | None = None                    # repro.claims.facts.data_facts of the runs' data
+
+
+@dataclass
+class ClaimResult:
+    name: str
+    title: str
+    section: str
+    claim: str
+    kind: str
+    scales: list[ScaleResult]                   # largest scale first
+    summary: ScaleResult | None                 # the scale the summary table shows
+    note: str = ""
+    reproduced_if: str = ""
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)   # every row of this claim, all scales
+
+    @property
+    def scale(self) -> str:
+        return self.summary.scale if self.summary else ""
+
+    @property
+    def verdict(self) -> str:
+        return self.summary.verdict if self.summary else "not run"
+
+    @property
+    def headline(self) -> V.Comparison | None:
+        return self.summary.headline if self.summary else None
+
+    @property
+    def comparisons(self) -> list[V.Comparison]:
+        return self.summary.comparisons if self.summary else []
+
+    @property
+    def best_variants(self) -> dict:
+        return self.summary.best_variants if self.summary else {}
+
+
+def _seeds_done(rows: pd.DataFrame) -> int:
+    done = rows[rows["status"] == "done"] if "status" in rows else rows.iloc[0:0]
+    return int(done["seed"].nunique()) if "seed" in done else 0
+
+
+def summary_scale(results: list[ScaleResult]) -> ScaleResult | None:
+    """The largest scale with at least two seeds, else the largest with a finished run, else the largest."""
+    for ok in (lambda r: r.seeds >= 2, lambda r: r.seeds >= 1, lambda r: True):
+        for r in results:
+            if ok(r):
+                return r
+    return None
+
+
+def headline_of(exp, comps: list[V.Comparison]) -> V.Comparison | None:
+    """The comparison the claim's verdict comes from: the weakest judged one on the headline metric."""
+    judged = [c for c in comps if not c.context]
+    metrics = (exp.metric, *get_kind(exp.kind).headline_metrics)
+    headline = [c for c in judged if c.metric in metrics] or judged
+    headline = [c for c in headline if c.metric == headline[0].metric] if headline else []
+    order = V.WEAKEST_FIRST
+    return min(headline, key=lambda c: order.index(c.verdict) if c.verdict in order else 0) if headline else None
+
+
+def _untestable(exp, data: dict | None) -> str:
+    """Why the data cannot show this claim ('' when it can)."""
+    if (getattr(exp, "judge", None) or {}).get("needs_colour") and data and not data["colour"]:
+        return (f"{data['name']} is greyscale (the 2nd and 3rd PCA eigenvalues of its pixels are 0): colour noise "
+                "is a brightness shift and conv1's colour weights get the same gradient in every channel")
+    return ""
+
+
+def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs_dir) -> ScaleResult:
+    data = rows_data_facts(rows)
+    ev = Evidence(scale=scale, rows=rows, analysis=analysis, runs_dir=runs_dir, data=data)
+    comps, best = get_kind(exp.kind).judge(exp, ev)
+    why = _untestable(exp, data)
+    if why:
+        for c in comps:
+            if not c.context:
+                c.verdict, c.reason = V.UNTESTABLE, why
+    head = headline_of(exp, comps)
+    counts = rows["status"].value_counts().to_dict() if "status" in rows else {}
+    return ScaleResult(scale, comps, head.verdict if head else "not run", head, _seeds_done(rows),
+                       {str(k): int(v) for k, v in counts.items()}, best, V.data_caveat(scale, data), data)
+
+
+def judge_claim(exp, df: pd.DataFrame, analysis: dict | None = None, runs_dir=None) -> ClaimResult:
+    """Judge `exp` from the run table `df` (all experiments) and its analysis.json, at every scale with runs."""
+    all_rows = df[df["experiment"] == exp.name] if "experiment" in df else df.iloc[0:0]
+    present = set(all_rows["scale"].dropna().astype(str)) if "scale" in all_rows else set()
+    if analysis and analysis.get("scale"):
+        present.add(str(analysis["scale"]))
+    scales = [s for s in SCALE_ORDER if s in present] + sorted(present - set(SCALE_ORDER))
+    results = []
+    for s in scales:
+        rows = all_rows[all_rows["scale"].astype(str) == s] if "scale" in all_rows else all_rows
+        results.append(judge_scale(exp, s, rows, analysis if (analysis or {}).get("scale") == s else None,
+                                   runs_dir))
+    return ClaimResult(
+        name=exp.name, title=exp.title, section=exp.section, claim=exp.claim, kind=exp.kind, scales=results,
+        summary=summary_scale(results), note=str((exp.paper or {}).get("note", "")),
+        reproduced_if=getattr(exp, "reproduced_if", ""), runs=all_rows)

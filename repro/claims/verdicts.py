@@ -1,0 +1,215 @@
+"""Measured effect, 95% confidence interval and verdict, from per-seed (or per-query) values.
+
+An effect is measured per seed and summarised as a mean with a Student-t 95% interval (scipy.stats.ttest_1samp /
+ttest_ind ... .confidence_interval). Variants that share seeds are paired by seed (the interval is over the per-seed
+differences); otherwise Welch's interval for the difference of means is used.
+
+Verdict rule for a signed effect with the paper's number P, the mean m and the interval [lo, hi] (`signed_verdict`):
+  no finished run                              -> "not run"
+  one value (one seed): no interval            -> "inconclusive"
+  lo <= 0 <= hi                                -> "inconclusive"          (the interval spans zero)
+  the interval's sign differs from P's         -> "opposite"
+  smoke and demo scale                         -> "same direction"        (only the direction is judged there)
+  subset and full scale, |m| >= |P| / 2        -> "reproduced"            (the point estimate, not the interval's end)
+  otherwise                                    -> "same direction, smaller"
+A claim that states only a direction (`[judge.expect]`, e.g. dropout lowers the error) is "reproduced" at subset and
+full scale once the interval excludes zero on the stated side. Effects are in error points (treatment - control;
+negative = the treatment lowers the error). Speed-ups are tested on the log of the per-seed ratio, so "zero" is a
+ratio of 1 and half the paper's magnitude is sqrt(P). Absolute numbers (the baseline) are compared at full scale
+only: "reproduced" when the interval comes within the claim's tolerance (`[judge] tolerance` in its TOML) of the
+paper's value, else "not reproduced"; at smaller scales they are "not comparable".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+DIRECTION_ONLY = ("smoke", "demo")  # scales at which only the direction of an effect is judged
+UNTESTABLE = "not testable on this data"
+
+VERDICTS = ("reproduced", "same direction, smaller", "same direction", "opposite", "inconclusive", "not run",
+            "not comparable", "not reproduced", "no paper number", UNTESTABLE)
+# weakest first: a claim with several treatments (layer removal) shows the weakest verdict of its headline rows
+WEAKEST_FIRST = ("not run", UNTESTABLE, "opposite", "inconclusive", "not reproduced", "not comparable",
+                 "same direction, smaller", "same direction", "no paper number", "reproduced")
+
+RULES = [
+    ("not run", "no finished run (missing, failed, diverged or interrupted runs do not count)"),
+    (UNTESTABLE, "the data cannot show the effect (colour claims on greyscale data); the reason is given"),
+    ("inconclusive", "one seed only (no interval), or the 95% interval spans zero"),
+    ("opposite", "the 95% interval excludes zero on the other side from the paper's effect"),
+    ("same direction", "smoke and demo scale: the interval excludes zero on the paper's side; magnitudes are not "
+                       "judged at these scales"),
+    ("reproduced", "subset and full scale: the interval excludes zero on the paper's side and the point estimate "
+                   "reaches at least half the paper's magnitude (speed-ups on the log scale: half of 6x is 2.45x); "
+                   "a claim that states only a direction needs the interval on its side"),
+    ("same direction, smaller", "subset and full scale: the interval excludes zero on the paper's side, the point "
+                                "estimate stays below half its magnitude"),
+    ("not comparable", "an absolute error measured below full scale: a different dataset and task"),
+    ("not reproduced", "an absolute error at full scale whose interval stays farther from the paper's than the "
+                       "claim's tolerance"),
+    ("no paper number", "a comparison shown for context: the paper gives no number for it"),
+]
+
+
+@dataclass
+class Interval:
+    """Mean and 95% interval of n values (lo/hi are NaN when n < 2)."""
+
+    mean: float = math.nan
+    lo: float = math.nan
+    hi: float = math.nan
+    n: int = 0
+    paired: bool = False
+    method: str = "t interval over seeds"
+
+
+@dataclass
+class Comparison:
+    """One measured quantity of a claim set against the paper's number."""
+
+    label: str
+    metric: str
+    unit: str
+    paper: float | None
+    measured: Interval
+    verdict: str
+    reason: str = ""
+    values: dict = field(default_factory=dict)  # seed -> per-seed value (effect, ratio, ...)
+    context: bool = False  # shown beside the claim, not part of its verdict
+
+
+def finite_values(values) -> np.ndarray:
+    a = np.asarray(pd.to_numeric(pd.Series(values, dtype=object), errors="coerce"), dtype=float)
+    return a[np.isfinite(a)]
+
+
+def mean_ci(values, confidence: float = CONFIDENCE) -> Interval:
+    """Mean and Student-t interval of the finite values."""
+    x = finite_values(values)
+    if len(x) == 0:
+        return Interval()
+    if len(x) == 1:
+        return Interval(float(x[0]), math.nan, math.nan, 1)
+    if np.ptp(x) == 0:  # identical values: t is undefined, the interval collapses to the value
+        return Interval(float(x[0]), float(x[0]), float(x[0]), len(x))
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence)
+    return Interval(float(x.mean()), float(ci.low), float(ci.high), len(x))
+
+
+def diff_ci(treatment: pd.Series, control: pd.Series, confidence: float = CONFIDENCE) -> tuple[Interval, dict]:
+    """Interval of treatment - control, both Series indexed by seed.
+
+    Paired by seed when at least two seeds have a value in both; otherwise Welch's unequal-variance interval.
+    Returns the interval and the per-seed differences (empty when unpaired).
+    """
+    t = pd.to_numeric(treatment, errors="coerce").dropna()
+    c = pd.to_numeric(control, errors="coerce").dropna()
+    common = t.index.intersection(c.index)
+    if len(common) >= 2 or (len(common) == 1 and len(t) == 1 and len(c) == 1):
+        d = (t.loc[common] - c.loc[common]).sort_index()
+        iv = mean_ci(d.to_numpy(), confidence)
+        iv.paired, iv.method = True, "paired by seed"
+        return iv, {k: float(v) for k, v in d.items()}
+    if len(t) == 0 or len(c) == 0:
+        return Interval(), {}
+    mean, n, how = float(t.mean() - c.mean()), min(len(t), len(c)), "unpaired (Welch)"
+    if len(t) < 2 or len(c) < 2:
+        return Interval(mean, math.nan, math.nan, n, method=how), {}
+    if np.ptp(t.to_numpy()) == 0 and np.ptp(c.to_numpy()) == 0:
+        return Interval(mean, mean, mean, n, method=how), {}
+    ci = stats.ttest_ind(t.to_numpy(), c.to_numpy(), equal_var=False).confidence_interval(confidence)
+    return Interval(mean, float(ci.low), float(ci.high), n, method=how), {}
+
+
+def signed_verdict(paper: float | None, iv: Interval, scale: str, magnitude: bool = True) -> tuple[str, str]:
+    """The rule in the module docstring, for an effect whose 'no effect' value is 0.
+
+    `magnitude=False`: `paper` is only a sign (a claim that states a direction, not a number).
+    """
+    if iv.n == 0:
+        return "not run", "no finished run"
+    if iv.n == 1 or math.isnan(iv.lo):
+        return "inconclusive", "one seed only: no confidence interval"
+    if iv.lo <= 0 <= iv.hi:
+        return "inconclusive", "the 95% interval spans zero"
+    if paper is None or not math.isfinite(paper) or paper == 0:
+        return "no paper number", "the interval excludes zero; the paper gives no number to compare"
+    side = "the paper's" if magnitude else "the claim's stated"
+    if (iv.lo > 0) != (paper > 0):
+        return "opposite", f"the interval excludes zero on the other side from {side} direction"
+    if scale in DIRECTION_ONLY:
+        return "same direction", f"the interval excludes zero on {side} side; at {scale} scale only the direction " \
+                                 "is judged"
+    if not magnitude:
+        return "reproduced", "the interval excludes zero on the claim's stated side"
+    if abs(iv.mean) >= abs(paper) / 2:
+        return "reproduced", "same sign as the paper, the estimate reaches half its magnitude"
+    return "same direction, smaller", "same sign as the paper, the estimate is below half its magnitude"
+
+
+def absolute_verdict(paper: float | None, iv: Interval, scale: str, tolerance: float) -> tuple[str, str]:
+    """An absolute error against the paper's: only at full scale, within `tolerance` points (the claim's TOML)."""
+    if iv.n == 0:
+        return "not run", "no finished run"
+    if paper is None:
+        return "no paper number", ""
+    if scale != "full":
+        return "not comparable", f"measured at {scale} scale, not on ILSVRC-2012 at the paper's size"
+    lo, hi = (iv.mean, iv.mean) if math.isnan(iv.lo) else (iv.lo, iv.hi)
+    if lo - tolerance <= paper <= hi + tolerance:
+        return "reproduced", f"the interval comes within {tolerance:g} points of the paper's"
+    return "not reproduced", f"the interval stays more than {tolerance:g} points from the paper's"
+
+
+def log_ratio_comparison(label: str, metric: str, paper: float | None, ratios: pd.Series, scale: str,
+                         note: str = "") -> Comparison:
+    """A speed-up (or slow-down) judged on the log scale; `ratios` is indexed by seed."""
+    r = pd.to_numeric(ratios, errors="coerce")
+    r = r[np.isfinite(r) & (r > 0)]
+    liv = mean_ci(np.log(r.to_numpy()))
+    lpaper = math.log(paper) if paper and paper > 0 else None
+    verdict, reason = signed_verdict(lpaper, liv, scale)
+    # report the geometric mean and the interval back on the ratio scale
+    iv = Interval(*(math.exp(v) if math.isfinite(v) else math.nan for v in (liv.mean, liv.lo, liv.hi)),
+                  n=liv.n, paired=True, method="paired by seed, log scale")
+    if note:
+        reason = f"{reason}; {note}"
+    return Comparison(label, metric, "x", paper, iv, verdict, reason, {k: float(v) for k, v in r.items()})
+
+
+def paired_over_queries(label: str, metric: str, diffs, scale: str, what: str) -> Comparison:
+    """A per-query difference (in points) that the claim says is positive, with a t interval over queries.
+
+    One observation per query image: the neighbours of one query are not independent of each other.
+    """
+    iv = mean_ci(diffs)
+    iv.paired, iv.method = True, "paired over queries (t interval)"
+    verdict, reason = signed_verdict(1.0, iv, scale, magnitude=False)
+    return Comparison(label, metric, "points", None, iv, verdict, f"{reason} ({what}, {iv.n} queries)",
+                      {}, False)
+
+
+def data_caveat(scale: str, data: dict | None) -> str:
+    """One plain sentence on what the scale and its data can show; `data`: repro.claims.facts.data_facts."""
+    what = ""
+    if data:
+        colour = "colour" if data["colour"] else "greyscale"
+        what = (f" ({data['name']}: {colour}, {data['px']} px, {data['train']:,} training images, "
+                f"{data['classes']} classes)")
+    if scale == "smoke":
+        return (f"Smoke scale{what}: a tiny dataset and a tiny net, for testing the harness. The numbers say nothing "
+                "about the paper's claim.")
+    if scale == "demo":
+        return (f"Demo scale{what}: small images and a narrow net trained for minutes. Magnitudes are not comparable "
+                "with ImageNet; only the direction of an effect is judged.")
+    if scale == "subset":
+        return (f"Subset scale{what}: an ImageNet subset at reduced resolution. Magnitudes are indicative, not "
+                "comparable one-to-one with the paper's ILSVRC numbers.")
+    return ""

@@ -1,0 +1,83 @@
+"""Build the page: collect the run table, judge every claim at every scale with runs, render, write atomically.
+
+The run table is saved beside the page as results.csv. Jinja2 renders templates/report.html.j2 with autoescaping,
+so names and notes from runs or TOML files can never inject markup. Both files are written under a temporary name
+and renamed, so a failed render leaves the previous report intact.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jinja2
+
+from repro import io
+from repro.claims import judge_claim
+from repro.claims import verdicts as V
+from repro.errors import UserError
+from repro.experiments import load_registry
+from repro.report import figures, sections, tables
+from repro.report.gather import load_npz
+from repro.runs import collect, load_analyses
+
+NO_RUNS = "no runs under {runs}/; run `repro run all --scale demo` first"
+
+
+def render(context: dict) -> str:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("repro.report", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
+    env.filters["slug"] = lambda s: "".join(ch if ch.isalnum() else "-" for ch in str(s)).lower()
+    env.filters["vclass"] = lambda v: "v-" + "".join(ch if ch.isalnum() else "-" for ch in str(v))
+    return env.get_template("report.html.j2").render(**context)
+
+
+def page_order(registry: dict) -> list[str]:
+    """Claims by their TOML's `[page] order`; those without one follow in name order."""
+    return sorted(registry, key=lambda n: (registry[n].order is None, registry[n].order or 0, n))
+
+
+def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict | None = None,
+                 experiments_dir: Path | str | None = None) -> Path:
+    """Render the report for the runs under `runs_dir` into `out_html` (and results.csv beside it)."""
+    runs_dir, out_html = Path(runs_dir), Path(out_html)
+    if not runs_dir.is_dir():
+        raise UserError(NO_RUNS.format(runs=runs_dir))
+    if registry is None:
+        registry = load_registry(experiments_dir) if experiments_dir else load_registry()
+    df = collect(runs_dir)
+    analyses = load_analyses(runs_dir)
+    if df.empty and not analyses:
+        raise UserError(NO_RUNS.format(runs=runs_dir))
+
+    results, claim_sections = [], []
+    for name in page_order(registry):
+        exp = registry[name]
+        analysis = analyses.get(name)
+        r = judge_claim(exp, df, analysis, runs_dir)
+        results.append(r)
+        claim_sections.append(dict(
+            r=r, scales=sections.scale_rows(r),
+            figures=sections.claim_figures(r, runs_dir, analysis, load_npz(runs_dir / name / "analysis.npz")),
+            facts=sections.facts(exp, r, runs_dir), context=list(exp.context),
+            provenance=tables.provenance(r.runs, runs_dir),
+            analysis=json.dumps(analysis, indent=1, sort_keys=True, default=str)[:4000] if analysis else ""))
+    unregistered = sorted(set(df["experiment"].dropna().astype(str)) - set(registry)) if len(df) else []
+    caveats = {r.summary.scale: r.summary.caveat for r in results if r.summary and r.summary.caveat}
+
+    context = dict(
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), runs_dir=str(runs_dir),
+        summary=[sections.summary_row(r) for r in results], sections=claim_sections, rules=V.RULES,
+        caveats=[caveats[s] for s in ("smoke", "demo", "subset") if s in caveats],
+        deltas=figures.deltas_chart(sections.delta_rows(results)), table1=tables.table1(analyses.get("ten-crop")),
+        table2=tables.table2(df, analyses.get("ensemble")), unregistered=unregistered,
+        n_runs=len(df), status_counts=df["status"].value_counts().to_dict() if len(df) else {})
+    html = render(context)
+
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(out_html.with_name("results.csv")) as tmp:
+        df.to_csv(tmp, index=False)
+    io.write_text(out_html, html)
+    return out_html
