@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_engine_support as sup
+import engine_support as sup
 from repro import runs
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.engine import checkpoint, fit, preempt
 from repro.engine import train as train_mod
 
-SCRIPT = Path(__file__).with_name("test_engine_support.py")
+SCRIPT = Path(__file__).with_name("engine_support.py")
 
 
 @pytest.fixture(autouse=True)
