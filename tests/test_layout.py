@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import functools
-import threading
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,18 +69,18 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return out
 
 
+def _graph_here() -> dict[str, set[str]]:
+    mods = project_modules()
+    return {n: imports_of(n, p, set(mods)) for n, p in mods.items()}
+
+
 @functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
-    """{module: project modules it imports}. Parsed in a thread of its own: CPython 3.11's ast.parse can fail
-    with "AST constructor recursion depth mismatch" in a thread whose recursion counter earlier code has left
-    skewed (it happened late in a full test run); a fresh thread starts at depth 0."""
-    mods = project_modules()
-    out: dict[str, set[str]] = {}
-    worker = threading.Thread(target=lambda: out.update({n: imports_of(n, p, set(mods)) for n, p in mods.items()}))
-    worker.start()
-    worker.join()
-    assert len(out) == len(mods), "parsing the sources failed; see the thread's traceback above"
-    return out
+    """{module: project modules it imports}. Parsed in a fresh interpreter: CPython 3.11's ast.parse can fail with
+    "AST constructor recursion depth mismatch" late in a long test run (it did in CI, in a fresh thread too)."""
+    out = subprocess.run([sys.executable, __file__, "--graph"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {m: set(ts) for m, ts in json.loads(out.stdout).items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -145,3 +147,7 @@ def test_no_module_imports_from_a_later_stage():
 def test_leaf_modules_stay_leaves(leaf):
     graph = import_graph()
     assert graph[leaf] <= SHARED, f"{leaf} imports {sorted(graph[leaf] - SHARED)}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--graph"]:
+    print(json.dumps({m: sorted(ts) for m, ts in _graph_here().items()}))
