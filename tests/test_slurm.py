@@ -226,3 +226,17 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
     batch = int(stop[0].split("before batch ")[1].split(")")[0].split()[0].rstrip(";"))
     assert 1 < batch <= 7  # stopped inside the epoch, not at its start
     assert results(runs_dir) == results(tmp_path / "straight")
+
+
+def test_cancel_cancels_what_was_submitted(slurm_cluster, synthetic_data, tmp_path):
+    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, "--launcher", "slurm", "--slurm", "hold")
+    assert code == 0 and out.count("submitted as Slurm job") == 2, out
+    ids = job_ids(tmp_path)
+    code, out = cli("cancel", "ablation-lrn", "--runs", str(tmp_path))
+    assert code == 0 and "cancelled Slurm job(s)" in out and all(i in out for i in ids), out
+    wait_until(lambda: {r["status"] for r in status_rows(tmp_path)} == {"cancelled"}, timeout=30,
+               what="the jobs to be cancelled")
+    assert all("CANCELLED" in r["error"] for r in status_rows(tmp_path))
+    code, out = cli("cancel", "ablation-lrn", "--runs", str(tmp_path))
+    assert code == 0 and "no queued or running" in out
+    assert cli("cancel", "no-such-experiment", "--runs", str(tmp_path))[0] == 2

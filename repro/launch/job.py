@@ -21,16 +21,9 @@ import submitit
 
 from repro import io, lease
 from repro import runs as store
+from repro.engine import preempt
 from repro.errors import UserError
 from repro.launch.worker import BUSY, REUSED, fit_run, load_config, placement, train_claimed
-
-
-def _preempt_module():
-    try:
-        from repro.engine import preempt
-    except ImportError:  # an engine without mid-epoch preemption: submitit requeues from the last epoch's end
-        return None
-    return preempt
 
 
 def _threads(env: submitit.JobEnvironment) -> int:
@@ -82,9 +75,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                           nodes=env.num_nodes)
         usr = env._usr_sig()
         submitit_handler = signal.getsignal(usr)
-        preempt = _preempt_module()
-        if preempt is not None:
-            preempt.install([usr])
+        preempt.install([usr])  # fit installs USR2/HUP itself; this covers SUBMITIT_PREEMPT_SIGNAL and set-up time
         cfg = load_config(run_dir)
         if env.num_tasks > 1:
             status = _train_ddp(cfg, run_dir, where)

@@ -30,6 +30,7 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPEN
           "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 REUSED = ("done", "diverged")
 POLL_S = 1.0
+NO_VAL = 4294967294  # how scontrol prints "no task id" on an array's own record
 _FIELD_RE = re.compile(r"(\w+)=(\S*)")
 
 
@@ -63,7 +64,10 @@ def job_table() -> dict[str, dict[str, str]]:
         info = {"state": f.get("JobState", "UNKNOWN"), "reason": f.get("Reason", "None"),
                 "node": f.get("NodeList", "(null)"), "exit": f.get("ExitCode", ""), "restarts": f.get("Restarts", "0")}
         if f.get("ArrayJobId") and f.get("ArrayTaskId"):
-            for task in _expand(f["ArrayTaskId"]):
+            tasks = _expand(f["ArrayTaskId"])
+            if not tasks or int(tasks[0]) >= NO_VAL:  # the array's own record: its tasks not listed on their own
+                table[f"{f['ArrayJobId']}_*"] = info
+            for task in tasks if tasks and int(tasks[0]) < NO_VAL else []:
                 table[f"{f['ArrayJobId']}_{task}"] = info
         else:
             table[f["JobId"]] = info
@@ -90,6 +94,9 @@ def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     table = job_table()
+    for j in job_ids:
+        if j not in table and f"{j.split('_')[0]}_*" in table and "_" in j:
+            table[j] = table[f"{j.split('_')[0]}_*"]
     missing = [j for j in job_ids if j not in table]
     table.update(_sacct(missing))
     return {j: table[j] for j in job_ids if j in table}
