@@ -190,17 +190,20 @@ def test_two_tasks_in_one_job_equal_torchrun(slurm_cluster, synthetic_data, tmp_
 
 
 def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synthetic_data, tmp_path, one_thread):
-    two_epochs = ["--set", "train.epochs=2"]
-    code, out = run_cli("baseline", synthetic_data, tmp_path / "straight", *two_epochs)
+    # 30 steps of 8 images per epoch and 10 epochs: long enough that the warning lands while the job trains, and
+    # most likely inside an epoch (the signal's delay through Slurm is not under the test's control)
+    steps = 240 // 8
+    settings = ["--set", "train.epochs=10", "--set", "train.batch_size=8"]
+    code, out = run_cli("baseline", synthetic_data, tmp_path / "straight", *settings)
     assert code == 0, out
 
     runs_dir = tmp_path / "runs"
-    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", *two_epochs)
+    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", *settings)
     assert code == 0 and "submitted as Slurm job" in out, out
     (run_dir,) = list((runs_dir / "store").iterdir())
     (job,) = job_ids(runs_dir)
 
-    def mid_epoch() -> bool:  # a few optimizer steps into the first epoch (7 steps of 32 images)
+    def mid_epoch() -> bool:  # a few optimizer steps into the first epoch
         return any(r["iteration"] >= 2 for r in io.read_jsonl(run_dir / "curve.jsonl"))
 
     wait_until(mid_epoch, what="training to start")
@@ -214,7 +217,7 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
     # slurmctld holds a requeued job back for 120 s; let it start now rather than wait that out
     wait_until(requeued_and_waiting, what="the job to requeue itself")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_cluster.env(), check=True)
-    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", "--wait", *two_epochs)
+    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", "--wait", *settings)
     assert code == 0 and "submitted as" not in out, out
 
     assert job_ids(runs_dir) == [job]  # the same job, requeued, not a new submission
@@ -222,9 +225,9 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
     assert "Restarts=1" in info.stdout, info.stdout
     log = Path(io.read_json(run_dir / "launch.json")["log"]).read_text()
     stop = [line for line in log.splitlines() if ": preempted (" in line]
-    assert len(stop) == 1 and "in epoch 1 before batch" in stop[0], log[-3000:]
+    assert len(stop) == 1 and "before batch" in stop[0], log[-3000:]
     batch = int(stop[0].split("before batch ")[1].split(")")[0].split()[0].rstrip(";"))
-    assert 1 < batch <= 7  # stopped inside the epoch, not at its start
+    assert 0 < batch < steps, stop[0]  # stopped inside an epoch, not at its start or end
     assert results(runs_dir) == results(tmp_path / "straight")
 
 
