@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,27 +40,39 @@ def _suggested(text: str) -> list[str]:
     return SUGGESTED.findall(" ".join(text.split()))
 
 
-def _message_strings(path: Path) -> list[str]:
-    """The string literals of a module that are not docstrings (f-strings with `{}` where values go)."""
-    tree = ast.parse(path.read_text())
+# Run in a fresh interpreter: late in a long test run, CPython 3.11's ast.parse can fail with "AST constructor
+# recursion depth mismatch" (it did, here and in the layout test).
+MESSAGE_STRINGS = """
+import ast, json, sys
+out = {}
+for path in sys.argv[1:]:
+    tree = ast.parse(open(path).read())
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
                   and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.JoinedStr):
-            out.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            out.append(node.value)
-    return out
+    out[path] = [("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+                  if isinstance(node, ast.JoinedStr) else node.value) for node in ast.walk(tree)
+                 if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                                                        and id(node) not in docstrings)]
+print(json.dumps(out))
+"""
+
+
+def message_strings(paths: list[Path]) -> dict[str, list[str]]:
+    """Each module's string literals that are not docstrings (f-strings with `{}` where values go)."""
+    out = subprocess.run([sys.executable, "-c", MESSAGE_STRINGS, *map(str, paths)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
 
 
 def test_every_command_written_in_the_code_parses(tmp_path):
     """Messages and help texts: a bare `repro <command>` names a command; one with arguments parses."""
     group = typer.main.get_command(app)
     found = []
-    for path in [*REPO.glob("repro/**/*.py"), *REPO.glob("data_prep/**/*.py")]:
-        for text in _message_strings(path):
+    paths = [*REPO.glob("repro/**/*.py"), *REPO.glob("data_prep/**/*.py")]
+    for texts in message_strings(paths).values():
+        for text in texts:
             found += [c for c in _suggested(text) if "{" not in c]  # the built ones are tested below
     assert len(found) >= 8
     for line in found:
@@ -71,7 +84,8 @@ def test_every_command_written_in_the_code_parses(tmp_path):
             parse(line, tmp_path)
 
 
-def test_each_scale_hint_parses_and_subset_names_the_real_source(tmp_path):
+def test_each_scale_hint_parses_and_subset_names_the_real_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the hints read a prepared folder's manifest: none of the scales' folders here
     sources = scale_sources()
     assert set(sources) == set(load_scales())
     for scale, (data, _) in sources.items():
