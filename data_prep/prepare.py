@@ -151,7 +151,7 @@ def _up_to_date(out: Path, source: str, root_str: str | None, settings: dict, op
     old = read_existing(out)
     if not old or opts.force or old.get("source") != source or old.get("root") != root_str \
             or old.get("settings") != settings or not _class_file_unchanged(opts.classes, old) \
-            or not (out / old.get("mean_image", {}).get("file", MEAN_IMAGE_FILE)).is_file():
+            or "mean_image" not in old or not (out / old["mean_image"].get("file", MEAN_IMAGE_FILE)).is_file():
         return None
     total = sum(s["count"] for s in old["splits"].values())
     return f"{out} is up to date ({total:,} images, hash {old.get('hash')}); use --force to rebuild"

@@ -10,7 +10,6 @@ changed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,11 @@ def _inputs(done) -> dict[str, str]:
 def _write(exp_dir: Path, data: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
     if arrays:
-        tmp = exp_dir / f"analysis.{os.getpid()}.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, exp_dir / "analysis.npz")
+        with io.atomic_path(exp_dir / "analysis.npz") as tmp, open(tmp, "wb") as f:  # a path would get ".npz" added
+            np.savez_compressed(f, **arrays)
         data["npz"] = "analysis.npz"
+    else:  # an older analysis' figures must not be shown beside this one
+        (exp_dir / "analysis.npz").unlink(missing_ok=True)
     io.write_json(exp_dir / "analysis.json", data)
 
 

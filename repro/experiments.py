@@ -32,13 +32,12 @@ from typing import Any
 
 from repro.claims import get_kind, kind_names
 from repro.config import RunConfig, apply_overrides, config_hash
+from repro.engine.record import METRICS
 from repro.errors import UserError
 from repro.hints import prepare_command
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 SCALES = ("smoke", "demo", "subset", "full")
-METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
-           "best_val_top1_err", "iters_to_target")
 PAPER_KEYS = set(METRICS) | {"speedup", "iters_ratio", "note"}
 REQUIRED = ("title", "section", "claim", "kind", "variants")
 OPTIONAL = ("control", "treatments", "metric", "compare", "reproduced_if", "paper", "base", "sweep", "scales", "judge",

@@ -8,12 +8,12 @@ has a manifest recording its source, root and settings, from which the exact com
 
 from __future__ import annotations
 
-import json
 import shlex
 import tomllib
 from pathlib import Path
 
 from data_prep.sources import DEFAULT_RES, DEFAULT_ROOTS
+from repro import io
 
 SCALES_FILE = Path(__file__).resolve().parent.parent / "experiments" / "_scales.toml"
 PLACEHOLDER = "..."  # a path the user fills in
@@ -63,10 +63,7 @@ def _from_manifest(manifest: dict) -> str | None:
 
 
 def _read_manifest(folder: Path | str) -> dict | None:
-    try:
-        manifest = json.loads((Path(folder) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
+    manifest = io.read_json(Path(folder) / "manifest.json")
     return manifest if isinstance(manifest, dict) else None
 
 

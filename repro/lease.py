@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from repro import io
+
 LEASE = ".lease"
 HEARTBEAT_S = float(os.environ.get("REPRO_LEASE_HEARTBEAT_S", "20"))
 STALE_AFTER_S = float(os.environ.get("REPRO_LEASE_STALE_S", "300"))
@@ -29,10 +31,7 @@ class LeaseLost(RuntimeError):
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    data = io.read_json(path)
     return data if isinstance(data, dict) else None
 
 
@@ -78,9 +77,7 @@ class Lease:
             self.lost = True
             raise LeaseLost(f"{self.path}: taken over by {current and current.get('host')}:{current and current.get('pid')}")
         self.owner["heartbeat"] = time.time()
-        tmp = self.path.with_name(f"{LEASE}.{self.owner['token']}.tmp")
-        tmp.write_text(json.dumps(self.owner))
-        os.replace(tmp, self.path)
+        io.write_json(self.path, self.owner)
 
     def release(self) -> None:
         self.stop()

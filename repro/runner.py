@@ -26,7 +26,7 @@ from repro.config import parse_set
 from repro.engine.record import finite
 from repro.errors import UserError
 from repro.launch import LaunchOptions
-from repro.launch.worker import BUSY, placement, train_claimed
+from repro.launch.worker import BUSY, REUSED, placement, train_claimed
 from repro.hints import prepare_command
 from repro.views import Column, cli_console, show
 from repro.experiments import (PlannedRun, get_experiment, load_registry, load_scales, manifest_facts, resolve,
@@ -34,7 +34,6 @@ from repro.experiments import (PlannedRun, get_experiment, load_registry, load_s
 
 # Rough images/s of one 2-core CPU per scale, used by --dry-run until this machine has finished a run.
 GUESS_IMAGES_PER_S = {"smoke": 1500.0, "demo": 2000.0, "subset": 40.0, "full": 10.0}
-REUSED = ("done", "diverged")
 WAIT_POLL_S = 2.0
 
 
@@ -275,7 +274,7 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
         counts[s] += 1
     console.print(f"{len(statuses)} runs in {time.time() - t0:.0f} s: "
                   + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; results under {runs_dir}")
-    return 1 if counts.get("failed") or counts.get("interrupted") else 0
+    return 1 if set(counts) - set(REUSED) else 0  # anything not done or diverged: failed, cancelled, preempted, ...
 
 
 LIST_COLUMNS = (Column("name"), Column("section"), Column("kind"),

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import re
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,15 +27,14 @@ import pandas as pd
 
 from repro import io, lease
 from repro.config import flatten, from_dict, to_dict
-from repro.engine.record import RESULT_FILE, STATUSES as RECORD_STATUSES, RunRecord
+from repro.engine.record import METRICS, RESULT_FILE, STATUSES as RECORD_STATUSES, RunRecord
 from repro.errors import UserError
 
 STATUSES = (*RECORD_STATUSES, "running", "pending", "stale")
 LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)$")
 BASE_COLUMNS = ["experiment", "variant", "seed", "scale", "status", "error", "run_dir", "config_hash",
                 "epochs_done", "iterations"]
-METRIC_COLUMNS = ["top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
-                  "best_val_top1_err", "iters_to_target"]
+METRIC_COLUMNS = list(METRICS)  # the record's final metrics, one column each
 PLACEMENT_KEYS = ("launcher", "host", "gpus", "slurm_job_id", "log", "tasks", "threads")
 
 
@@ -234,9 +234,9 @@ def load_analyses(runs_dir: Path | str) -> dict[str, dict[str, Any]]:
 
 
 def load_analysis_arrays(runs_dir: Path | str, experiment: str) -> dict[str, np.ndarray]:
-    """Figure data an analysis saved in `analysis.npz` (empty when there is none)."""
-    path = Path(runs_dir) / experiment / "analysis.npz"
-    if not path.exists():
+    """Figure data an analysis saved in `analysis.npz`, loaded without pickle (empty when absent or unreadable)."""
+    try:
+        with np.load(Path(runs_dir) / experiment / "analysis.npz", allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return {}
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

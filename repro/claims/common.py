@@ -45,15 +45,18 @@ def best_variant(rows: pd.DataFrame, members, metric: str) -> str:
     return min(members, key=lambda v: (scores[v], members.index(v)))
 
 
-def iters_below(curves: pd.DataFrame, variant: str, threshold: float, strict: bool = True) -> pd.Series:
-    """Per seed: the first curve iteration whose training error is below (not strict: at or below) `threshold`
+def first_below(curve: pd.DataFrame, threshold: float, strict: bool = True) -> float:
+    """The first iteration of one run's curve whose training error is below (not strict: at or below) `threshold`
     (NaN: never)."""
-    out = {}
+    err = pd.to_numeric(curve["train_top1_err"], errors="coerce")
+    hit = curve[err < threshold] if strict else curve[err <= threshold]
+    return float(hit["iteration"].iloc[0]) if len(hit) else math.nan
+
+
+def iters_below(curves: pd.DataFrame, variant: str, threshold: float, strict: bool = True) -> pd.Series:
+    """Per seed of `variant` in stacked curves: `first_below`."""
     sub = curves[curves["variant"] == variant] if len(curves) else curves
-    for seed, c in (sub.groupby("seed") if len(sub) else []):
-        err = pd.to_numeric(c["train_top1_err"], errors="coerce")
-        hit = c[err < threshold] if strict else c[err <= threshold]
-        out[seed] = float(hit["iteration"].iloc[0]) if len(hit) else math.nan
+    out = {seed: first_below(c, threshold, strict) for seed, c in (sub.groupby("seed") if len(sub) else [])}
     return pd.Series(out, dtype=float)
 
 

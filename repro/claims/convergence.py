@@ -16,15 +16,8 @@ import pandas as pd
 
 from repro import runs as store
 from repro.claims import verdicts as V
-from repro.claims.common import best_variant, by_seed, groups_of, iters_below, paper_numbers, stack
+from repro.claims.common import best_variant, by_seed, first_below, groups_of, iters_below, paper_numbers, stack
 from repro.claims.registry import Evidence, Kind, register_kind
-
-
-def first_reach(curve, threshold: float, strict: bool = True) -> float | None:
-    """First curve iteration whose training error is below (or, not strict, at) `threshold`, or None."""
-    err = curve.train_top1_err
-    hit = curve[err < threshold] if strict else curve[err <= threshold]
-    return float(hit.iteration.iloc[0]) if len(hit) else None
 
 
 def analyse(exp, done) -> tuple[dict[str, Any], dict]:
@@ -46,8 +39,8 @@ def analyse(exp, done) -> tuple[dict[str, Any], dict]:
             continue
 
         def mean_iters(th, strict=True):
-            its = [first_reach(c, th, strict) for _, c in seeds] if th is not None else [None]
-            return float(np.mean(its)) if all(i is not None for i in its) else None
+            its = [first_below(c, th, strict) for _, c in seeds] if th is not None else [math.nan]
+            return float(np.mean(its)) if all(math.isfinite(i) for i in its) else None
 
         variants[var] = {"group": group_of[var], "lr": exp.variants[var].get("train.lr"),
                          "iters_to_target": mean_iters(target), "iters_to_relative": mean_iters(relative, strict=False),
@@ -138,7 +131,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
     curves = stack(rows[rows["status"] == "done"], ev.runs_dir, "curve.jsonl") if ev.runs_dir is not None \
         else pd.DataFrame()
     if relative is not None and len(curves) and math.isfinite(float(relative)):
-        at_rel = {a: iters_below(curves, best[a], float(relative)) for a in best}
+        at_rel = {a: iters_below(curves, best[a], float(relative), strict=False) for a in best}  # as analyse
         rel = iteration_ratios(exp, rows, best, at_rel, inverse=inverse, paper=pnum,
                                what=f"{float(relative):.1f}% (dataset-relative)", metric="iters_to_target",
                                scale=scale, context=True)

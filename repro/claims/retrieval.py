@@ -111,7 +111,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
     feat, pix = per_query.get("feature_hits"), per_query.get("pixel_hits")
     if not k or not feat or not pix or len(feat) != len(pix):
         reason = f"retrieval analysis: {a['status']}" if "status" in a else "no per-query retrieval analysis " \
-                 "at this scale (run `repro run retrieval` again)"
+                 f"at this scale (run `repro run retrieval --scale {ev.scale}` again)"
         return [V.Comparison("feature neighbours - pixel neighbours", "label agreement difference", "points",
                              None, V.Interval(), "not run", reason)], {}
     feat = 100.0 * np.asarray(feat, dtype=float) / k

@@ -33,8 +33,6 @@ CONFIDENCE = 0.95
 DIRECTION_ONLY = ("smoke", "demo")  # scales at which only the direction of an effect is judged
 UNTESTABLE = "not testable on this data"
 
-VERDICTS = ("reproduced", "same direction, smaller", "same direction", "opposite", "inconclusive", "not run",
-            "not comparable", "not reproduced", "no paper number", UNTESTABLE)
 # weakest first: a claim with several treatments (layer removal) shows the weakest verdict of its headline rows
 WEAKEST_FIRST = ("not run", UNTESTABLE, "opposite", "inconclusive", "not reproduced", "not comparable",
                  "same direction, smaller", "same direction", "no paper number", "reproduced")

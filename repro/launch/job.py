@@ -50,8 +50,9 @@ def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
                 held.keep_alive()
             if go:
                 io.write_json(run_dir / "placement.json", where)
+        busy = parallel.any_true(rank == 0 and held is None)  # every rank learns what rank 0 found
         if parallel.any_true(not go):
-            return store.run_status(run_dir, check_lock=False) if held is not None else BUSY
+            return BUSY if busy else store.run_status(run_dir, check_lock=False)
         return fit_run(cfg, run_dir, progress=False, catch=False)
     finally:
         if held is not None:

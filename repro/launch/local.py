@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from repro import lease
 from repro import runs as store
 from repro.errors import UserError
-from repro.launch.worker import EXIT_BUSY
+from repro.launch.worker import EXIT_BUSY, devices
 
 POLL_S = 0.5
 
@@ -30,16 +30,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def devices() -> list[str]:
-    """The GPUs this process may hand out, by the names CUDA_VISIBLE_DEVICES uses."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [d.strip() for d in env.split(",") if d.strip()] if env else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _start(run_dir: Path, threads: int, gpu: str | None) -> subprocess.Popen:

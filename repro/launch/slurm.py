@@ -25,10 +25,10 @@ from repro import io, lease
 from repro import runs as store
 from repro.errors import UserError
 from repro.launch import LaunchOptions, time_minutes
+from repro.launch.worker import REUSED
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
-REUSED = ("done", "diverged")
 POLL_S = 1.0
 NO_VAL = 4294967294  # how scontrol prints "no task id" on an array's own record
 _FIELD_RE = re.compile(r"(\w+)=(\S*)")

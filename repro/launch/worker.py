@@ -26,14 +26,19 @@ EXIT_BUSY = 3
 REUSED = ("done", "diverged")
 
 
-def visible_gpus() -> str | None:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES or all that torch sees; None on a CPU."""
+def devices() -> list[str]:
+    """The GPUs this process may use or hand out, by the names CUDA_VISIBLE_DEVICES uses; none on a CPU."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
+        return []
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return env if env else ",".join(str(i) for i in range(torch.cuda.device_count()))
+    return [d.strip() for d in env.split(",") if d.strip()] if env else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def visible_gpus() -> str | None:
+    """`devices()` as one CUDA_VISIBLE_DEVICES value; None on a CPU."""
+    return ",".join(devices()) or None
 
 
 def placement(launcher: str, **extra: Any) -> dict[str, Any]:

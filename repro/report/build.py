@@ -19,8 +19,7 @@ from repro.claims import verdicts as V
 from repro.errors import UserError
 from repro.experiments import load_registry
 from repro.report import figures, sections, tables
-from repro.report.gather import load_npz
-from repro.runs import collect, load_analyses
+from repro.runs import collect, load_analyses, load_analysis_arrays
 
 NO_RUNS = "no runs under {runs}/; run `repro run all --scale demo` first"
 
@@ -60,7 +59,7 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
         results.append(r)
         claim_sections.append(dict(
             r=r, scales=sections.scale_rows(r),
-            figures=sections.claim_figures(r, runs_dir, analysis, load_npz(runs_dir / name / "analysis.npz")),
+            figures=sections.claim_figures(r, runs_dir, analysis, load_analysis_arrays(runs_dir, name)),
             facts=sections.facts(exp, r, runs_dir), context=list(exp.context),
             provenance=tables.provenance(r.runs, runs_dir),
             analysis=json.dumps(analysis, indent=1, sort_keys=True, default=str)[:4000] if analysis else ""))

@@ -16,7 +16,6 @@ from repro.claims import verdicts as V
 from repro.claims.common import stack
 from repro.claims.facts import lrn_strength, parameter_counts
 from repro.report import figures
-from repro.report.gather import pick
 
 DASH = "\u2014"
 
@@ -147,16 +146,16 @@ def claim_figures(r: ClaimResult, runs_dir: Path, analysis: dict | None, npz: di
     elif figure == "learning-curves":
         out = _learning_curves(r, rows, runs_dir)
     elif figure == "filters" and npz:
-        towers = [pick(npz, "tower1", "conv1_tower1"), pick(npz, "tower2", "conv1_tower2")]
+        towers = [npz.get("tower1"), npz.get("tower2")]
         runs = (analysis or {}).get("runs") or [{}]
         out = dict(title="Figure 3", src=figures.filters_grid(towers, list(runs[0].get("towers") or [])),
                    caption="conv1 kernels of the first analysed run, by tower, each scaled to its own range; "
                            "score: colour-specificity (0 = grey, 1 = one colour).")
     elif figure == "retrieval" and npz:
-        q, nb = pick(npz, "query_images"), pick(npz, "neighbor_images", "neighbour_images")
+        q, nb = npz.get("query_images"), npz.get("neighbour_images")
         if q is not None and nb is not None:
             out = dict(title="Figure 4", src=figures.retrieval_grid(
-                q, nb, pick(npz, "query_labels"), pick(npz, "neighbor_labels", "neighbour_labels"),
+                q, nb, npz.get("query_labels"), npz.get("neighbour_labels"),
                 class_names(r.runs)), caption="Nearest training images by Euclidean distance of the last hidden "
                                               "layer.")
     return [out] if out and out["src"] else []
