@@ -7,7 +7,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SYSTEM_PACKAGES := pkg-config g++ libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+SYSTEM_PACKAGES := python3-venv python3-dev pkg-config g++ libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 TEST_PACKAGES   := chromium slurm-wlm munge
 
 .PHONY: demo test install system-packages test-packages bench clean-venv

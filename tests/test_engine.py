@@ -18,6 +18,7 @@ import engine_support as sup
 from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import train as train_mod
+from repro.engine.scoring import topk_errors
 
 
 @pytest.fixture(autouse=True)
@@ -312,3 +313,11 @@ def test_extract_features_is_the_last_hidden_layer_in_loader_order():
     assert feats.shape == (9, model.features_dim)
     torch.testing.assert_close(feats, expected)
     assert torch.equal(got, labels)
+
+
+def test_topk_errors_by_hand():
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.35, 0.05, 0.0], [0.5, 0.01, 0.1, 0.12, 0.13, 0.14]])
+    top1, top5 = topk_errors(scores, torch.tensor([3, 1]))  # row 0 right; row 1's class ranks 6th of 6
+    assert top1 == pytest.approx(50.0) and top5 == pytest.approx(50.0)
+    top1, top5 = topk_errors(scores, torch.tensor([4, 2]))  # both rank 5th: top-1 wrong, top-5 right
+    assert top1 == pytest.approx(100.0) and top5 == pytest.approx(0.0)

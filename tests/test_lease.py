@@ -71,12 +71,11 @@ def test_keep_alive_beats_on_a_thread(tmp_path):
     assert lease.holder(tmp_path) is None
 
 
-def _race(run_dir: str, start: float, out) -> None:
-    while time.time() < start:
-        pass
+def _race(run_dir: str, ready, done, out) -> None:
+    ready.wait()  # every process is up before anyone claims: they really race
     got = lease.claim(Path(run_dir), stale_after=60)
     out.put(got is not None)
-    time.sleep(0.5)  # hold it while the others try
+    done.wait(120)  # the winner stays alive (and holds the lease) until every claim is counted
 
 
 @pytest.mark.parametrize("stale", [False, True])
@@ -84,12 +83,12 @@ def test_racing_processes_one_wins(tmp_path, stale):
     if stale:  # everyone sees the same stale lease and tries to take it over
         _write_lease(tmp_path, heartbeat=time.time() - 600)
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start = time.time() + 1.5
-    procs = [ctx.Process(target=_race, args=(str(tmp_path), start, out)) for _ in range(6)]
+    out, ready, done = ctx.Queue(), ctx.Barrier(6), ctx.Event()
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), ready, done, out)) for _ in range(6)]
     for p in procs:
         p.start()
-    wins = [out.get(timeout=60) for _ in procs]
+    wins = [out.get(timeout=120) for _ in procs]
+    done.set()
     for p in procs:
         p.join()
     assert sum(wins) == 1

@@ -19,13 +19,12 @@ from repro.data import make_loaders, pick_backend
 from repro.data.crops import crop_window, draw_words, flip_bit
 from repro.data.nvjpeg_loader import crop_boxes, gather_crops
 
-pytest.importorskip("ffcv")  # the betons are written with FFCV's writer
-
 JPEG_MEAN_TOL, JPEG_MAX_TOL = 1.5, 8.0
 CROP = 56
 
 
 def prepare_small(folder, write_mode: str):
+    pytest.importorskip("ffcv")  # the betons are written with FFCV's writer
     from data_prep.prepare import PrepareOptions, prepare
 
     prepare("synthetic", None, folder, PrepareOptions(res=64, classes="4", train_per_class=12, val_per_class=4,
@@ -115,10 +114,13 @@ def test_auto_picks_nvjpeg_on_cuda_only():
 def test_stopping_early_ends_the_reader_thread(jpg_dir):
     import threading
 
+    def reading() -> bool:
+        return any(t.name == "nvjpeg-reader" and t.is_alive() for t in threading.enumerate())
+
     ld = loaders(jpg_dir, "nvjpeg")
     for _ in zip(range(1), ld.train):
-        pass
-    assert not any(t.name == "nvjpeg-reader" and t.is_alive() for t in threading.enumerate())
+        assert reading()  # 6 batches, one taken: the reader is still at work
+    assert not reading()
 
 
 def test_fit_records_the_backend_and_scores_ten_crops(tmp_path, jpg_dir):
