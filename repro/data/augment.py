@@ -21,10 +21,12 @@ def subtract_mean_image(images: torch.Tensor, mean_image: torch.Tensor, boxes: t
     `mean_image` (C, H, W), resized to out_size x out_size when the window is of another size, and mirrored left to
     right where `flips[i]`: the same crop and flip as the image's. Any device; boxes and flips (N,) may be on any.
     """
+    # decided where the boxes are (the loaders draw them on the host): no device-to-host sync per batch
+    same_size = bool(((boxes[:, 2] == out_size) & (boxes[:, 3] == out_size)).all())
     mean = mean_image.to(device=images.device, dtype=images.dtype)
     boxes = boxes.to(images.device, torch.long)
     flips = flips.to(images.device, torch.bool)
-    if bool(((boxes[:, 2] == out_size) & (boxes[:, 3] == out_size)).all()):  # one gather for the whole batch
+    if same_size:  # one gather for the whole batch
         ar = torch.arange(out_size, device=images.device)
         rows = boxes[:, :1] + ar
         cols = boxes[:, 1:2] + torch.where(flips[:, None], ar.flip(0), ar)

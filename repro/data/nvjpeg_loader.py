@@ -120,7 +120,7 @@ class NvjpegBatches:
         if heights is None:
             return subtract_loader_mean(images, self.mean_image, None, self.crop)
         windows = mean_image_crops(ids.astype(np.uint64), heights, widths, self.crop, self.res, self.flip)
-        return subtract_loader_mean(images, self.mean_image, torch.from_numpy(windows).to(self.device), self.crop)
+        return subtract_loader_mean(images, self.mean_image, torch.from_numpy(windows), self.crop)
 
     def _eval(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and self.fixed_size:
