@@ -3,8 +3,8 @@
 What an analysis computes is its kind's (repro.claims.<kind>.analyse): the ensemble's averaged softmax, the
 convergence speed-ups, conv1's colour specificity, nearest-neighbour retrieval, ten-crop scoring of the trained
 weights. This module runs it on the experiment's finished runs under a lock and writes
-`runs/<experiment>/analysis.json` (numbers; `repro.runs.load_analyses` reads them) and, for figures,
-`analysis.npz` (arrays). An analysis is skipped when its inputs (the runs' config hashes and finish times) have not
+`runs/<experiment>/analysis-<scale>.json` (numbers; `repro.runs.load_analyses` reads them) and, for figures,
+`analysis-<scale>.npz` (arrays). An analysis is skipped when its inputs (the runs' config hashes and finish times) have not
 changed.
 """
 
@@ -37,15 +37,16 @@ def _inputs(done) -> dict[str, str]:
             for r, _, res in done}
 
 
-def _write(exp_dir: Path, data: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+def _write(exp_dir: Path, scale: str | None, data: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
+    json_path, npz_path = store.analysis_paths(exp_dir, scale)
     if arrays:
-        with io.atomic_path(exp_dir / "analysis.npz") as tmp, open(tmp, "wb") as f:  # a path would get ".npz" added
+        with io.atomic_path(npz_path) as tmp, open(tmp, "wb") as f:  # a path would get ".npz" added
             np.savez_compressed(f, **arrays)
-        data["npz"] = "analysis.npz"
+        data["npz"] = npz_path.name
     else:  # an older analysis' figures must not be shown beside this one
-        (exp_dir / "analysis.npz").unlink(missing_ok=True)
-    io.write_json(exp_dir / "analysis.json", data)
+        npz_path.unlink(missing_ok=True)
+    io.write_json(json_path, data)
 
 
 def analyse(exp: Experiment, runs: list[PlannedRun], runs_dir: Path) -> str | None:
@@ -57,14 +58,14 @@ def analyse(exp: Experiment, runs: list[PlannedRun], runs_dir: Path) -> str | No
     exp_dir.mkdir(parents=True, exist_ok=True)
     done = finished(runs, Path(runs_dir))
     inputs = _inputs(done)
+    scale = runs[0].scale if runs else None  # one analysis per scale: each scale is evidence of its own
     with store.run_lock(exp_dir, wait=True):  # two processes never write one analysis
-        old = io.read_json(exp_dir / "analysis.json") or {}
+        old = io.read_json(store.analysis_paths(exp_dir, scale)[0]) or {}
         if old.get("inputs") == inputs and old.get("kind") == exp.kind:
             return None
         data, arrays = kind.analyse(exp, done)
-        data.update({"kind": exp.kind, "experiment": exp.name, "inputs": inputs,
-                     "scale": runs[0].scale if runs else None})
-        _write(exp_dir, data, arrays)
+        data.update({"kind": exp.kind, "experiment": exp.name, "inputs": inputs, "scale": scale})
+        _write(exp_dir, scale, data, arrays)
     return summary_line(exp.kind, data)
 
 

@@ -3,7 +3,7 @@
 Layout under a runs folder:
     store/<config_hash>/                         the real run directory (engine files + planned.json + .lock)
     <experiment>/<variant>/seed<k>-<hash>        -> ../../store/<hash>  (relative symlink)
-    <experiment>/analysis.json, analysis.npz     post-training analyses
+    <experiment>/analysis-<scale>.json, .npz     post-training analyses, one per scale
 A run shared by several experiments (the baseline) therefore exists, and is trained, once. A lease file
 (`store/<hash>/.lease`, see repro.lease) keeps two processes, also on two hosts over a shared filesystem, off one
 run; `fcntl.flock` on `store/<hash>/.lock` adds a fast path on one machine. A live lease or a held lock is how
@@ -221,22 +221,28 @@ def load_metrics(run_dir: Path | str) -> pd.DataFrame:
                                                          "seconds"])
 
 
-def load_analyses(runs_dir: Path | str) -> dict[str, dict[str, Any]]:
-    """`{experiment: analysis.json}` for every experiment that has one."""
-    out = {}
+def analysis_paths(exp_dir: Path, scale: str | None) -> tuple[Path, Path]:
+    """The JSON (numbers) and npz (figure arrays) of an experiment's analysis at one scale."""
+    stem = f"analysis-{scale}" if scale else "analysis"
+    return exp_dir / f"{stem}.json", exp_dir / f"{stem}.npz"
+
+
+def load_analyses(runs_dir: Path | str) -> dict[str, dict[str, dict[str, Any]]]:
+    """`{experiment: {scale: analysis}}` for every analysis under `runs_dir`."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     runs_dir = Path(runs_dir)
     if runs_dir.is_dir():
-        for path in sorted(runs_dir.glob("*/analysis.json")):
+        for path in sorted(runs_dir.glob("*/analysis*.json")):
             data = io.read_json(path)
             if isinstance(data, dict):
-                out[path.parent.name] = data
+                out.setdefault(path.parent.name, {})[str(data.get("scale"))] = data
     return out
 
 
-def load_analysis_arrays(runs_dir: Path | str, experiment: str) -> dict[str, np.ndarray]:
-    """Figure data an analysis saved in `analysis.npz`, loaded without pickle (empty when absent or unreadable)."""
+def load_analysis_arrays(runs_dir: Path | str, experiment: str, scale: str | None = None) -> dict[str, np.ndarray]:
+    """Figure data an analysis saved beside its JSON, loaded without pickle (empty when absent or unreadable)."""
     try:
-        with np.load(Path(runs_dir) / experiment / "analysis.npz", allow_pickle=False) as z:
+        with np.load(analysis_paths(Path(runs_dir) / experiment, scale)[1], allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return {}

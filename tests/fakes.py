@@ -15,6 +15,7 @@ import numpy as np
 
 from repro.config import RunConfig, apply_overrides, config_hash, to_dict
 from repro.engine.record import RunRecord
+from repro.runs import analysis_paths
 
 
 def make_run(runs: Path, experiment: str, variant: str, seed: int, *, scale: str = "smoke",
@@ -110,9 +111,10 @@ def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: in
 def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None = None) -> None:
     d = runs / experiment
     d.mkdir(parents=True, exist_ok=True)
-    (d / "analysis.json").write_text(json.dumps(data))
+    json_path, npz_path = analysis_paths(d, data.get("scale"))
+    json_path.write_text(json.dumps(data))
     if arrays:
-        np.savez(d / "analysis.npz", **arrays)
+        np.savez(npz_path, **arrays)
 
 
 def digest(path: Path) -> str:

@@ -137,6 +137,14 @@ def test_ten_crop_and_ensemble_effects():
     assert judge_claim(ens, df, None).verdict == "not run"
     status_only = judge_claim(ens, df, {"scale": "subset", "status": "needs at least 2 done members", "members": 1})
     assert status_only.verdict == "not run" and "needs at least 2" in status_only.comparisons[0].reason
+    # one analysis per scale: a demo analysis beside the subset one is judged at demo, and leaves subset's alone
+    demo = {**analysis, "scale": "demo", "ensemble": {"top1_err": 31.0}}
+    both = judge_claim(ens, pd.concat([df.assign(experiment="ensemble"), df.assign(experiment="ensemble",
+                                                                                   scale="demo")]), [analysis, demo])
+    by_scale = {sr.scale: sr for sr in both.scales}
+    assert set(by_scale) == {"demo", "subset"} and both.summary.scale == "subset"
+    assert by_scale["subset"].comparisons[0].values == c.values
+    assert by_scale["demo"].comparisons[0].values == {0: 1.0, 1: 2.0, 2: pytest.approx(1.4)}
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +267,8 @@ def test_hostile_names_notes_and_class_names_are_escaped(tmp_path):
                      overrides={"data.dir": str(data)})
         make_run(runs, "retrieval-evil", "baseline", s, scale="demo", metrics={"top1_err": 30.0},
                  overrides={"data.dir": str(data)}, error=HOSTILE)
-    write_analysis(runs, "retrieval-evil", {"k": 2, "queries": 2, "feature_agreement": 1.0, "note": HOSTILE},
+    write_analysis(runs, "retrieval-evil", {"scale": "demo", "k": 2, "queries": 2, "feature_agreement": 1.0,
+                                            "note": HOSTILE},
                    {"query_images": np.zeros((2, 8, 8, 3), np.uint8),
                     "neighbour_images": np.zeros((2, 2, 8, 8, 3), np.uint8),
                     "query_labels": np.array([0, 1]), "neighbour_labels": np.array([[0, 1], [1, 1]])})

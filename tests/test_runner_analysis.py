@@ -92,10 +92,10 @@ def test_analyse_writes_once_and_skips_when_inputs_are_unchanged(tmp_path, monke
     planned = [r for r, _, _ in done]
     line = analysis.analyse(e, planned, tmp_path)
     assert "speed-up" in line
-    data = json.loads((tmp_path / e.name / "analysis.json").read_text())
+    data = json.loads(runs.analysis_paths(tmp_path / e.name, planned[0].scale)[0].read_text())
     assert data["kind"] == "convergence" and len(data["inputs"]) == 6
     assert analysis.analyse(e, planned, tmp_path) is None  # up to date
-    assert runs.load_analyses(tmp_path)[e.name]["best"]["relu"] == "relu-lr0.02"
+    assert runs.load_analyses(tmp_path)[e.name][str(planned[0].scale)]["best"]["relu"] == "relu-lr0.02"
     assert analysis.analyse(ex.load_registry()["ablation-lrn"], planned, tmp_path) is None  # no analysis kind
 
 

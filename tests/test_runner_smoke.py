@@ -46,7 +46,7 @@ def test_every_experiment_runs_at_smoke_scale(smoke_runs):
 
 def test_analyses_hold_their_numbers(smoke_runs, synthetic_data):
     runs_dir, _ = smoke_runs
-    an = runs.load_analyses(runs_dir)
+    an = {name: by_scale["smoke"] for name, by_scale in runs.load_analyses(runs_dir).items()}
     assert {"ensemble", "relu-vs-tanh", "first-layer-filters", "retrieval"} <= set(an)
     # ensemble members scored from their float16 logits agree with the engine's own top-1 (to one image)
     df = runs.collect(runs_dir)
@@ -57,11 +57,11 @@ def test_analyses_hold_their_numbers(smoke_runs, synthetic_data):
     assert an["ensemble"]["n_members"] == 2
     f = an["first-layer-filters"]
     assert len(f["mean_per_tower"]) == 2 and all(0 <= x <= 1 for x in f["mean_per_tower"])
-    arrays = runs.load_analysis_arrays(runs_dir, "first-layer-filters")
+    arrays = runs.load_analysis_arrays(runs_dir, "first-layer-filters", "smoke")
     assert arrays["tower1"].shape[1] == 3 and arrays["tower1"].shape == arrays["tower2"].shape
     r = an["retrieval"]
     assert 0 <= r["feature_agreement"] <= 1 and 0 <= r["pixel_agreement"] <= 1
-    thumbs = runs.load_analysis_arrays(runs_dir, "retrieval")
+    thumbs = runs.load_analysis_arrays(runs_dir, "retrieval", "smoke")
     assert thumbs["query_images"].dtype == np.uint8 and thumbs["neighbour_images"].shape[1] == r["k"]
     assert len(r["per_query"]["feature_hits"]) == r["queries"] == len(r["per_query"]["pixel_hits"])
     assert np.mean(r["per_query"]["feature_hits"]) / r["k"] == pytest.approx(r["feature_agreement"])

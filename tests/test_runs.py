@@ -158,13 +158,16 @@ def test_load_curves_skips_a_line_cut_by_a_kill(tmp_path):
 
 def test_load_analyses_and_arrays(tmp_path):
     (tmp_path / "ensemble").mkdir(parents=True)
-    io.write_json(tmp_path / "ensemble" / "analysis.json", {"kind": "ensemble", "n_members": 2})
+    demo = {"kind": "ensemble", "n_members": 2, "scale": "demo"}
+    io.write_json(tmp_path / "ensemble" / "analysis-demo.json", demo)
+    io.write_json(tmp_path / "ensemble" / "analysis-smoke.json", {**demo, "scale": "smoke"})  # one per scale
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "analysis.json").write_text("{nope")
-    np.savez(tmp_path / "ensemble" / "analysis.npz", a=np.arange(3))
-    assert runs.load_analyses(tmp_path) == {"ensemble": {"kind": "ensemble", "n_members": 2}}
-    assert runs.load_analysis_arrays(tmp_path, "ensemble")["a"].tolist() == [0, 1, 2]
-    assert runs.load_analysis_arrays(tmp_path, "broken") == {}
+    (tmp_path / "broken" / "analysis-demo.json").write_text("{nope")
+    np.savez(tmp_path / "ensemble" / "analysis-demo.npz", a=np.arange(3))
+    assert runs.load_analyses(tmp_path) == {"ensemble": {"demo": demo, "smoke": {**demo, "scale": "smoke"}}}
+    assert runs.load_analysis_arrays(tmp_path, "ensemble", "demo")["a"].tolist() == [0, 1, 2]
+    assert runs.load_analysis_arrays(tmp_path, "ensemble", "smoke") == {}
+    assert runs.load_analysis_arrays(tmp_path, "broken", "demo") == {}
 
 
 def test_two_processes_writing_one_json_file_never_collide(tmp_path):

@@ -75,7 +75,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
         iv.paired, iv.method = True, "over members (ensemble fixed)"
         verdict, reason = V.signed_verdict(paper.get(m), iv, ev.scale)
         if not analysis:
-            verdict, reason = "not run", "no ensemble analysis at this scale (runs/<experiment>/analysis.json)"
+            verdict, reason = "not run", "no ensemble analysis at this scale (runs/<experiment>/analysis-<scale>.json)"
         elif "status" in analysis and not d:
             verdict, reason = "not run", f"ensemble analysis: {analysis['status']}"
         comps.append(V.Comparison(f"ensemble of {len(members)} - one member", m, "points", paper.get(m), iv,

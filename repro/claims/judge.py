@@ -115,18 +115,19 @@ def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs
                        {str(k): int(v) for k, v in counts.items()}, best, V.data_caveat(scale, data), data)
 
 
-def judge_claim(exp, df: pd.DataFrame, analysis: dict | None = None, runs_dir=None) -> ClaimResult:
-    """Judge `exp` from the run table `df` (all experiments) and its analysis.json, at every scale with runs."""
+def judge_claim(exp, df: pd.DataFrame, analysis: dict | list | None = None, runs_dir=None) -> ClaimResult:
+    """Judge `exp` from the run table `df` (all experiments) and its analyses (one dict, or one per scale, each
+    with its "scale"), at every scale with runs or an analysis."""
     all_rows = df[df["experiment"] == exp.name] if "experiment" in df else df.iloc[0:0]
     present = set(all_rows["scale"].dropna().astype(str)) if "scale" in all_rows else set()
-    if analysis and analysis.get("scale"):
-        present.add(str(analysis["scale"]))
+    analyses = analysis if isinstance(analysis, list) else [analysis] if analysis else []
+    by_scale = {str(a["scale"]): a for a in analyses if a.get("scale")}
+    present |= set(by_scale)
     scales = [s for s in SCALE_ORDER if s in present] + sorted(present - set(SCALE_ORDER))
     results = []
     for s in scales:
         rows = all_rows[all_rows["scale"].astype(str) == s] if "scale" in all_rows else all_rows
-        results.append(judge_scale(exp, s, rows, analysis if (analysis or {}).get("scale") == s else None,
-                                   runs_dir))
+        results.append(judge_scale(exp, s, rows, by_scale.get(s), runs_dir))
     return ClaimResult(
         name=exp.name, title=exp.title, section=exp.section, claim=exp.claim, kind=exp.kind, scales=results,
         summary=summary_scale(results), note=str((exp.paper or {}).get("note", "")),

@@ -54,12 +54,15 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
     results, claim_sections = [], []
     for name in page_order(registry):
         exp = registry[name]
-        analysis = analyses.get(name)
-        r = judge_claim(exp, df, analysis, runs_dir)
+        by_scale = analyses.get(name, {})
+        r = judge_claim(exp, df, list(by_scale.values()), runs_dir)
         results.append(r)
+        # figures and the raw analysis: those of the summary's scale, else of any analysed scale
+        shown = r.summary.scale if r.summary and r.summary.scale in by_scale else next(iter(by_scale), None)
+        analysis = by_scale.get(shown) if shown else None
         claim_sections.append(dict(
             r=r, scales=sections.scale_rows(r),
-            figures=sections.claim_figures(r, runs_dir, analysis, load_analysis_arrays(runs_dir, name)),
+            figures=sections.claim_figures(r, runs_dir, analysis, load_analysis_arrays(runs_dir, name, shown)),
             facts=sections.facts(exp, r, runs_dir), context=list(exp.context),
             provenance=tables.provenance(r.runs, runs_dir),
             analysis=json.dumps(analysis, indent=1, sort_keys=True, default=str)[:4000] if analysis else ""))
