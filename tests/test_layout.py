@@ -107,6 +107,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def stage_of(module: str) -> int | None:
+    """The module's stage; None for the shared modules (every stage may read them)."""
+    if module in SHARED:
+        return None
     for i, prefixes in enumerate(STAGES):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return i
