@@ -164,7 +164,7 @@ def test_sigusr2_in_a_child_process_preempts_and_the_run_continues(tmp_path):
         torch.set_num_threads(1)
         straight = fit(sup.tiny_config(**{"train.epochs": 4}), tmp_path / "a", progress=False)
     run_dir = tmp_path / "b"
-    args = json.dumps({"train.epochs": 4, "_sleep": 0.05})
+    args = json.dumps({"train.epochs": 4, "_sleep": 0.2})
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 60
