@@ -80,3 +80,21 @@ def test_float32_matches_float64_by_hand(activations):
     out = run(LRN(alpha_mode="paper", towers=2), activations.astype(np.float32))
     halves = [lrn_by_hand(h, 5, 1e-4, 0.75, 2.0) for h in np.split(activations, 2, axis=1)]
     np.testing.assert_allclose(out, np.concatenate(halves, axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_hand_written_gradient_matches_finite_differences(towers):
+    # LRN's backward is written out (one power per step instead of two); check it against numerical derivatives,
+    # with values large enough that the alpha term matters
+    x = (torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 60)
+    x = x.requires_grad_(True)
+    assert torch.autograd.gradcheck(LRN(alpha_mode="paper", towers=towers), (x,), eps=1e-4, atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_in_channels_last_equals_contiguous(activations):
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.from_numpy(activations).contiguous(memory_format=layout).requires_grad_(True)
+        LRN(alpha_mode="paper", towers=2)(x).pow(2).sum().backward()
+        grads.append(x.grad.numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12)
