@@ -217,7 +217,8 @@ def _manifest(data: SourceData, source: str, root_str: str | None, settings: dic
         skipped += [{"path": split.paths[i], "split": name, "reason": r} for i, r in results[name]["skipped"]]
         split_info[name] = {"file": f"{name}.beton", "count": int(len(index)),
                             "per_class": np.bincount(split.labels[index], minlength=len(keep)).tolist(),
-                            "sha256": sha256_file(tmp[name]), "bytes": tmp[name].stat().st_size}
+                            "content": results[name]["content"], "sha256": sha256_file(tmp[name]),
+                            "bytes": tmp[name].stat().st_size}
     train, res = results["train"], settings["res"]
     return {
         "format": FORMAT, "source": source, "root": root_str, "settings": settings,
@@ -238,7 +239,8 @@ def _manifest(data: SourceData, source: str, root_str: str | None, settings: dic
         "tool_version": __version__,
         "seconds": round(time.time() - start, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "hash": content_hash([split_info["train"]["sha256"], split_info["val"]["sha256"]], settings),
+        # the images and labels in order, not the files: FFCV's workers lay pages out in whatever order they finish
+        "hash": content_hash([split_info["train"]["content"], split_info["val"]["content"]], settings),
     }
 
 

@@ -8,9 +8,11 @@ flagged, the split is written a second time without them, so the common case dec
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import os
 import signal
+import zlib
 from multiprocessing import Process, Queue, RawArray, Value
 from time import sleep
 
@@ -52,6 +54,9 @@ class SplitDataset:
         self.status = np.frombuffer(RawArray(ctypes.c_int8, max(n, 1)), dtype=np.int8)
         # why it failed, as a code into REASONS: workers cannot cheaply send strings back
         self.reason_codes = np.frombuffer(RawArray(ctypes.c_int16, max(n, 1)), dtype=np.int16)
+        # crc32 of each stored image (pixels, then shape): the data's identity, whatever page layout the workers
+        # happened to give the beton file
+        self.digests = np.frombuffer(RawArray(ctypes.c_uint32, max(n, 1)), dtype=np.uint32)
         # slot[i] >= 0: row of `sums` where image i's pixel sums go (sum RGB, sum of RGB outer products, count)
         self.slot = stat_slots
         self.sums = np.frombuffer(RawArray(ctypes.c_double, max(1, int((stat_slots >= 0).sum())) * 13),
@@ -94,6 +99,7 @@ class SplitDataset:
             self.status[i] = FAILED
             self.reason_codes[i] = REASONS.get(str(e), OTHER)
             return np.zeros((8, 8, 3), np.uint8), label
+        self.digests[i] = zlib.crc32(np.asarray(img.shape, np.uint32), zlib.crc32(np.ascontiguousarray(img)))
         if self.slot[i] >= 0:
             self.sums[self.slot[i]] = pixel_sums(img)
             self._add_to_mean(img)
@@ -218,4 +224,12 @@ def write_split(path: str, split: Split, *, res: int, max_side: bool, write_mode
     sums = dataset.sums[used[used >= 0]].sum(0) if stats else None
     mean_image = (dataset.mean_sums.sum(0, dtype=np.float64) / max(stat_images, 1)).astype(np.float32) \
         if stats else None
-    return {"index": order, "skipped": skipped, "sums": sums, "stat_images": stat_images, "mean_image": mean_image}
+    return {"index": order, "skipped": skipped, "sums": sums, "stat_images": stat_images, "mean_image": mean_image,
+            "content": content_digest(dataset.digests[order], split.labels[order])}
+
+
+def content_digest(digests: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of (image crc32, label) at each position of the beton, in order: two writes of the same images in the
+    same order agree, though FFCV's workers lay pages out in whatever order they finish (the files then differ)."""
+    table = np.stack([np.asarray(digests, np.uint32).astype("<u8"), np.asarray(labels).astype("<u8")], axis=1)
+    return hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest()
