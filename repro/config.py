@@ -92,6 +92,9 @@ class TrainConfig:
     max_iters: int = _f(0, help="stop after this many iterations; 0 = run all epochs")
     target_train_err: float = _f(25.0, help="record the first iteration where train top-1 error falls below this")
     log_every: int = _f(20, help="iterations between points of the training curve")
+    eval_every: int = _f(1, valid=(lambda n: n >= 1, "must be at least 1"),
+                         help="score on the validation set after every N-th epoch and after the last; "
+                              "N > 1 needs a schedule that does not read validation error (not plateau)")
     seed: int = _f(0)
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = _f(True, hash=False)

@@ -88,12 +88,16 @@ class Lease:
             except FileNotFoundError:
                 pass
 
-    def keep_alive(self, interval: float = HEARTBEAT_S) -> "Lease":
+    def keep_alive(self, interval: float = HEARTBEAT_S, on_lost=None) -> "Lease":
+        """Refresh the heartbeat every `interval` s on a thread; call `on_lost()` (once) if the lease was taken
+        over, so that the training loop stops before it writes into a folder that is no longer its own."""
         def beat():
             while not self._stop.wait(interval):
                 try:
                     self.refresh()
                 except LeaseLost:
+                    if on_lost is not None:
+                        on_lost()
                     return
                 except OSError:
                     continue  # a hiccup of the shared filesystem; the next beat tries again

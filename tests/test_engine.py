@@ -4,6 +4,7 @@ checkpoint fall-back, lr schedules, and ten-crop scoring against a hand computat
 from __future__ import annotations
 
 import json
+import time
 import logging
 import math
 import subprocess
@@ -18,6 +19,7 @@ import engine_support as sup
 from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import train as train_mod
+from repro.engine.recipe import autocast_dtype
 from repro.engine.scoring import topk_errors
 
 
@@ -32,7 +34,7 @@ def read_jsonl(path):
 
 
 def without_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait_s")} for r in rows]
 
 
 def interrupt_after_saves(monkeypatch, n):
@@ -62,7 +64,8 @@ def test_fit_writes_the_run_files_and_record(tmp_path):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["iteration"] for r in rows] == [4, 8, 12]
     assert set(rows[0]) == {"epoch", "iteration", "train_loss", "train_top1_err", "val_top1_err", "val_top5_err",
-                            "lr", "images_per_s", "seconds"}
+                            "lr", "images_per_s", "seconds", "data_wait_s"}
+    assert all(0 <= r["data_wait_s"] <= r["seconds"] for r in rows)
     curve = read_jsonl(tmp_path / "curve.jsonl")
     assert [c["iteration"] for c in curve] == [3, 6, 9, 12]
     first_below = next((c["iteration"] for c in curve if c["train_top1_err"] < 60.0), None)
@@ -194,6 +197,35 @@ def test_other_errors_are_recorded_as_failed_and_raised(tmp_path, monkeypatch):
     assert result["status"] == "failed" and result["error"] == "RuntimeError: disk on fire second line"
 
 
+def test_time_waiting_for_the_loader_is_measured(tmp_path, monkeypatch):
+    # a loader that takes 50 ms per batch: the loop waits at least that long for each of its 4 batches an epoch
+    real = train_mod.make_loaders
+
+    class Slow:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            for batch in self.batches:
+                time.sleep(0.05)
+                yield batch
+
+        def __getattr__(self, name):
+            return getattr(self.batches, name)
+
+    def slow_loaders(*a, **k):
+        loaders = real(*a, **k)
+        loaders.train = Slow(loaders.train)
+        return loaders
+
+    monkeypatch.setattr(train_mod, "make_loaders", slow_loaders)
+    result = fit(sup.tiny_config(**{"train.epochs": 2}), tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(0.2 <= r["data_wait_s"] <= r["seconds"] for r in rows)
+    total = sum(r["seconds"] for r in rows)
+    assert result.provenance["data_wait_fraction"] == pytest.approx(sum(r["data_wait_s"] for r in rows) / total)
+
+
 def test_progress_bar_runs(tmp_path, capsys):
     fit(sup.tiny_config(**{"train.epochs": 1}), tmp_path, progress=True)
     assert "img/s" in capsys.readouterr().out
@@ -287,8 +319,8 @@ def test_max_iters_stops_mid_epoch_and_counts_that_epoch(tmp_path):
 
 def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     cfg = sup.tiny_config(**{"train.precision": "bf16", "train.channels_last": True})
-    assert train_mod.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
-    assert train_mod.autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None
     assert fit(cfg, tmp_path, progress=False).status == "done"
 
 
@@ -321,3 +353,18 @@ def test_topk_errors_by_hand():
     assert top1 == pytest.approx(50.0) and top5 == pytest.approx(50.0)
     top1, top5 = topk_errors(scores, torch.tensor([4, 2]))  # both rank 5th: top-1 wrong, top-5 right
     assert top1 == pytest.approx(100.0) and top5 == pytest.approx(0.0)
+
+
+def test_eval_every_scores_every_nth_epoch_and_the_last(tmp_path):
+    result = fit(sup.tiny_config(**{"train.epochs": 4, "train.eval_every": 3}), tmp_path, progress=False)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["val_top1_err"] is not None for r in rows] == [False, False, True, True]
+    assert result.metrics["top1_err"] == rows[-1]["val_top1_err"]
+    assert result.metrics["best_val_top1_err"] == min(rows[2]["val_top1_err"], rows[3]["val_top1_err"])
+
+
+def test_eval_every_with_the_plateau_schedule_is_refused(tmp_path):
+    from repro.errors import UserError
+
+    with pytest.raises(UserError, match="train.eval_every = 2: the plateau schedule"):
+        fit(sup.tiny_config(**{"train.eval_every": 2, "train.schedule": "plateau"}), tmp_path, progress=False)

@@ -115,3 +115,61 @@ def test_launcher_options_and_their_errors(tmp_path):
         resolve_options("local", tasks_per_run=2)
     with pytest.raises(UserError, match="cannot read"):
         resolve_options("slurm", config_file=tmp_path / "missing.toml")
+
+
+def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(tmp_path, monkeypatch):
+    # A run trains under its lease; mid-run another process takes the lease over (as it may once the heartbeat has
+    # lapsed). The heartbeat notices, the loop stops at its next step, and nothing in the folder changes after the
+    # takeover: no checkpoint, log line or result.json of the old owner lands on the new owner's run.
+    import engine_support as sup
+
+    from repro.engine import preempt
+    from repro.engine import train as train_mod
+    from repro.launch.worker import BUSY, train_claimed
+
+    sup.use_stand_ins(monkeypatch)
+    real = sup.make_loaders
+
+    class Slow:  # 20 ms per batch: the run lasts long enough for the takeover to land inside it
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            for batch in self.batches:
+                time.sleep(0.02)
+                yield batch
+
+        def __getattr__(self, name):
+            return getattr(self.batches, name)
+
+    def slow_loaders(*a, **k):
+        loaders = real(*a, **k)
+        loaders.train = Slow(loaders.train)
+        return loaders
+
+    monkeypatch.setattr(train_mod, "make_loaders", slow_loaders)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    real_keep_alive = lease.Lease.keep_alive
+    monkeypatch.setattr(lease.Lease, "keep_alive", lambda self, interval=0.05, on_lost=None:
+                        real_keep_alive(self, 0.05, on_lost))
+    cfg = sup.tiny_config(**{"train.epochs": 200})  # 200 epochs x 4 batches x 20 ms: far longer than the test
+    snapshot = {}
+
+    def take_over():
+        time.sleep(0.5)
+        _write_lease(tmp_path, host=socket.gethostname(), pid=os.getpid(), token="new-owner")
+        snapshot.update({p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != ".lease"})
+
+    import threading
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    t0 = time.monotonic()
+    status = train_claimed(cfg, tmp_path, progress=False, where={"launcher": "test"})
+    thief.join()
+    assert status == BUSY and time.monotonic() - t0 < 10
+    assert "result.json" not in snapshot and not (tmp_path / "result.json").exists()
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != ".lease"}
+    assert after == snapshot  # nothing written, created or removed after the takeover
+    assert json.loads((tmp_path / ".lease").read_text())["token"] == "new-owner"  # release left theirs alone
+    assert not preempt.requested()  # the next run in this process is not stopped by it

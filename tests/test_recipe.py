@@ -10,7 +10,7 @@ from torch import nn
 from repro.config import RunConfig, apply_overrides, config_hash
 from repro.engine import fit
 from repro.engine.scoring import lrn_strength
-from repro.engine.train import make_optimizer
+from repro.engine.recipe import make_optimizer
 from repro.models import build_model
 from repro.models.layers import LRN
 

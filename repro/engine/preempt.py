@@ -10,6 +10,10 @@ continues from the same batch of the same epoch.
 `fit` returns); SIGINT and SIGTERM request a stop (status "interrupted", `fit` raises KeyboardInterrupt so a sweep
 stops too), and a second SIGINT/SIGTERM raises KeyboardInterrupt at once. The flag stays set for the life of the
 process (every later run in it stops at its first step) until `clear()`.
+
+`abandon()` is the other kind of stop: this process lost its claim on the run (its lease's heartbeat lapsed and
+another process took the run over), so the loop stops at its next step and writes nothing more to the run folder
+(`Abandoned`), which is now the other process's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ class Preempted(Exception):
     """A run stopped at a preemption request after writing a checkpoint inside the epoch."""
 
 
+class Abandoned(Exception):
+    """A run stopped without writing anything, because another process now owns its folder (`abandon()`)."""
+
+
 def request(reason: str = "preempted") -> None:
     """Ask the running training loop to checkpoint and stop after its current step. Async-signal-safe: it only
     records the request. `reason` "interrupted" makes `fit` raise KeyboardInterrupt after the checkpoint."""
@@ -40,11 +48,29 @@ def requested() -> bool:
     return bool(_reason)
 
 
+def abandon() -> None:
+    """Ask the training loop to stop at its next step without writing anything (the run is no longer ours)."""
+    _reason.append("abandoned")
+
+
 def reason() -> str | None:
-    """"interrupted" if any request was a stop (SIGINT/SIGTERM), else "preempted"; None without a request."""
+    """"abandoned" if the run was taken over, else "interrupted" if any request was a stop (SIGINT/SIGTERM), else
+    "preempted"; None without a request."""
     if not _reason:
         return None
-    return "interrupted" if "interrupted" in _reason else "preempted"
+    return next(r for r in ("abandoned", "interrupted", "preempted") if r in _reason)
+
+
+def check_owned(what: str) -> None:
+    """Raise `Abandoned` instead of letting a run write `what` to a folder that is no longer its own."""
+    if "abandoned" in _reason:
+        raise Abandoned(f"another process took this run over; not writing {what}")
+
+
+def forget_abandon() -> None:
+    """Drop an `abandon()` request once its run has stopped (other requests stay)."""
+    while "abandoned" in _reason:
+        _reason.remove("abandoned")
 
 
 def clear() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from repro.config import RunConfig, config_hash, to_dict
 from repro.data import make_loaders
 from repro.data.augment import BatchTransform, center_crop
 from repro.engine import checkpoint, parallel, preempt, schedule
+from repro.engine.recipe import autocast_dtype, make_optimizer, pick_device, step_seed
 from repro.engine.scoring import evaluate, lrn_strength
 from repro.engine.provenance import provenance
 from repro.engine.record import RunRecord
@@ -61,6 +61,7 @@ class RunState:
     rows: list = field(default_factory=list)  # metrics.jsonl
     train_images: float = 0.0
     train_seconds: float = 0.0
+    data_wait_s: float = 0.0       # of train_seconds, how long the loop waited for the loader's next batch
     final: dict | None = None      # the final scoring
     lrn_strength: dict | None = None  # measured on one validation batch at the end (models with LRN)
     logits: torch.Tensor | None = None
@@ -91,27 +92,6 @@ class Parts:
 
 # --- set-up -------------------------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device = {name!r} but no CUDA device is visible; use --set train.device=cpu")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
-    """The torch seed of one optimizer step: dropout and augmentation noise repeat wherever a run resumes."""
-    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -129,21 +109,11 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, chash: str, is_main: bool) -> 
     return record if record is not None and record.finished and record.config_hash == chash else None
 
 
-def make_optimizer(model: torch.nn.Module, t) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on the weights, and on the biases only with `train.decay_biases`."""
-    # torch's SGD adds weight_decay * w to the gradient before momentum: v <- 0.9 v + (g + wd w), w <- w - lr v.
-    # The paper's rule is v <- 0.9 v - wd*lr*w - lr*g, w <- w + v: the same iterates while lr is constant
-    # (torch's v is the paper's v / -lr); after an lr drop torch's momentum carries the old gradients at the new lr.
-    # Caffe's reference AlexNet (decay_mult 0 on biases) and cuda-convnet's layer files decay weights only.
-    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    groups = [{"params": weights, "weight_decay": t.weight_decay},
-              {"params": biases, "weight_decay": t.weight_decay if t.decay_biases else 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum)
-
-
 def _set_up(state: RunState) -> Parts:
     cfg, t = state.cfg, state.cfg.train
+    if t.eval_every > 1 and t.schedule == "plateau":
+        raise UserError(f"train.eval_every = {t.eval_every}: the plateau schedule reads the validation error after "
+                        f"every epoch; use --set train.eval_every=1 or another train.schedule")
     device = pick_device(t.device)
     state.prov = provenance(device)
     loaders = make_loaders(cfg, device=device, distributed=state.world > 1)
@@ -179,6 +149,7 @@ def _restore(state: RunState, parts: Parts) -> None:
         state.epoch_seconds, state.iters_to_target = saved["epoch_seconds"], saved["iters_to_target"]
         state.best_val, state.train_images, state.train_seconds = (saved["best_val"], saved["train_images"],
                                                                   saved["train_seconds"])
+        state.data_wait_s = saved.get("data_wait_s", 0.0)
     if state.is_main:
         state.rows = _keep_jsonl(state.run_dir / "metrics.jsonl", "epoch", state.epoch)
         _keep_jsonl(state.run_dir / "curve.jsonl", "iteration", state.iteration)
@@ -194,13 +165,14 @@ def _keep_jsonl(path: Path, key: str, upto: int) -> list[dict]:
 def _save(state: RunState, parts: Parts) -> None:
     """A checkpoint of everything the run needs to continue from here (at an epoch's end or inside it)."""
     if state.is_main:
+        preempt.check_owned("a checkpoint")
         checkpoint.save(state.run_dir, {
             "model": parallel.unwrap(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
             "epoch": state.epoch, "batch": state.batch, "iteration": state.iteration, "lr_state": state.lr_state,
             "epoch_sums": state.epoch_sums, "epoch_seconds": state.epoch_seconds, "curve_sums": state.curve_sums,
             "iters_to_target": state.iters_to_target, "best_val": state.best_val,
             "train_images": state.train_images, "train_seconds": state.train_seconds,
-            "config_hash": state.config_hash})
+            "data_wait_s": state.data_wait_s, "config_hash": state.config_hash})
     state.last_save = time.monotonic()
 
 
@@ -224,6 +196,7 @@ def _curve_point(state: RunState, sums: torch.Tensor) -> None:
     if state.iters_to_target is None and row["train_top1_err"] < state.cfg.train.target_train_err:
         state.iters_to_target = state.iteration
     if state.is_main:
+        preempt.check_owned("curve.jsonl")
         io.append_jsonl(state.run_dir / "curve.jsonl", row)
 
 
@@ -233,6 +206,8 @@ def _check_inside_epoch(state: RunState, parts: Parts, sums: torch.Tensor, t_sta
     if state.world > 1 and not synced:
         return
     minutes = state.cfg.train.checkpoint_minutes
+    if state.is_main:
+        preempt.check_owned("a checkpoint")
     stop = parallel.any_true(preempt.requested())
     due = minutes > 0 and parallel.any_true(time.monotonic() - state.last_save >= 60.0 * minutes)
     if stop or due:
@@ -241,6 +216,21 @@ def _check_inside_epoch(state: RunState, parts: Parts, sums: torch.Tensor, t_sta
         _save(state, parts)
     if stop:
         raise preempt.Preempted(f"in epoch {state.epoch + 1} before batch {state.batch + 1}")
+
+
+def _waited(batches, state: RunState):
+    """The batches of `batches`, adding the time spent waiting for each to `state.data_wait_s`: near 0 when the
+    model is the bottleneck, the loader's shortfall when it is not (on a GPU the wait is the host's: the GPU runs
+    asynchronously and the host blocks elsewhere while the GPU is the bottleneck)."""
+    batches = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        state.data_wait_s += time.perf_counter() - t0
+        yield batch
 
 
 def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
@@ -252,7 +242,8 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
     parts.net.train()
     parts.loaders.train.set_epoch(state.epoch, first_batch=state.batch)
     t_start, t_here, first_batch = time.perf_counter() - state.epoch_seconds, time.perf_counter(), state.batch
-    for images, labels in parts.loaders.train:
+    wait_before = state.data_wait_s
+    for images, labels in _waited(parts.loaders.train, state):
         torch.manual_seed(step_seed(t.seed, state.epoch, state.batch, state.rank))
         if per_step:
             for group in parts.optimizer.param_groups:
@@ -284,7 +275,8 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
     loss_sum, errors, n = parallel.all_sum(sums[0]).tolist()
     if not math.isfinite(loss_sum):
         raise Diverged(f"training loss is {loss_sum} in epoch {state.epoch + 1} (iteration {state.iteration})")
-    return {"train_loss": loss_sum / max(n, 1), "train_top1_err": 100.0 * errors / max(n, 1), "images": n}
+    return {"train_loss": loss_sum / max(n, 1), "train_top1_err": 100.0 * errors / max(n, 1), "images": n,
+            "data_wait_s": state.data_wait_s - wait_before}
 
 
 def _score(state: RunState, parts: Parts, ten_crop: bool) -> tuple[dict, torch.Tensor]:
@@ -296,20 +288,24 @@ def _end_epoch(state: RunState, parts: Parts, stats: dict, lr: float) -> None:
     """Score the epoch, log it, move the schedule on and checkpoint."""
     t = state.cfg.train
     final = state.epoch == t.epochs - 1 or bool(t.max_iters and state.iteration >= t.max_iters)
-    val, logits = _score(state, parts, ten_crop=t.ten_crop and final)  # the last epoch's scoring is the final one
-    if final:
-        state.final, state.logits = val, logits
-    state.lr_state = schedule.after_epoch(t, state.lr_state, val["top1_err"])
-    state.best_val = min(state.best_val, val["top1_err"])
+    val = {"top1_err": None, "top5_err": None}
+    if final or (state.epoch + 1) % t.eval_every == 0:
+        val, logits = _score(state, parts, ten_crop=t.ten_crop and final)  # the last epoch's scoring is the final one
+        if final:
+            state.final, state.logits = val, logits
+        state.lr_state = schedule.after_epoch(t, state.lr_state, val["top1_err"])
+        state.best_val = min(state.best_val, val["top1_err"])
     state.train_images += stats["images"]
     state.train_seconds += state.epoch_seconds
     row = {"epoch": state.epoch + 1, "iteration": state.iteration, "train_loss": stats["train_loss"],
            "train_top1_err": stats["train_top1_err"], "val_top1_err": val["top1_err"],
            "val_top5_err": val["top5_err"], "lr": lr,
-           "images_per_s": stats["images"] / max(state.epoch_seconds, 1e-9), "seconds": state.epoch_seconds}
+           "images_per_s": stats["images"] / max(state.epoch_seconds, 1e-9), "seconds": state.epoch_seconds,
+           "data_wait_s": stats["data_wait_s"]}
     state.rows.append(row)
     state.epoch, state.batch, state.epoch_sums, state.epoch_seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
     if state.is_main:
+        preempt.check_owned("metrics.jsonl")
         io.append_jsonl(state.run_dir / "metrics.jsonl", row)
     _save(state, parts)
 
@@ -328,7 +324,8 @@ def _epoch_loop(state: RunState, parts: Parts, progress: bool) -> None:
             for group in parts.optimizer.param_groups:
                 group["lr"] = lr
             if bar is not None:
-                last = f", val err {state.rows[-1]['val_top1_err']:.1f}%" if state.rows else ""
+                scored = [r["val_top1_err"] for r in state.rows if r["val_top1_err"] is not None]
+                last = f", val err {scored[-1]:.1f}%" if scored else ""
                 bar.update(task, description=f"epoch {state.epoch + 1}/{t.epochs}{last}")
             stats = _train_epoch(state, parts, bar, task)
             _end_epoch(state, parts, stats, lr)
@@ -342,6 +339,7 @@ def _final_scoring(state: RunState, parts: Parts) -> None:
         x = parts.val_tf(center_crop(images, state.cfg.model.input_size))
         state.lrn_strength = lrn_strength(parts.model, x, alpha_mode=state.cfg.model.lrn_alpha_mode)
     if state.is_main:
+        preempt.check_owned("val_logits.npy")
         with io.atomic_path(state.run_dir / "val_logits.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, state.logits.numpy().astype(np.float16))
 
@@ -367,6 +365,7 @@ def _record(state: RunState, status: str, error: str | None) -> RunRecord:
     prov = dict(state.prov)
     prov.update(wall_time_s=time.perf_counter() - state.t0,
                 images_per_s=state.train_images / state.train_seconds if state.train_seconds else None,
+                data_wait_fraction=state.data_wait_s / state.train_seconds if state.train_seconds else None,
                 started=state.started, finished=_now())
     return RunRecord(status=status, error=error, config=to_dict(state.cfg), config_hash=state.config_hash,
                      epochs_done=state.epoch, iterations=state.iteration, metrics=metrics, provenance=prov,
@@ -397,12 +396,15 @@ def fit(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> RunRecord:
     def finish(status: str, error: str | None) -> RunRecord:
         record = _record(state, status, error)
         if state.is_main:
+            preempt.check_owned("result.json")
             record.write(run_dir)
         return record
 
     with preempt.handlers():
         try:
             _run(state, progress)
+        except preempt.Abandoned:
+            raise
         except Diverged as e:
             return finish("diverged", _one_line(e))
         except preempt.Preempted as e:

@@ -47,7 +47,7 @@ def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
             held = lease.claim(run_dir, job_id=where["slurm_job_id"], log=where["log"])
             go = held is not None and store.run_status(run_dir, check_lock=False) not in REUSED
             if held is not None:
-                held.keep_alive()
+                held.keep_alive(on_lost=preempt.abandon)
             if go:
                 io.write_json(run_dir / "placement.json", where)
         busy = parallel.any_true(rank == 0 and held is None)  # every rank learns what rank 0 found

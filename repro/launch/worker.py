@@ -18,6 +18,7 @@ from typing import Any
 from repro import io, lease
 from repro import runs as store
 from repro.config import config_hash, from_dict
+from repro.engine import preempt
 from repro.engine.record import RunRecord
 from repro.errors import UserError
 
@@ -79,6 +80,8 @@ def fit_run(cfg, run_dir: Path, *, progress: bool, catch: bool = True) -> str:
         return fit(cfg, run_dir, progress=progress).status
     except (KeyboardInterrupt, UserError):
         raise
+    except preempt.Abandoned:  # our lease lapsed and another process took the run: it is theirs to finish
+        return BUSY
     except Exception as e:  # a bug or a resource error in one run must not take down the sweep
         record_failure(run_dir, config_hash(cfg), e)
         if not catch:
@@ -96,7 +99,7 @@ def train_claimed(cfg, run_dir: Path, *, progress: bool, where: dict[str, Any], 
         held = lease.claim(run_dir, job_id=where.get("slurm_job_id"), log=where.get("log"))
         if held is None:
             return BUSY
-        held.keep_alive()
+        held.keep_alive(on_lost=preempt.abandon)
         try:
             status = store.run_status(run_dir, check_lock=False)
             if status in REUSED:
@@ -107,6 +110,7 @@ def train_claimed(cfg, run_dir: Path, *, progress: bool, where: dict[str, Any], 
             return fit_run(cfg, run_dir, progress=progress, catch=catch)
         finally:
             held.release()
+            preempt.forget_abandon()  # the next run this process trains is claimed afresh
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""What a run trains with besides the model: the paper's SGD (section 5), the device, the autocast dtype, and the
+seed of each optimizer step."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from repro.errors import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device = {name!r} but no CUDA device is visible; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """The torch seed of one optimizer step: dropout and augmentation noise repeat wherever a run resumes."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
+
+
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on the weights, and on the biases only with `train.decay_biases`."""
+    # torch's SGD adds weight_decay * w to the gradient before momentum: v <- 0.9 v + (g + wd w), w <- w - lr v.
+    # The paper's rule is v <- 0.9 v - wd*lr*w - lr*g, w <- w + v: the same iterates while lr is constant
+    # (torch's v is the paper's v / -lr); after an lr drop torch's momentum carries the old gradients at the new lr.
+    # Caffe's reference AlexNet (decay_mult 0 on biases) and cuda-convnet's layer files decay weights only.
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    groups = [{"params": weights, "weight_decay": t.weight_decay},
+              {"params": biases, "weight_decay": t.weight_decay if t.decay_biases else 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum)
