@@ -218,7 +218,7 @@ def load_metrics(run_dir: Path | str) -> pd.DataFrame:
     rows = io.read_jsonl(Path(run_dir) / "metrics.jsonl")
     return pd.DataFrame(rows, columns=None if rows else ["epoch", "iteration", "train_loss", "train_top1_err",
                                                          "val_top1_err", "val_top5_err", "lr", "images_per_s",
-                                                         "seconds"])
+                                                         "seconds", "data_wait_s"])
 
 
 def analysis_paths(exp_dir: Path, scale: str | None) -> tuple[Path, Path]:

@@ -20,6 +20,7 @@ from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import train as train_mod
 from repro.engine.recipe import autocast_dtype
+from repro.engine.record import TIMING_KEYS
 from repro.engine.scoring import topk_errors
 
 
@@ -34,7 +35,7 @@ def read_jsonl(path):
 
 
 def without_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def interrupt_after_saves(monkeypatch, n):

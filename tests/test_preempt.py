@@ -16,6 +16,7 @@ import torch
 
 import engine_support as sup
 from repro import runs
+from repro.engine.record import TIMING_KEYS
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.engine import checkpoint, fit, preempt
@@ -61,7 +62,7 @@ def request_after(monkeypatch, steps: int) -> None:
 
 
 def without_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def read_jsonl(path):

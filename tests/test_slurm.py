@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from repro import io, runs
 from repro.cli import app
+from repro.engine.record import TIMING_KEYS
 from repro.runner import status_rows
 
 pytestmark = pytest.mark.slow
 TORCH_LOADER = ["--set", "data.backend=torch"]  # the same runs (the backend is not hashed), no numba compile per job
-TIMING = ("images_per_s", "seconds")
 OTHER_LR = ["--set", "train.lr=0.02"]
 
 
@@ -43,7 +43,7 @@ def results(runs_dir: Path) -> dict[str, dict]:
     """{config hash: (metrics, per-epoch rows without timings, val logits)} of every run under runs_dir."""
     out = {}
     for d in sorted((runs_dir / "store").iterdir()):
-        rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+        rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
                 for line in (d / "metrics.jsonl").read_text().splitlines()]
         out[d.name] = {"metrics": runs.read_result(d).metrics, "rows": rows,
                        "logits": np.load(d / "val_logits.npy").tolist()}

@@ -18,6 +18,8 @@ from repro import io
 RESULT_FORMAT = 1
 RESULT_FILE = "result.json"
 STATUSES = ("done", "diverged", "failed", "interrupted", "preempted")
+# Fields of a metrics.jsonl line that measure the machine, not the run: resumed and straight runs differ in them.
+TIMING_KEYS = ("seconds", "images_per_s", "data_wait_s")
 METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
            "best_val_top1_err", "iters_to_target")
 
