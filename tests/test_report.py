@@ -6,6 +6,7 @@ from __future__ import annotations
 import html.parser
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -337,3 +338,20 @@ def test_qualitative_effect_also_shows_the_generalisation_gap():
     assert head.paper is None and head.values == {0: -2.0, 1: -2.5} and not head.context
     assert gap.context and gap.values == {0: -7.0, 1: -8.0}
     assert r.headline is head
+
+
+def test_paper_tables_show_the_ensemble_and_ten_crop_analyses_of_the_largest_scale(tmp_path):
+    # analyses are kept per scale; the paper's Tables 1 and 2 take the largest scale's (here demo over smoke)
+    registry = load_registry()
+    runs = tmp_path / "runs"
+    fabricate_all(runs, registry, scale="demo", seeds=2)
+    write_analysis(runs, "ensemble", {"kind": "ensemble", "scale": "smoke", "members": [],
+                                      "ensemble": {"top1_err": 77.7, "top5_err": 66.6}})
+    write_analysis(runs, "ten-crop", {"kind": "ten_crop", "scale": "demo", "runs": [
+        {"variant": "baseline", "seed": 0, "top1_err": 30.0, "top1_err_10crop": 28.25, "top5_err_10crop": 9.5},
+        {"variant": "baseline", "seed": 1, "top1_err": 30.5, "top1_err_10crop": 28.75, "top5_err_10crop": 9.75}]})
+    text = report.build_report(runs, tmp_path / "index.html", registry=registry).read_text()
+    cells = lambda model: re.search(rf"{re.escape(model)}</td>\s*<td[^>]*>([^<]*)</td>\s*<td[^>]*>([^<]*)</td>",  # noqa: E731
+                                    text)
+    assert cells("CNNs averaged (this harness)").groups() == ("28.0", "9.0")  # fabricate_all's demo analysis
+    assert cells("CNN, ten-crop (this harness)").groups() == ("28.5", "9.6")

@@ -16,6 +16,7 @@ import jinja2
 from repro import io
 from repro.claims import judge_claim
 from repro.claims import verdicts as V
+from repro.claims.judge import SCALE_ORDER
 from repro.errors import UserError
 from repro.experiments import load_registry
 from repro.report import figures, sections, tables
@@ -36,6 +37,12 @@ def render(context: dict) -> str:
 def page_order(registry: dict) -> list[str]:
     """Claims by their TOML's `[page] order`; those without one follow in name order."""
     return sorted(registry, key=lambda n: (registry[n].order is None, registry[n].order or 0, n))
+
+
+def largest_scale(by_scale: dict | None) -> dict | None:
+    """The analysis of the largest scale among `{scale: analysis}` (what the paper's tables are compared with)."""
+    by_scale = by_scale or {}
+    return next((by_scale[s] for s in SCALE_ORDER if s in by_scale), None)
 
 
 def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict | None = None,
@@ -73,8 +80,9 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), runs_dir=str(runs_dir),
         summary=[sections.summary_row(r) for r in results], sections=claim_sections, rules=V.RULES,
         caveats=[caveats[s] for s in ("smoke", "demo", "subset") if s in caveats],
-        deltas=figures.deltas_chart(sections.delta_rows(results)), table1=tables.table1(analyses.get("ten-crop")),
-        table2=tables.table2(df, analyses.get("ensemble")), unregistered=unregistered,
+        deltas=figures.deltas_chart(sections.delta_rows(results)),
+        table1=tables.table1(largest_scale(analyses.get("ten-crop"))),
+        table2=tables.table2(df, largest_scale(analyses.get("ensemble"))), unregistered=unregistered,
         n_runs=len(df), status_counts=df["status"].value_counts().to_dict() if len(df) else {})
     html = render(context)
 
