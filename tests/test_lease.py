@@ -119,8 +119,8 @@ def test_launcher_options_and_their_errors(tmp_path):
 
 def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(tmp_path, monkeypatch):
     # A run trains under its lease; mid-run another process takes the lease over (as it may once the heartbeat has
-    # lapsed). The heartbeat notices, the loop stops at its next step, and nothing in the folder changes after the
-    # takeover: no checkpoint, log line or result.json of the old owner lands on the new owner's run.
+    # lapsed). The heartbeat notices at its next beat, the loop stops at its next step, and from then on nothing in
+    # the folder changes: no checkpoint, log line or result.json of the old owner lands on the new owner's run.
     import engine_support as sup
 
     from repro.engine import preempt
@@ -158,6 +158,11 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(tmp_path,
     def take_over():
         time.sleep(0.5)
         _write_lease(tmp_path, host=socket.gethostname(), pid=os.getpid(), token="new-owner")
+        # the old owner may write until its heartbeat notices (one beat); from then on, nothing
+        deadline = time.monotonic() + 5
+        while preempt.reason() != "abandoned" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)  # a write begun just before the notice lands now
         snapshot.update({p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != ".lease"})
 
     import threading
@@ -173,3 +178,26 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(tmp_path,
     assert after == snapshot  # nothing written, created or removed after the takeover
     assert json.loads((tmp_path / ".lease").read_text())["token"] == "new-owner"  # release left theirs alone
     assert not preempt.requested()  # the next run in this process is not stopped by it
+
+
+def test_local_pool_gives_each_cpu_worker_its_own_cores(monkeypatch):
+    from repro.launch import local
+
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5})
+    assert local.core_groups(2) == ["0,1", "2,3"]
+    assert local.core_groups(5) == ["0", "1", "2", "3", "5"]
+    monkeypatch.setattr(local, "devices", lambda: [])
+    with pytest.raises(UserError, match="--parallel 6: this machine gives this process 5 core"):
+        local.run_pool([], 6, console=None, progress=False)
+
+
+def test_a_pool_worker_runs_on_the_cores_it_is_given(tmp_path):
+    # the worker pins itself before torch starts its threads; a run folder without planned.json then stops it
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from repro.launch import worker; "
+            "worker.load_config = lambda d: print(sorted(os.sched_getaffinity(0))) or sys.exit(0); "
+            f"worker.main([{str(tmp_path)!r}, '--cpus', '0'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[0]", out.stderr

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from repro import io, runs
 from repro.cli import app
 from repro.engine.record import TIMING_KEYS
+from repro.launch.local import core_groups
 from repro.runner import status_rows
 
 pytestmark = pytest.mark.slow
@@ -94,6 +95,7 @@ def test_local_parallel_two_equals_in_process(local_reference, synthetic_data, t
     for d in (tmp_path / "store").iterdir():  # each run trained in its own worker, with a log and a placement
         where = io.read_json(d / "placement.json")
         assert where["launcher"] == "local" and where["pid"] != os.getpid() and where["threads"] == 1
+        assert where["cpus"] in core_groups(2)  # pinned to its own share of the cores
         assert (d / "train.log").exists() and not (d / ".lease").exists()
 
 

@@ -200,7 +200,7 @@ def make_ffcv_batches(path: str, *, indices: np.ndarray, batch_size: int, train:
     if train and mean_image is not None:
         pipelines["mean_image_crops"] = PipelineSpec("image", decoder=MeanImageCropsDecoder(crop, res, flip),
                                                      transforms=[ToTensor()])
-    loader = Loader(str(path), batch_size=batch_size, num_workers=workers if workers > 0 else -1,
+    loader = Loader(str(path), batch_size=batch_size, num_workers=workers,
                     order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, distributed=distributed,
                     seed=seed, indices=indices, pipelines=pipelines, drop_last=train, os_cache=True)
     _CACHE[key] = loader

@@ -8,7 +8,6 @@ crops drawn by `repro.data.crops` from those indices, so both backends produce t
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -117,8 +116,8 @@ class TorchBatches:
 def make_torch_batches(path: str, *, indices: np.ndarray, batch_size: int, train: bool, crop: int, res: int,
                        fixed_size: bool, flip: bool, seed: int, workers: int, device: torch.device,
                        distributed: bool, mean_image: torch.Tensor | None = None) -> TorchBatches:
-    """Same arguments and batches as `make_ffcv_batches`; `workers` 0 means one per core."""
+    """Same arguments and batches as `make_ffcv_batches` (`workers`: DataLoader processes, 0 = none)."""
     dataset = BetonBatches(str(path), train=train, crop=crop, res=res, fixed_size=fixed_size, flip=flip)
     order = BatchOrder(indices, batch_size, train=train, seed=seed, distributed=distributed)
-    return TorchBatches(dataset, order, workers=workers if workers > 0 else (os.cpu_count() or 1), device=device,
+    return TorchBatches(dataset, order, workers=workers, device=device,
                         mean_image=mean_image)

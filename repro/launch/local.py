@@ -1,7 +1,7 @@
 """`--launcher local --parallel N`: up to N runs at once on this machine, each in its own worker process.
 
-With GPUs each worker sees its own device (CUDA_VISIBLE_DEVICES); on a CPU the cores are divided between the
-workers (torch threads per run = cores // N). A worker's output goes to `<run dir>/train.log`. A run that another
+With GPUs each worker sees its own device (CUDA_VISIBLE_DEVICES); on a CPU each worker runs on its own group of
+cores (`--cpus`, cores // N of them, as many torch and loader threads). A worker's output goes to `<run dir>/train.log`. A run that another
 launcher holds is polled until it is free, then tried again here if it did not finish there.
 """
 
@@ -32,15 +32,27 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _start(run_dir: Path, threads: int, gpu: str | None) -> subprocess.Popen:
+def core_groups(parallel: int) -> list[str]:
+    """This process's cores cut into `parallel` groups of equal size, each as `--cpus` takes it ("0,1")."""
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no pinning
+        return []
+    size = max(1, len(mine) // parallel)
+    return [",".join(map(str, mine[k * size:(k + 1) * size])) for k in range(min(parallel, len(mine)))]
+
+
+def _start(run_dir: Path, threads: int, slot: str | None, on_gpu: bool) -> subprocess.Popen:
+    """A worker on one GPU (slot: its CUDA_VISIBLE_DEVICES) or on one group of cores (slot: `--cpus`)."""
     log = run_dir / "train.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
+    cmd = [sys.executable, "-m", "repro.launch.worker", str(run_dir), "--threads", str(threads), "--log", str(log)]
+    if on_gpu:
+        env["CUDA_VISIBLE_DEVICES"] = slot
+    elif slot is not None:
+        cmd += ["--cpus", slot]
     with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "repro.launch.worker", str(run_dir), "--threads", str(threads),
-                                 "--log", str(log)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _free(run_dir: Path) -> bool:
@@ -52,12 +64,18 @@ def run_pool(todo: list[tuple[str, Path]], parallel: int, *, console: Console, p
     gpus = devices()
     if gpus and parallel > len(gpus):
         raise UserError(f"--parallel {parallel}: this machine shows {len(gpus)} GPU(s); use --parallel {len(gpus)}")
+    if not gpus and parallel > cores():
+        raise UserError(f"--parallel {parallel}: this machine gives this process {cores()} core(s); "
+                        f"use --parallel {cores()} or fewer")
     threads = max(1, cores() // parallel)
     queue = list(todo)
     running: dict[Path, tuple[str, subprocess.Popen, str | None, float]] = {}
     busy: list[tuple[str, Path]] = []
     statuses: dict[str, str] = {}
-    free_gpus = list(gpus)
+    # each worker gets a GPU, or a group of cores of its own: FFCV's and numba's threads, which follow the core
+    # count, would otherwise oversubscribe the machine (two unpinned workers on two cores ran 10x slower)
+    free = list(gpus) if gpus else core_groups(parallel)
+    pinned = bool(free)
     where = f"{len(gpus)} GPU(s)" if gpus else f"{threads} CPU thread(s) each"
     console.print(f"training {len(todo)} run(s), up to {parallel} at once ({where}); logs in <run dir>/train.log")
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -68,15 +86,15 @@ def run_pool(todo: list[tuple[str, Path]], parallel: int, *, console: Console, p
             while queue or running or busy:
                 while queue and len(running) < parallel:
                     label, run_dir = queue.pop(0)
-                    gpu = free_gpus.pop(0) if gpus else None
-                    running[run_dir] = (label, _start(run_dir, threads, gpu), gpu, time.time())
-                for run_dir, (label, proc, gpu, t0) in list(running.items()):
+                    slot = free.pop(0) if pinned else None
+                    running[run_dir] = (label, _start(run_dir, threads, slot, bool(gpus)), slot, time.time())
+                for run_dir, (label, proc, slot, t0) in list(running.items()):
                     code = proc.poll()
                     if code is None:
                         continue
                     del running[run_dir]
-                    if gpu is not None:
-                        free_gpus.append(gpu)
+                    if slot is not None:
+                        free.append(slot)
                     if code == EXIT_BUSY:
                         busy.append((label, run_dir))
                         bar.console.print(f"{label}: running in another process; will wait")

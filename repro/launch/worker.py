@@ -45,8 +45,12 @@ def visible_gpus() -> str | None:
 def placement(launcher: str, **extra: Any) -> dict[str, Any]:
     import torch
 
+    try:
+        cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    except AttributeError:  # not Linux
+        cpus = None
     return {"launcher": launcher, "host": socket.gethostname(), "pid": os.getpid(), "gpus": visible_gpus(),
-            "threads": torch.get_num_threads(), "slurm_job_id": None, "log": None, "tasks": 1, **extra}
+            "cpus": cpus, "threads": torch.get_num_threads(), "slurm_job_id": None, "log": None, "tasks": 1, **extra}
 
 
 def load_config(run_dir: Path):
@@ -120,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--log", default=None, help="where this worker's output goes (recorded, not opened)")
+    parser.add_argument("--cpus", default=None, help="run on these cores only, e.g. 0,1 (the pool's share for it)")
     args = parser.parse_args(argv)
+    if args.cpus:  # before torch and numba start their threads, which inherit it
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     import torch
 
     if args.threads:
