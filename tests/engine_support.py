@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -206,3 +207,27 @@ if __name__ == "__main__":
         torch.distributed.destroy_process_group()
     else:
         fit(cfg, run_dir, progress=False)
+
+
+class SlowBatches:
+    """A training loader that sleeps `delay` s before each batch (a loader slower than the model)."""
+
+    def __init__(self, batches, delay: float):
+        self.batches, self.delay = batches, delay
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+
+def slow_make_loaders(delay: float):
+    """`make_loaders` of the stand-ins whose training batches come `delay` s apart."""
+    def make(*a, **k):
+        loaders = make_loaders(*a, **k)
+        loaders.train = SlowBatches(loaders.train, delay)
+        return loaders
+    return make

@@ -200,26 +200,7 @@ def test_other_errors_are_recorded_as_failed_and_raised(tmp_path, monkeypatch):
 
 def test_time_waiting_for_the_loader_is_measured(tmp_path, monkeypatch):
     # a loader that takes 50 ms per batch: the loop waits at least that long for each of its 4 batches an epoch
-    real = train_mod.make_loaders
-
-    class Slow:
-        def __init__(self, batches):
-            self.batches = batches
-
-        def __iter__(self):
-            for batch in self.batches:
-                time.sleep(0.05)
-                yield batch
-
-        def __getattr__(self, name):
-            return getattr(self.batches, name)
-
-    def slow_loaders(*a, **k):
-        loaders = real(*a, **k)
-        loaders.train = Slow(loaders.train)
-        return loaders
-
-    monkeypatch.setattr(train_mod, "make_loaders", slow_loaders)
+    monkeypatch.setattr(train_mod, "make_loaders", sup.slow_make_loaders(0.05))
     result = fit(sup.tiny_config(**{"train.epochs": 2}), tmp_path, progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert all(0.2 <= r["data_wait_s"] <= r["seconds"] for r in rows)

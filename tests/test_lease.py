@@ -128,26 +128,8 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(tmp_path,
     from repro.launch.worker import BUSY, train_claimed
 
     sup.use_stand_ins(monkeypatch)
-    real = sup.make_loaders
-
-    class Slow:  # 20 ms per batch: the run lasts long enough for the takeover to land inside it
-        def __init__(self, batches):
-            self.batches = batches
-
-        def __iter__(self):
-            for batch in self.batches:
-                time.sleep(0.02)
-                yield batch
-
-        def __getattr__(self, name):
-            return getattr(self.batches, name)
-
-    def slow_loaders(*a, **k):
-        loaders = real(*a, **k)
-        loaders.train = Slow(loaders.train)
-        return loaders
-
-    monkeypatch.setattr(train_mod, "make_loaders", slow_loaders)
+    # 20 ms per batch: the run lasts long enough for the takeover to land inside it
+    monkeypatch.setattr(train_mod, "make_loaders", sup.slow_make_loaders(0.02))
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
     real_keep_alive = lease.Lease.keep_alive
     monkeypatch.setattr(lease.Lease, "keep_alive", lambda self, interval=0.05, on_lost=None:
