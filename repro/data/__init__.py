@@ -74,13 +74,17 @@ def pick_backend(requested: str, device: torch.device | str = "cpu") -> str:
     return requested
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity (a Slurm job's or a pool worker's share), not the host's
-    count. numba refuses more threads than that, so FFCV asked for every core of the host fails under a cpuset."""
+def usable_cpus() -> list[int]:
+    """The cores this process may run on: its CPU affinity (a Slurm job's or a pool worker's share), not the
+    host's. numba refuses more threads than that, so FFCV asked for every core of the host fails under a cpuset."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    return len(usable_cpus())
 
 
 def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: bool = False) -> Loaders:
@@ -115,8 +119,8 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
             raise UserError(f"{folder}: the mean image is {tuple(mean_image.shape)[1:]}, the loaders show {res}x{res} "
                             f"images; rebuild with `{prepare_command(Path(folder), manifest, force=True)}`")
     common = dict(batch_size=cfg.train.batch_size, crop=crop, res=res, fixed_size=fixed, flip=cfg.data.flip,
-                  seed=cfg.train.seed, workers=cfg.data.workers or usable_cores(), device=device, distributed=distributed,
-                  mean_image=mean_image)
+                  seed=cfg.train.seed, workers=cfg.data.workers or usable_cores(), device=device,
+                  distributed=distributed, mean_image=mean_image)
     train_path, val_path = beton_path(folder, manifest, "train"), beton_path(folder, manifest, "val")
     train = make(train_path, indices=train_ids, train=True, **common)
     val = make(val_path, indices=val_ids, train=False, **common)

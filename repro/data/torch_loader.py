@@ -8,7 +8,6 @@ crops drawn by `repro.data.crops` from those indices, so both backends produce t
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler

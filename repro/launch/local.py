@@ -1,8 +1,9 @@
 """`--launcher local --parallel N`: up to N runs at once on this machine, each in its own worker process.
 
 With GPUs each worker sees its own device (CUDA_VISIBLE_DEVICES); on a CPU each worker runs on its own group of
-cores (`--cpus`, cores // N of them, as many torch and loader threads). A worker's output goes to `<run dir>/train.log`. A run that another
-launcher holds is polled until it is free, then tried again here if it did not finish there.
+cores (`--cpus`, cores // N of them, as many torch and loader threads). A worker's output goes to
+`<run dir>/train.log`. A run that another launcher holds is polled until it is free, then tried again here if it did
+not finish there.
 """
 
 from __future__ import annotations
@@ -25,19 +26,11 @@ from repro.launch.worker import EXIT_BUSY, devices
 POLL_S = 0.5
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def core_groups(parallel: int) -> list[str]:
     """This process's cores cut into `parallel` groups of equal size, each as `--cpus` takes it ("0,1")."""
-    try:
-        mine = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux: no pinning
-        return []
+    from repro.data import usable_cpus
+
+    mine = usable_cpus()
     size = max(1, len(mine) // parallel)
     return [",".join(map(str, mine[k * size:(k + 1) * size])) for k in range(min(parallel, len(mine)))]
 
@@ -64,10 +57,13 @@ def run_pool(todo: list[tuple[str, Path]], parallel: int, *, console: Console, p
     gpus = devices()
     if gpus and parallel > len(gpus):
         raise UserError(f"--parallel {parallel}: this machine shows {len(gpus)} GPU(s); use --parallel {len(gpus)}")
-    if not gpus and parallel > cores():
-        raise UserError(f"--parallel {parallel}: this machine gives this process {cores()} core(s); "
-                        f"use --parallel {cores()} or fewer")
-    threads = max(1, cores() // parallel)
+    from repro.data import usable_cores  # imports torch: only once a pool starts
+
+    cores = usable_cores()
+    if not gpus and parallel > cores:
+        raise UserError(f"--parallel {parallel}: this machine gives this process {cores} core(s); "
+                        f"use --parallel {cores} or fewer")
+    threads = max(1, cores // parallel)
     queue = list(todo)
     running: dict[Path, tuple[str, subprocess.Popen, str | None, float]] = {}
     busy: list[tuple[str, Path]] = []

@@ -45,10 +45,9 @@ def visible_gpus() -> str | None:
 def placement(launcher: str, **extra: Any) -> dict[str, Any]:
     import torch
 
-    try:
-        cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    except AttributeError:  # not Linux
-        cpus = None
+    from repro.data import usable_cpus
+
+    cpus = ",".join(map(str, usable_cpus()))
     return {"launcher": launcher, "host": socket.gethostname(), "pid": os.getpid(), "gpus": visible_gpus(),
             "cpus": cpus, "threads": torch.get_num_threads(), "slurm_job_id": None, "log": None, "tasks": 1, **extra}
 
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", default=None, help="where this worker's output goes (recorded, not opened)")
     parser.add_argument("--cpus", default=None, help="run on these cores only, e.g. 0,1 (the pool's share for it)")
     args = parser.parse_args(argv)
-    if args.cpus:  # before torch and numba start their threads, which inherit it
+    if args.cpus and hasattr(os, "sched_setaffinity"):  # before torch and numba start their threads (they inherit it)
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     import torch
 
