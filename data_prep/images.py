@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -91,17 +90,6 @@ def cap_longer_side(img: np.ndarray, res: int) -> np.ndarray:
     if scale < 1:
         img = resize(img, max(1, round(h * scale)), max(1, round(w * scale)))
     return img
-
-
-def centre_square(img: np.ndarray, res: int) -> np.ndarray:
-    """The central square of a stored image resized to res x res: what the loaders show the model of an image
-    stored with its aspect ratio kept (FFCV's centre-crop decoder, ratio 1, which resizes with OpenCV's area
-    filter, as here)."""
-    h, w = img.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = img[top:top + side, left:left + side]
-    return square if side == res else cv2.resize(square, (res, res), interpolation=cv2.INTER_AREA)
 
 
 def to_stored(img: np.ndarray, res: int, max_side: bool) -> np.ndarray:

@@ -186,18 +186,11 @@ def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
     return base, _rate(n, time.perf_counter() - t0)
 
 
-def bench_prepare_vs_ffcv_imagenet(tmp: Path, workers: int, per_class: int = 300) -> tuple[float, float]:
-    """`repro prepare-data imagefolder --max-side` against ffcv-imagenet's `write_imagenet.py` (torchvision
-    ImageFolder into FFCV's DatasetWriter, jpg, max side 256, quality 90), same `workers`, on photo-sized JPEGs
-    (about 450x340, noise and shapes, 10 classes); images/s over train + val, each side once."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+def _photos(folder: Path, per_class: int) -> int:
+    """An ImageFolder tree of photo-sized JPEGs (about 450x340, noise and shapes, 10 classes); returns how many."""
     from PIL import ImageDraw
-    from torchvision.datasets import ImageFolder
 
-    from data_prep.prepare import PrepareOptions, prepare
-
-    folder, rng = tmp / "photos", np.random.default_rng(1)
+    rng = np.random.default_rng(1)
     counts = {"train": per_class, "val": max(per_class // 10, 1)}
     for split, count in counts.items() if not folder.exists() else ():
         for c in range(10):
@@ -213,18 +206,54 @@ def bench_prepare_vs_ffcv_imagenet(tmp: Path, workers: int, per_class: int = 300
                     fill = tuple(int(v) for v in rng.integers(0, 256, 3))
                     (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
                 im.save(folder / split / f"n{c:08d}" / f"{split}_{i:05d}.JPEG", quality=90)
-    n = 10 * sum(counts.values())
-    t0 = time.perf_counter()
-    for split in ("train", "val"):  # write_imagenet.py, once per split
+    return 10 * sum(counts.values())
+
+
+def write_like_ffcv_imagenet(folder: str, out: str, workers: int) -> None:
+    """ffcv-imagenet's write_imagenet.py, once per split: torchvision ImageFolder into FFCV's DatasetWriter, jpg,
+    max side 256, quality 90."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
         fields = {"image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90), "label": IntField()}
-        DatasetWriter(str(tmp / f"ffcv_{split}.beton"), fields, num_workers=workers).from_indexed_dataset(
-            ImageFolder(str(folder / split)), chunksize=100)
-    base = _rate(n, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    prepare("imagefolder", folder, tmp / "prepared-photos",
-            PrepareOptions(res=256, max_side=True, write_mode="jpg", jpeg_quality=90, workers=workers, force=True),
+        DatasetWriter(f"{out}/ffcv_{split}.beton", fields, num_workers=workers).from_indexed_dataset(
+            ImageFolder(f"{folder}/{split}"), chunksize=100)
+
+
+def prepare_max_side(folder: str, out: str, workers: int) -> None:
+    """`repro prepare-data imagefolder --res 256 --max-side --write-mode jpg --jpeg-quality 90`."""
+    from data_prep.prepare import PrepareOptions, prepare
+
+    prepare("imagefolder", Path(folder), Path(out), PrepareOptions(res=256, max_side=True, write_mode="jpg",
+                                                                  jpeg_quality=90, workers=workers, force=True),
             progress=False)
-    return base, _rate(n, time.perf_counter() - t0)
+
+
+def _seconds_in_fresh_python(function: str, imports: str, *args) -> float:
+    """Time `repro.bench.<function>(*args)` in a new interpreter, after importing `imports`: each side starts as
+    a user's command does, with nothing compiled or cached by the other (FFCV compiles numba code in each
+    process), and neither side's imports count as conversion time."""
+    import subprocess
+
+    code = (f"import time, repro.bench as b, {imports}\n"
+            f"t = time.perf_counter(); b.{function}(*{args!r}); print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{function} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def bench_prepare_vs_ffcv_imagenet(tmp: Path, workers: int, per_class: int = 300) -> tuple[float, float]:
+    """`repro prepare-data imagefolder --max-side` against ffcv-imagenet's `write_imagenet.py` on the same
+    photo-sized JPEGs with the same `workers`, each in a fresh process; images/s over train + val."""
+    n = _photos(tmp / "photos", per_class)
+    base = _seconds_in_fresh_python("write_like_ffcv_imagenet", "ffcv.writer, ffcv.fields, torchvision.datasets",
+                                    str(tmp / "photos"), str(tmp), workers)
+    ours = _seconds_in_fresh_python("prepare_max_side", "data_prep.prepare, data_prep.writer",
+                                    str(tmp / "photos"), str(tmp / "prepared-photos"), workers)
+    return _rate(n, base), _rate(n, ours)
 
 
 def run_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> Path:
