@@ -4,6 +4,7 @@
   val top-1 error within SMOKE_TOL percentage points (the GPU run is bf16, the CPU run fp32, and the two see
   different dropout masks, so they are not the same run; both learn the classes to well under 25% error);
 - one fp32 training step of alexnet-paper agrees between CPU and GPU to 1e-4 relative (TF32 off);
+- LRN's gradient passes finite differences on the device, and its bf16 output stays within bf16 rounding;
 - bf16 autocast, channels_last and torch.compile each train a few hundred steps to a finite, falling loss;
 - DistributedDataParallel on nccl at world size 1 gives the plain model's step;
 - ten-crop evaluation on the GPU gives the CPU's outputs;
@@ -133,6 +134,27 @@ def test_one_fp32_step_agrees_between_cpu_and_gpu(exact_fp32):
     assert grads_c.norm() > 0
     for a, b in ((grads_c, grads_g), (update_c, update_g)):
         assert ((a - b).norm() / a.norm()).item() < STEP_RTOL
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_lrn_gradient_and_bf16_output_on_the_gpu(towers):
+    """LRN's written-out gradient against finite differences on the device (float64), and its output under bf16
+    autocast against float64 on the same (bf16-rounded) input: within bf16's rounding of the window sum and the
+    output (a few 1e-3), at conv1-like activations where the normalisation changes outputs by tens of percent."""
+    from repro.models.layers import LRN
+
+    lrn = LRN(alpha_mode="paper", towers=towers)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=gen) * 60).to(DEVICE).requires_grad_(True)
+    assert torch.autograd.gradcheck(lrn, (x,), eps=1e-4, atol=1e-7, rtol=1e-5)
+    a = torch.relu(torch.randn(4, 96, 27, 27, generator=gen) * 100).to(DEVICE, torch.bfloat16)
+    want = LRN(towers=towers)(a.double())
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got = LRN(towers=towers)(a)
+    shown = a > 1
+    assert (want / a.double())[shown].std() > 0.03  # the normalisation does something at these activations
+    err = ((got.double() - want).abs() / want.abs())[shown]
+    assert err.mean() < 5e-3 and err.max() < 3e-2
 
 
 @pytest.mark.parametrize("switch", ["train.precision=bf16", "train.channels_last=true", "train.compile=true"])
