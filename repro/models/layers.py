@@ -8,6 +8,8 @@ pooling schemes of section 3.4 always produce the same output size. For the odd 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,28 +21,45 @@ from repro.errors import UserError
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
+def _autocast_off(device: torch.device):
+    """Autocast off on `device` (a no-op on devices without autocast, such as "meta")."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _LRNFunction(torch.autograd.Function):
     """`b = a * s^-beta` with `s = k + band(a^2)`, and its gradient written out, so that each step takes one power
     instead of autograd's two: torch's CPU `pow` with a fractional exponent cost about 20 multiplications' worth of
     time, and LRN's two `pow`s were the largest cost of a demo-scale training step after the convolutions.
 
     Gradient (the band is symmetric): `da = g * s^-beta - 2 beta a * band(g * b / s)`.
+
+    Always computed in float32 (at least), with autocast off inside: in bfloat16, `s = 2 + (a small sum)` rounds in
+    steps of 0.8%, as large as the normalisation's own effect, and under CUDA autocast the window sum (a
+    convolution, run in bf16) and the power (log/exp, run in float32) would mix dtypes. The output and the
+    gradient come back in the input's dtype.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, band: torch.Tensor, k: float, beta: float) -> torch.Tensor:
-        s = F.conv2d(x * x, band, torch.full((band.shape[0],), k, dtype=x.dtype, device=x.device))
-        gain = torch.exp(torch.log(s).mul_(-beta))  # s >= k > 0; exp(log) is vectorised where pow is not
-        out = x * gain
+        with _autocast_off(x.device):
+            a = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            s = F.conv2d(a * a, band, torch.full((band.shape[0],), k, dtype=a.dtype, device=a.device))
+            gain = torch.exp(torch.log(s).mul_(-beta))  # s >= k > 0; exp(log) is vectorised where pow is not
+            out = a * gain
         ctx.save_for_backward(x, band, s, gain, out)
         ctx.beta = beta
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, band, s, gain, out = ctx.saved_tensors
-        spread = F.conv2d(g * out / s, band)
-        return torch.addcmul(g * gain, x, spread, value=-2.0 * ctx.beta), None, None, None
+        with _autocast_off(x.device):
+            g = g.to(s.dtype)
+            spread = F.conv2d(g * out / s, band)
+            grad = torch.addcmul(g * gain, x.to(s.dtype), spread, value=-2.0 * ctx.beta)
+        return grad.to(x.dtype), None, None, None
 
 
 class LRN(nn.Module):
@@ -73,7 +92,8 @@ class LRN(nn.Module):
         group = channels // self.towers
         near = (i[:, None] - i[None, :]).abs() <= self.size // 2
         same = (i[:, None] // group) == (i[None, :] // group)
-        return ((near & same).to(like.dtype) * self.scale)[:, :, None, None]
+        dtype = torch.promote_types(like.dtype, torch.float32)  # alpha / n in bf16 would be off by up to 0.4%
+        return ((near & same).to(dtype) * self.scale)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LRNFunction.apply(x, self.band(x.shape[1], x), self.k, self.beta)
