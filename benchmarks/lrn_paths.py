@@ -1,9 +1,9 @@
 """LRN's three ways on a GPU, model-bound training of alexnet-paper at 224 px (bf16 autocast, channels_last),
 eager and torch.compile'd, in one process:
 
-- "ops, float32": what LRN does off the CPU (`repro.models.layers._lrn_ops`);
-- "function, float32": the CPU's autograd.Function with the gradient written out, forced onto the GPU;
-- "ops, bf16": the same ops left to autocast (window sum in bf16), as LRN was before it computed in float32.
+- "function, float32": what LRN does (`repro.models.layers._LRNFunction`, the gradient written out);
+- "ops, float32": the same in torch's ops, the gradient left to autograd (what torch.compile sees whole);
+- "ops, bf16": those ops left to autocast (window sum in bf16), as LRN was before it computed in float32.
 
     python benchmarks/lrn_paths.py [--steps 30]
 """
@@ -20,17 +20,19 @@ from repro.config import RunConfig
 from repro.models import layers
 
 
-def bf16_ops(self, x):
-    band = self.band(x.shape[1], x).to(x.dtype)
-    s = F.conv2d(x * x, band, torch.full((band.shape[0],), self.k, dtype=x.dtype, device=x.device))
-    return x * s.pow(-self.beta)
+def ops(self, x, dtype=None):
+    a = x.to(dtype or x.dtype)
+    band = self.band(x.shape[1], x).to(a.dtype)
+    s = F.conv2d(a * a, band, torch.full((band.shape[0],), self.k, dtype=a.dtype, device=a.device))
+    return (a * s.pow(-self.beta)).to(x.dtype)
 
 
-PATHS = {
-    "ops, float32": layers.LRN.forward,
-    "function, float32": lambda self, x: layers._LRNFunction.apply(x, self.band(x.shape[1], x), self.k, self.beta),
-    "ops, bf16": bf16_ops,
-}
+def float32_ops(self, x):
+    with torch.autocast(x.device.type, enabled=False):
+        return ops(self, x, torch.float32)
+
+
+PATHS = {"function, float32": layers.LRN.forward, "ops, float32": float32_ops, "ops, bf16": ops}
 
 
 def main() -> None:

@@ -22,23 +22,10 @@ LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
 def _autocast_off(device: torch.device):
-    """Autocast off on `device` (nothing to turn off on others, such as "meta")."""
-    if device.type in ("cuda", "cpu"):
+    """Autocast off on `device` (a no-op on devices without autocast, such as "meta")."""
+    if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _lrn_ops(x: torch.Tensor, band: torch.Tensor, k: float, beta: float) -> torch.Tensor:
-    """LRN in torch's ops, the gradient left to autograd: what torch.compile can fuse on a GPU, where the
-    Function below is a graph break (with it, compiled training on an H200 fell from 21,229 to 15,148 img/s)."""
-    with _autocast_off(x.device):
-        a = _float32(x)
-        s = F.conv2d(a * a, band, torch.full((band.shape[0],), k, dtype=a.dtype, device=a.device))
-        return (a * s.pow(-beta)).to(x.dtype)
 
 
 class _LRNFunction(torch.autograd.Function):
@@ -46,13 +33,18 @@ class _LRNFunction(torch.autograd.Function):
     instead of autograd's two: torch's CPU `pow` with a fractional exponent cost about 20 multiplications' worth of
     time, and LRN's two `pow`s were the largest cost of a demo-scale training step after the convolutions.
 
-    Gradient (the band is symmetric): `da = g * s^-beta - 2 beta a * band(g * b / s)`. Used on the CPU.
+    Gradient (the band is symmetric): `da = g * s^-beta - 2 beta a * band(g * b / s)`.
+
+    Always computed in float32 (at least), with autocast off inside: in bfloat16, `s = 2 + (a small sum)` rounds in
+    steps of 0.8%, as large as the normalisation's own effect, and under CUDA autocast the window sum (a
+    convolution, run in bf16) and the power (log/exp, run in float32) would mix dtypes. The output and the
+    gradient come back in the input's dtype.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, band: torch.Tensor, k: float, beta: float) -> torch.Tensor:
         with _autocast_off(x.device):
-            a = _float32(x)
+            a = x if x.dtype in (torch.float32, torch.float64) else x.float()
             s = F.conv2d(a * a, band, torch.full((band.shape[0],), k, dtype=a.dtype, device=a.device))
             gain = torch.exp(torch.log(s).mul_(-beta))  # s >= k > 0; exp(log) is vectorised where pow is not
             out = a * gain
@@ -82,10 +74,6 @@ class LRN(nn.Module):
     The window sum is a 1x1 convolution of `a^2` with a fixed banded (block-diagonal for two towers) matrix:
     the same numbers as torch's LocalResponseNorm, whose avg_pool3d forward and backward took about 40% of a CPU
     training step at demo width; the convolution runs in oneDNN/cuDNN and follows channels_last.
-
-    Computed in float32 (at least) with autocast off, the output in the input's dtype: in bfloat16,
-    `k + alpha' * sum` rounds in steps of 0.8%, as large as the normalisation's own effect, and under CUDA
-    autocast the window sum (a convolution, run in bf16) and the power (run in float32) would mix dtypes.
     """
 
     def __init__(self, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, beta: float = LRN_BETA,
@@ -108,10 +96,7 @@ class LRN(nn.Module):
         return ((near & same).to(dtype) * self.scale)[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        band = self.band(x.shape[1], x)
-        if x.device.type == "cpu":  # where pow is slow (see _LRNFunction)
-            return _LRNFunction.apply(x, band, self.k, self.beta)
-        return _lrn_ops(x, band, self.k, self.beta)
+        return _LRNFunction.apply(x, self.band(x.shape[1], x), self.k, self.beta)
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
