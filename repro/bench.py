@@ -1,12 +1,15 @@
 """`repro bench`: how fast the harness is, as ratios against what a user would otherwise run.
 
-Each row measures the harness and a plain baseline in the same process, on the same images, with the same
+Each row measures the harness and a plain baseline in the same run, on the same images, with the same
 augmentation, one right after the other, so that the ratio survives a noisy shared machine:
 1. loading: the FFCV pipelines of `repro.data` against torchvision's ImageFolder + DataLoader (PIL decode, random
-   crop, flip), at demo resolution and at 224 px (betons stored as jpg, and raw: `prepare-data --write-mode raw`);
+   crop, flip), at demo resolution and at 224 px (betons stored as jpg, and raw: `prepare-data --write-mode raw`),
+   both yielding uint8 crops; and once more with the mean image taken off as the paper's recipe does (float32,
+   work the baseline does not do);
 2. training: `repro.engine.fit` against a loop written as torchvision's reference train.py writes it (fp32, NCHW,
    DataLoader over the ImageFolder), for `alexnet-paper` at demo scale and at 224 px;
-3. preparation: `repro prepare-data imagefolder` against a single-process PIL loop writing the same beton;
+3. preparation: `repro prepare-data imagefolder` against a single-process PIL loop writing the same beton, and
+   `--max-side` against ffcv-imagenet's `write_imagenet.py` (each side in a fresh process);
 Results go to the console and to a Markdown file with the machine, date, versions and command. The GPU
 measurements (`repro bench --device cuda`) are in repro.bench_gpu and write their own section of the same file.
 """
@@ -86,12 +89,17 @@ def _config(data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int) 
     return apply_overrides(RunConfig(), overrides, source="bench")
 
 
-def bench_loader(folder: Path, data_dir: Path, crop: int, batch_size: int) -> tuple[float, float]:
+def bench_loader(folder: Path, data_dir: Path, crop: int, batch_size: int,
+                 normalize: str = "mean") -> tuple[float, float]:
+    """torchvision's ImageFolder + DataLoader against `repro.data`'s train loader, both yielding crops and flips.
+    With normalize "mean" both yield uint8 (the per-channel mean is taken off later, in the training step); with
+    "mean-image" ours yields float32 with the mean image's window taken off, work the baseline does not do."""
     from repro.data import make_loaders
 
     workers = os.cpu_count() or 1
     base = _time_epochs(_torchvision_loader(folder, crop, batch_size, workers))
-    loaders = make_loaders(_config(data_dir, crop, False, batch_size, 0), device="cpu")
+    cfg = apply_overrides(_config(data_dir, crop, False, batch_size, 0), {"data.normalize": normalize})
+    loaders = make_loaders(cfg, device="cpu")
     ours = _time_epochs(loaders.train, set_epoch=loaders.set_epoch)
     return base, ours
 
@@ -278,11 +286,13 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
         big_data, big_raw = tmp / "prep" / "prepared", tmp / "prep" / "raw"
         prepare("imagefolder", big, big_raw, PrepareOptions(res=256, write_mode="raw"), progress=False)
         with console.status("loading: torchvision DataLoader vs FFCV"):
-            for label, folder, data, crop in [("loader, demo (24 of 28 px)", small, tmp / "small", 24),
-                                              ("loader, 224 of 256 px, jpg beton", big, big_data, 224),
-                                              ("loader, 224 of 256 px, raw beton", big, big_raw, 224)]:
-                base, ours = bench_loader(folder, data, crop, 128 if crop < 100 else 64)
-                rows.append((label, base, ours, ">= 3x"))
+            for label, folder, data, crop, normalize, target in [
+                    ("loader, demo (24 of 28 px)", small, tmp / "small", 24, "mean", ">= 3x"),
+                    ("loader, 224 of 256 px, jpg beton", big, big_data, 224, "mean", ">= 3x"),
+                    ("loader, 224 of 256 px, raw beton", big, big_raw, 224, "mean", ">= 3x"),
+                    ("loader, 224 of 256 px, raw beton, mean image taken off", big, big_raw, 224, "mean-image", "-")]:
+                base, ours = bench_loader(folder, data, crop, 128 if crop < 100 else 64, normalize)
+                rows.append((label, base, ours, target))
         with console.status("training: reference loop vs repro.engine"):
             iters = 4 if quick else 10
             base, ours = bench_training(small, tmp / "small", 24, True, 128, iters * 15, tmp / "runs")

@@ -94,12 +94,13 @@ def test_center_crop_and_ten_crop():
     assert torch.equal(crops[5], torch.flip(crops[1], dims=[-1]))
 
 
-def test_subtract_mean_image_cuts_and_flips_as_the_crop():
+@pytest.mark.parametrize("gather", [False, True])  # the CPU's slices, the GPU's one gather
+def test_subtract_mean_image_cuts_and_flips_as_the_crop(gather):
     """Known 2x2 crops of a known 4x5 mean image: image 0 at (1, 2) unflipped, image 1 at (0, 0) flipped."""
     mean = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)  # (C, H, W)
     images = np.full((2, 3, 2, 2), 100.0, dtype=np.float32)
     out = subtract_mean_image(torch.from_numpy(images), torch.from_numpy(mean),
-                              torch.tensor([[1, 2, 2, 2], [0, 0, 2, 2]]), torch.tensor([False, True]), 2)
+                              torch.tensor([[1, 2, 2, 2], [0, 0, 2, 2]]), torch.tensor([False, True]), 2, gather)
     want = images.copy()
     want[0] -= mean[:, 1:3, 2:4]
     want[1] -= mean[:, 0:2, 0:2][:, :, ::-1]
@@ -107,6 +108,18 @@ def test_subtract_mean_image_cuts_and_flips_as_the_crop():
     # by hand, channel 0: rows 1-2, columns 2-3 of [[0..4], [5..9], ...] are 7 8 / 12 13; image 1 mirrored: 1 0 / 6 5
     np.testing.assert_array_equal(out[0, 0].numpy(), [[93, 92], [88, 87]])
     np.testing.assert_array_equal(out[1, 0].numpy(), [[99, 100], [94, 95]])
+    assert (images == 100).all()  # the input batch is left as it was
+
+
+def test_subtract_mean_image_slices_equal_the_gather_on_random_crops():
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.rand(3, 32, 40, generator=gen) * 255
+    images = torch.rand(16, 3, 24, 24, generator=gen) * 255
+    boxes = torch.stack([torch.randint(0, 9, (16,), generator=gen), torch.randint(0, 17, (16,), generator=gen),
+                         torch.full((16,), 24), torch.full((16,), 24)], dim=1)
+    flips = torch.rand(16, generator=gen) < 0.5
+    torch.testing.assert_close(subtract_mean_image(images, mean, boxes, flips, 24),
+                               subtract_mean_image(images, mean, boxes, flips, 24, gather=True), rtol=0, atol=0)
 
 
 def test_subtract_mean_image_resizes_windows_of_another_size():
