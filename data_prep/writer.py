@@ -195,7 +195,7 @@ class _Writer(DatasetWriter):
                     raise UserError(f"writing {self.fname} failed: a worker process died (exit code "
                                     f"{dead[0].exitcode}: disk full, out of memory, or see its message above); "
                                     f"check free space in {os.path.dirname(self.fname)} and run again")
-                sleep(0.05)
+                sleep(0.01)  # the wait after the last image is up to one poll, once per split
             allocations = []
             for _ in processes:
                 allocations.extend(allocations_queue.get())
