@@ -122,3 +122,14 @@ def test_bf16_autocast_computes_in_float32_and_returns_bf16(towers):
     assert ((got.double() - want).abs() / want.abs())[shown].max() <= 2.0**-8
     err = (x.grad.double() - want_x.grad).norm() / want_x.grad.norm()
     assert err < 2.0**-8
+
+
+def test_compiles_as_one_graph_under_bf16_autocast():
+    """torch.compile traces LRN whole (no graph break), forward and backward, under autocast."""
+    lrn = LRN(towers=2)
+    x = torch.relu(torch.randn(2, 16, 8, 8)).to(torch.bfloat16).requires_grad_(True)
+    compiled = torch.compile(lrn, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
