@@ -17,9 +17,10 @@ from repro.config import RunConfig
 
 def subtract_mean_image(images: torch.Tensor, mean_image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
                         out_size: int, gather: bool = False) -> torch.Tensor:
-    """`images` (N, C, S, S), uint8 or float, as float minus, for each image, the window `boxes[i]` = (top, left, height, width) of
-    `mean_image` (C, H, W), resized to out_size x out_size when the window is of another size, and mirrored left to
-    right where `flips[i]`: the same crop and flip as the image's. Any device; boxes and flips (N,) may be on any.
+    """`images` (N, C, S, S), uint8 or float, as float, minus for each image the window `boxes[i]` = (top, left,
+    height, width) of `mean_image` (C, H, W), resized to out_size x out_size when the window is of another size, and
+    mirrored left to right where `flips[i]`: the same crop and flip as the image's. Any device; boxes and flips (N,)
+    may be on any.
     `gather` takes the GPU's path for same-size windows on a CPU too (tests).
     """
     # decided where the boxes are (the loaders draw them on the host): no device-to-host sync per batch
