@@ -14,94 +14,88 @@ import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, get_type_hints
+from typing import Any, get_type_hints
 
 from repro.errors import UserError
 from repro.models.registry import list_models
+from repro.schema import check, spec
 
 CONFIG_FORMAT = 6  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
 #                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7;
 #                    6: data.normalize defaults to the mean image
 
 
-def _f(default: Any, *, choices: tuple | None = None, hash: bool = True, help: str = "",
-       valid: tuple[Callable[[Any], bool], str] | None = None) -> Any:
-    """A config field; `choices` or `valid` (a test and what it requires, in words) is the one place its allowed
-    values are written: `check_value` applies them to overrides and to configs built in code alike."""
-    return field(default=default, metadata={"choices": choices, "hash": hash, "help": help, "valid": valid})
-
-
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("alexnet-paper", valid=(lambda name: name in list_models(),
+    name: str = spec("alexnet-paper", valid=(lambda name: name in list_models(),
                                            "is not a registered model; `repro models` lists them"),
                    help="registered model, see `repro models`")
-    num_classes: int = _f(1000, valid=(lambda n: n >= 1, "must be at least 1"))
-    activation: str = _f("relu", choices=("relu", "tanh"), help="section 3.1")
-    lrn: bool = _f(True, help="local response normalisation after ReLU in conv1, conv2 (section 3.3)")
-    lrn_alpha_mode: str = _f("per-size", choices=("paper", "per-size"),
+    num_classes: int = spec(1000, valid=(lambda n: n >= 1, "must be at least 1"))
+    activation: str = spec("relu", choices=("relu", "tanh"), help="section 3.1")
+    lrn: bool = spec(True, help="local response normalisation after ReLU in conv1, conv2 (section 3.3)")
+    lrn_alpha_mode: str = spec("per-size", choices=("paper", "per-size"),
                              help="paper: alpha as written; per-size: alpha/n as Caffe, torch and cuda-convnet2")
-    pooling: str = _f("overlap", choices=("overlap", "non-overlap"), help="3/2 or 2/2 max-pool (section 3.4)")
-    towers: str = _f("two", choices=("two", "one-half", "one-full"), help="section 3.2")
-    remove_layer: str = _f("none", choices=("none", "conv2", "conv3", "conv4", "conv5"),
+    pooling: str = spec("overlap", choices=("overlap", "non-overlap"), help="3/2 or 2/2 max-pool (section 3.4)")
+    towers: str = spec("two", choices=("two", "one-half", "one-full"), help="section 3.2")
+    remove_layer: str = spec("none", choices=("none", "conv2", "conv3", "conv4", "conv5"),
                            help="section 7: take one middle conv layer out (the pools stay)")
-    dropout: float = _f(0.5, help="dropout probability (section 4.2), 0 disables; alexnet-paper drops the outputs "
+    dropout: float = spec(0.5, help="dropout probability (section 4.2), 0 disables; alexnet-paper drops the outputs "
                         "of fc6 and fc7 (the paper, Caffe), alexnet-owt the inputs of fc6 and fc7 (torchvision), "
                         "cifar4 the input of its FC layer",
                         valid=(lambda p: 0.0 <= p < 1.0, "must be in [0, 1); 0 disables dropout"))
-    input_size: int = _f(224, help="224 uses cuda-convnet's output rule (55x55 after conv1); 227 as Caffe")
-    width: float = _f(1.0, help="multiplier on every conv and FC width (small scales)",
+    input_size: int = spec(224, help="224 uses cuda-convnet's output rule (55x55 after conv1); 227 as Caffe")
+    width: float = spec(1.0, help="multiplier on every conv and FC width (small scales)",
                       valid=(lambda w: w > 0, "must be > 0 (1.0 is the paper's widths)"))
-    stem: str = _f("imagenet", choices=("imagenet", "tiny"),
+    stem: str = spec("imagenet", choices=("imagenet", "tiny"),
                    help="imagenet: conv1 11x11/4; tiny: conv1 5x5/1 for 28-64 px inputs")
-    init: str = _f("paper", choices=("paper", "kaiming"),
+    init: str = spec("paper", choices=("paper", "kaiming"),
                    help="paper: N(0, 0.01), bias 1 in conv2, conv4, conv5, fc6, fc7")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = _f("data/imagenet", hash=False, help="folder with train.beton, val.beton, manifest.json")
-    manifest_hash: str = _f("", help="filled in when the config is resolved; identifies the data")
-    backend: str = _f("auto", choices=("auto", "ffcv", "torch", "nvjpeg"), hash=False,
+    dir: str = spec("data/imagenet", hash=False, help="folder with train.beton, val.beton, manifest.json")
+    manifest_hash: str = spec("", help="filled in when the config is resolved; identifies the data")
+    backend: str = spec("auto", choices=("auto", "ffcv", "torch", "nvjpeg"), hash=False,
                       help="auto: nvjpeg on CUDA; on CPU FFCV when importable, else the torchvision fallback")
-    flip: bool = _f(True, help="random horizontal flips at train time")
-    pca_lighting: float = _f(0.1, help="sigma of the PCA colour noise (section 4.1); 0 disables")
-    normalize: str = _f("mean-image", choices=("mean-image", "mean", "mean-std"),
+    flip: bool = spec(True, help="random horizontal flips at train time")
+    pca_lighting: float = spec(0.1, help="sigma of the PCA colour noise (section 4.1); 0 disables")
+    normalize: str = spec("mean-image", choices=("mean-image", "mean", "mean-std"),
                         help="mean-image: subtract the training set's mean image, cropped and flipped as each "
                              "image (section 2 of the paper); mean: the per-channel mean; mean-std: per-channel "
                              "mean, then divide by the per-channel std")
-    train_limit: int = _f(0, help="use a fixed random subset of this many training images; 0 = all")
-    val_limit: int = _f(0, help="use a fixed random subset of this many validation images; 0 = all")
-    workers: int = _f(0, hash=False, help="loader worker threads; 0 = all cores")
+    train_limit: int = spec(0, help="use a fixed random subset of this many training images; 0 = all")
+    val_limit: int = spec(0, help="use a fixed random subset of this many validation images; 0 = all")
+    workers: int = spec(0, hash=False, help="loader worker threads; 0 = all cores")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _f(90)
-    batch_size: int = _f(128)
-    lr: float = _f(0.01)
-    momentum: float = _f(0.9)
-    weight_decay: float = _f(5e-4)
-    decay_biases: bool = _f(False, help="weight decay on biases too; false as Caffe's reference AlexNet and "
+    epochs: int = spec(90)
+    batch_size: int = spec(128)
+    lr: float = spec(0.01)
+    momentum: float = spec(0.9)
+    weight_decay: float = spec(5e-4)
+    decay_biases: bool = spec(False, help="weight decay on biases too; false as Caffe's reference AlexNet and "
                                         "cuda-convnet: weights only")
-    schedule: str = _f("plateau", choices=("plateau", "step", "cosine", "constant"),
+    schedule: str = spec("plateau", choices=("plateau", "step", "cosine", "constant"),
                        help="plateau: divide by 10 when val error stops improving (section 5)")
-    lr_drops: int = _f(3, help="plateau/step: how many times the lr is divided by 10")
-    plateau_patience: int = _f(3, help="plateau: epochs without improvement before a drop")
-    warmup_epochs: float = _f(0.0, help="linear lr warm-up over this many epochs (not in the paper; 0 = none)")
-    max_iters: int = _f(0, help="stop after this many iterations; 0 = run all epochs")
-    target_train_err: float = _f(25.0, help="record the first iteration where train top-1 error falls below this")
-    log_every: int = _f(20, help="iterations between points of the training curve")
-    eval_every: int = _f(1, valid=(lambda n: n >= 1, "must be at least 1"),
+    lr_drops: int = spec(3, help="plateau/step: how many times the lr is divided by 10")
+    plateau_patience: int = spec(3, help="plateau: epochs without improvement before a drop")
+    warmup_epochs: float = spec(0.0, help="linear lr warm-up over this many epochs (not in the paper; 0 = none)")
+    max_iters: int = spec(0, help="stop after this many iterations; 0 = run all epochs")
+    target_train_err: float = spec(25.0, help="record the first iteration where train top-1 error falls below this")
+    log_every: int = spec(20, help="iterations between points of the training curve")
+    eval_every: int = spec(1, valid=(lambda n: n >= 1, "must be at least 1"),
                          help="score on the validation set after every N-th epoch and after the last; "
                               "N > 1 needs a schedule that does not read validation error (not plateau)")
-    seed: int = _f(0)
-    precision: str = _f("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    channels_last: bool = _f(True, hash=False)
-    compile: bool = _f(False, hash=False, help="torch.compile the model (GPU)")
-    ten_crop: bool = _f(True, help="also score the final model with 10-crop averaging (section 4.1)")
-    device: str = _f("auto", hash=False, help="auto, cpu, cuda, cuda:1, ...")
-    checkpoint_minutes: float = _f(0.0, hash=False,
+    seed: int = spec(0)
+    precision: str = spec("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool = spec(True, hash=False)
+    compile: bool = spec(False, hash=False, help="torch.compile the model (GPU)")
+    ten_crop: bool = spec(True, help="also score the final model with 10-crop averaging (section 4.1)")
+    device: str = spec("auto", hash=False, help="auto, cpu, cuda, cuda:1, ...")
+    checkpoint_minutes: float = spec(0.0, hash=False,
                                    help="also checkpoint inside an epoch every this many minutes; 0 = at epoch ends only")
 
 
@@ -151,27 +145,19 @@ def _coerce(key: str, f: dataclasses.Field, typ: type, value: Any) -> Any:
             out = value
     except (ValueError, TypeError):
         raise UserError(f"{key} = {value!r} is not a valid {typ.__name__}; give a {typ.__name__} value") from None
-    _check(key, f, out)
+    check(key, f, out)
     return out
-
-
-def _check(key: str, f: dataclasses.Field, value: Any) -> None:
-    choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
-    if choices and value not in choices:
-        raise UserError(f"{key} = {value!r} is not one of {', '.join(choices)}")
-    if valid and not valid[0](value):
-        raise UserError(f"{key} = {value!r} {valid[1]}")
 
 
 def check_value(key: str, value: Any) -> None:
     """Raise the one-line UserError for a value that `key` (e.g. "model.activation") does not allow."""
-    _check(key, all_keys()[key], value)
+    check(key, all_keys()[key], value)
 
 
 def check_section(section: str, values: Any) -> None:
     """Check every field of a section dataclass built in code (e.g. `ModelConfig(...)`), as overrides are."""
     for f in dataclasses.fields(values):
-        _check(f"{section}.{f.name}", f, getattr(values, f.name))
+        check(f"{section}.{f.name}", f, getattr(values, f.name))
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str = "--set") -> RunConfig:
