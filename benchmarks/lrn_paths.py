@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from repro.bench_gpu import model_rate
+from repro.bench.gpu import model_rate
 from repro.config import RunConfig
 from repro.models import layers
 

@@ -278,9 +278,9 @@ def bench(
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device!r}: use cpu or cuda")
     if device == "cuda":
-        from repro.bench_gpu import run_gpu_bench as run
+        from repro.bench.gpu import run_gpu_bench as run
     else:
-        from repro.bench import run_bench as run
+        from repro.bench.cpu import run_bench as run
     path = run(output, quick=quick, console=console)
     console.print(f"wrote {path}")
 

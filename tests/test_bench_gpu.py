@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from repro.bench import write_section
-from repro.bench_gpu import Row, peak_tflops, projection_row
+from repro.bench.common import write_section
+from repro.bench.gpu import Row, peak_tflops, projection_row
 from repro.cli import app
 
 

@@ -23,7 +23,7 @@ STAGES = [
     ("repro.models", "repro.engine"),
     ("repro.runs", "repro.lease"),
     ("repro.launch",),
-    ("repro.claims", "repro.experiments", "repro.runner", "repro.analysis", "repro.bench", "repro.bench_gpu"),
+    ("repro.claims", "repro.experiments", "repro.runner", "repro.analysis", "repro.bench"),
     ("repro.report",),
     ("repro.cli", "repro.__main__"),
 ]

@@ -1,4 +1,4 @@
-"""`repro bench`: how fast the harness is, as ratios against what a user would otherwise run.
+"""`repro bench`: how fast the harness is on the CPU, as ratios against what a user would otherwise run.
 
 Each row measures the harness and a plain baseline in the same run, on the same images, with the same
 augmentation, one right after the other, so that the ratio survives a noisy shared machine:
@@ -11,14 +11,12 @@ augmentation, one right after the other, so that the ratio survives a noisy shar
 3. preparation: `repro prepare-data imagefolder` against a single-process PIL loop writing the same beton, and
    `--max-side` against ffcv-imagenet's `write_imagenet.py` (each side in a fresh process);
 Results go to the console and to a Markdown file with the machine, date, versions and command. The GPU
-measurements (`repro bench --device cuda`) are in repro.bench_gpu and write their own section of the same file.
+measurements (`repro bench --device cuda`) are in repro.bench.gpu and write their own section of the same file.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,27 +28,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from repro import io
+from repro.bench.common import WARMUP_ITERS, fake_images, machine_lines, rate, reference_train, write_section
 from repro.config import RunConfig, apply_overrides
-
-WARMUP_ITERS = 3  # training iterations run before the clock starts, on both sides
-
-
-def _fake_images(root: Path, size: int, per_class: int, classes: int, fmt: str) -> None:
-    """An ImageFolder tree (train/ and val/) of smooth random images, so JPEG sizes resemble photographs."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("val", max(per_class // 4, 2))):
-        for c in range(classes):
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                low = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-                im = Image.fromarray(low).resize((size, size), Image.BICUBIC)
-                im.save(folder / f"{i:05d}.{fmt}", quality=90) if fmt == "jpg" else im.save(folder / f"{i:05d}.{fmt}")
-
-
-def _rate(images: int, seconds: float) -> float:
-    return images / max(seconds, 1e-9)
 
 
 def _torchvision_loader(root: Path, crop: int, batch_size: int, workers: int):
@@ -73,7 +52,7 @@ def _time_epochs(loader, epochs: int = 3, set_epoch=None) -> float:
             count += images.shape[0]
         if epoch > 0:
             n, seconds = n + count, seconds + time.perf_counter() - t0
-    return _rate(n, seconds)
+    return rate(n, seconds)
 
 
 def _config(data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int) -> RunConfig:
@@ -104,55 +83,12 @@ def bench_loader(folder: Path, data_dir: Path, crop: int, batch_size: int,
     return base, ours
 
 
-def _reference_train(folder: Path, cfg: RunConfig, iters: int, warmup: int = WARMUP_ITERS,
-                     device: str = "cpu") -> float:
-    """torchvision references/classification/train.py's loop: fp32, NCHW, DataLoader with one worker per core;
-    images/s after `warmup` iterations (as the engine's rate is taken after a warm-up run)."""
-    from torchvision import datasets, transforms
-
-    from repro.models import build_model
-
-    torch.manual_seed(0)
-    device = torch.device(device)
-    model = build_model(apply_overrides(cfg, {"model.num_classes": 10}).model).to(device)
-    mean = [0.5, 0.5, 0.5]
-    tf = transforms.Compose([transforms.RandomCrop(cfg.model.input_size), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(mean, [1 / 255.0] * 3)])
-    ds = datasets.ImageFolder(str(folder / "train"), transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True,
-                                         num_workers=os.cpu_count() or 1, drop_last=True,
-                                         pin_memory=device.type == "cuda")
-    criterion = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9, weight_decay=5e-4)
-    model.train()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    n, t0, step = 0, time.perf_counter(), 0
-    while step < warmup + iters:
-        for images, target in loader:
-            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            output = model(images)
-            loss = criterion(output, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step == warmup:
-                sync()
-                t0 = time.perf_counter()
-            elif step > warmup:
-                n += images.shape[0]
-            if step >= warmup + iters:
-                break
-    sync()
-    return _rate(n, time.perf_counter() - t0)
-
-
 def bench_training(folder: Path, data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int,
                    runs: Path) -> tuple[float, float]:
     from repro.engine import fit
 
     cfg = _config(data_dir, crop, demo, batch_size, iters)
-    base = _reference_train(folder, cfg, iters)
+    base = reference_train(folder, cfg, iters)
     # a short run first compiles the FFCV pipeline (numba); the timed run reuses the cached Loader
     fit(apply_overrides(cfg, {"train.max_iters": WARMUP_ITERS}), runs / f"warmup-{crop}-{int(demo)}", progress=False)
     record = fit(cfg, runs / f"train-{crop}-{int(demo)}", progress=False)
@@ -180,7 +116,7 @@ def _pil_loop_prepare(folder: Path, out: Path) -> float:
     t0 = time.perf_counter()
     DatasetWriter(str(out), {"image": RGBImageField(write_mode="jpg", jpeg_quality=90), "label": IntField()},
                   num_workers=1).from_indexed_dataset(Items())
-    return _rate(len(ds), time.perf_counter() - t0)
+    return rate(len(ds), time.perf_counter() - t0)
 
 
 def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
@@ -191,7 +127,7 @@ def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     prepare("imagefolder", folder, out / "prepared", PrepareOptions(res=res, force=True), progress=False)
     n = sum(1 for _ in (folder / "train").rglob("*.jpg")) + sum(1 for _ in (folder / "val").rglob("*.jpg"))
-    return base, _rate(n, time.perf_counter() - t0)
+    return base, rate(n, time.perf_counter() - t0)
 
 
 def _photos(folder: Path, per_class: int) -> int:
@@ -240,12 +176,12 @@ def prepare_max_side(folder: str, out: str, workers: int) -> None:
 
 
 def _seconds_in_fresh_python(function: str, imports: str, *args) -> float:
-    """Time `repro.bench.<function>(*args)` in a new interpreter, after importing `imports`: each side starts as
+    """Time `repro.bench.cpu.<function>(*args)` in a new interpreter, after importing `imports`: each side starts as
     a user's command does, with nothing compiled or cached by the other (FFCV compiles numba code in each
     process), and neither side's imports count as conversion time."""
     import subprocess
 
-    code = (f"import time, repro.bench as b, {imports}\n"
+    code = (f"import time, repro.bench.cpu as b, {imports}\n"
             f"t = time.perf_counter(); b.{function}(*{args!r}); print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
@@ -261,7 +197,7 @@ def bench_prepare_vs_ffcv_imagenet(tmp: Path, workers: int, per_class: int = 300
                                     str(tmp / "photos"), str(tmp), workers)
     ours = _seconds_in_fresh_python("prepare_max_side", "data_prep.prepare, data_prep.writer",
                                     str(tmp / "photos"), str(tmp / "prepared-photos"), workers)
-    return _rate(n, base), _rate(n, ours)
+    return rate(n, base), rate(n, ours)
 
 
 def run_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> Path:
@@ -272,8 +208,8 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
         tmp = Path(tmp)
         big, small = tmp / "jpeg256", tmp / "png28"
         with console.status("making benchmark images"):
-            _fake_images(big, 256, per_class, 10, "jpg")
-            _fake_images(small, 28, per_class * 3, 10, "png")
+            fake_images(big, 256, per_class, 10, "jpg")
+            fake_images(small, 28, per_class * 3, 10, "png")
         from data_prep.prepare import PrepareOptions, prepare
 
         with console.status("preparation: plain PIL loop vs repro prepare-data"):
@@ -310,25 +246,6 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
     return out
 
 
-def machine_lines(command: str) -> list[str]:
-    """Command, date, machine and package versions: the first lines of every benchmark section."""
-    import importlib.metadata as md
-
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return [
-        f"- command: `{command}`",
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {device}; Python {sys.version.split()[0]}",
-        "- versions: " + ", ".join(f"{p} {version(p)}" for p in ("torch", "torchvision", "ffcv", "numpy", "Pillow")),
-    ]
-
-
 def _write_markdown(out: Path, rows, quick: bool) -> None:
     lines = [
         "# Benchmarks", "", *machine_lines(f"repro bench{' --quick' if quick else ''}"),
@@ -338,17 +255,3 @@ def _write_markdown(out: Path, rows, quick: bool) -> None:
     ]
     lines += [f"| {a} | {b:,.0f} | {c:,.0f} | {c / b:.2f}x | {t} |" for a, b, c, t in rows]
     write_section(out, "cpu", lines)
-
-
-def write_section(out: Path, name: str, lines: list[str]) -> None:
-    """Put `lines` between the `<!-- bench:name -->` markers of `out`, keeping the file's other sections (the CPU
-    and GPU benchmarks run on different machines); appended when the file has no such section yet."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = "\n".join([begin, *lines, end])
-    text = out.read_text() if out.exists() else ""
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    io.write_text(out, text)

@@ -14,7 +14,6 @@ The data is generated here (smooth random 256 px JPEGs), small enough for a few 
 from __future__ import annotations
 
 import importlib.util
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from repro.bench import WARMUP_ITERS, _fake_images, _reference_train, machine_lines, write_section
+from repro.bench.common import WARMUP_ITERS, fake_images, machine_lines, reference_train, write_section
 from repro.config import RunConfig, apply_overrides
 from repro.errors import UserError
 
@@ -120,7 +119,7 @@ def make_data(tmp: Path, per_class: int, val_limit: int) -> dict[str, Path]:
     from data_prep.prepare import PrepareOptions, prepare
 
     folder = tmp / "jpeg256"
-    _fake_images(folder, 256, per_class, 10, "jpg")
+    fake_images(folder, 256, per_class, 10, "jpg")
     out = {"folder": folder}
     for mode in ("jpg", "raw"):
         out[mode] = tmp / f"beton-{mode}"
@@ -142,14 +141,15 @@ def fit_rate(cfg: RunConfig, run_dir: Path) -> tuple[float, float]:
     """Training images/s of `fit`, over every epoch but the first (worker start-up, numba and cuDNN warm-up), and
     the fraction of that time the training loop waited for the loader."""
     from repro.engine import fit
+    from repro.runs import load_metrics
 
     record = fit(cfg, run_dir, progress=False)
     if record.status != "done":
         raise RuntimeError(f"benchmark run ended {record.status}: {record.error}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    seconds = sum(r["seconds"] for r in rows)
-    images = sum(r["images_per_s"] * r["seconds"] for r in rows)
-    return images / seconds, sum(r["data_wait_s"] for r in rows) / seconds
+    rows = load_metrics(run_dir).iloc[1:]
+    seconds = float(rows["seconds"].sum())
+    images = float((rows["images_per_s"] * rows["seconds"]).sum())
+    return images / seconds, float(rows["data_wait_s"].sum()) / seconds
 
 
 def backends_present() -> list[str]:
@@ -162,7 +162,7 @@ def end_to_end_rows(data: dict[str, Path], runs: Path, epochs: int, console: Con
         images = sum(1 for _ in (data["folder"] / "train").rglob("*.jpg"))
         # timed within the DataLoader's first pass: a second pass would time the start of 16 new workers
         iters = max(images // ref_cfg.train.batch_size - WARMUP_ITERS - 1, 1)
-        base = _reference_train(data["folder"], ref_cfg, iters=iters, device="cuda")
+        base = reference_train(data["folder"], ref_cfg, iters=iters, device="cuda")
     rows = [Row("end to end, torchvision reference loop (ImageFolder, fp32, all cores) (baseline)", base, base)]
     for mode in ("jpg", "raw"):
         for backend in backends_present():
