@@ -1,7 +1,8 @@
 """`repro prepare-data`: read a source, pick classes and caps, write train/val betons and manifest.json.
 
-Nothing is done when the output already matches the settings; otherwise betons are written under `.tmp` names
-and renamed only when both are complete, the manifest last, so an interrupted run never looks finished.
+Nothing is done when the output already matches the settings; otherwise betons are written under this process's
+own temporary names (`train.beton.<pid>.tmp`) and renamed only when both are complete, the manifest last, so an
+interrupted run never looks finished and two runs into one folder never write or remove each other's files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from data_prep import __version__
 from data_prep.manifest import FORMAT, content_hash, pixel_stats, read_existing, sha256_file
-from data_prep.sources import DEFAULT_RES, DEFAULT_ROOTS, SourceData, Split, load_source
+from data_prep.sources import SourceData, Split, get_source, load_source
 from repro import io
 from repro.errors import UserError
 
@@ -43,18 +44,15 @@ class PrepareOptions:
 
 def resolve_settings(source: str, opts: PrepareOptions) -> dict:
     """The settings recorded in (and compared against) the manifest, defaults filled in."""
-    res = opts.res or DEFAULT_RES[source]
+    spec = get_source(source)
+    res = opts.res or spec.default_res
     write_mode = opts.write_mode if opts.write_mode != "auto" else "raw" if res <= RAW_MAX_SIDE else "jpg"
     settings = {"res": res, "max_side": opts.max_side, "classes": opts.classes,
                 "train_per_class": opts.train_per_class, "val_per_class": opts.val_per_class,
                 "jpeg_quality": opts.jpeg_quality, "write_mode": write_mode,
                 "seed": opts.seed}
-    if source == "synthetic":  # the synthetic counts are what it generates, not caps
-        from data_prep.sources import synthetic
-
-        settings.update(classes=str(synthetic.class_count(opts.classes)),
-                        train_per_class=opts.train_per_class or synthetic.DEFAULT_TRAIN,
-                        val_per_class=opts.val_per_class or synthetic.DEFAULT_VAL)
+    if spec.settings is not None:
+        settings.update(spec.settings(opts))
     return settings
 
 
@@ -137,11 +135,10 @@ def _class_file_unchanged(classes: str | None, manifest: dict) -> bool:
 
 
 def _resolve_root(source: str, root: Path | None) -> Path | None:
-    if source not in DEFAULT_RES:
-        raise UserError(f"unknown source {source!r}; use one of {', '.join(DEFAULT_RES)}")
-    if root is None and source in DEFAULT_ROOTS:
-        root = Path(DEFAULT_ROOTS[source])
-    if root is None and source in ("cifar10", "imagefolder", "imagenet"):
+    spec = get_source(source)  # an unknown name is refused here, with the registered ones
+    if root is None and spec.default_root is not None:
+        root = Path(spec.default_root)
+    if root is None and spec.needs_root:
         raise UserError(f"{source} needs --root: the folder holding the dataset")
     return root
 
@@ -160,7 +157,7 @@ def _up_to_date(out: Path, source: str, root_str: str | None, settings: dict, op
 def _select(data: SourceData, source: str, opts: PrepareOptions, root_str: str | None) -> tuple[list[int], dict]:
     """The kept class indices and the train/val splits restricted to them and to the per-class caps."""
     rng = np.random.default_rng(opts.seed)
-    keep = list(range(len(data.class_ids))) if source == "synthetic" else select_classes(data, opts.classes)
+    keep = select_classes(data, opts.classes)
     splits = {"train": restrict(data.train, keep, opts.train_per_class, rng),
               "val": restrict(data.val, keep, opts.val_per_class, rng)}
     for name, split in splits.items():
@@ -170,9 +167,30 @@ def _select(data: SourceData, source: str, opts: PrepareOptions, root_str: str |
     return keep, splits
 
 
+def _target(out: Path, name: str) -> Path:
+    """Where a split's beton (or, for "mean_image", the mean image) is published."""
+    return out / (MEAN_IMAGE_FILE if name == "mean_image" else f"{name}.beton")
+
+
+def _remove_own(tmp: dict, out: Path, created: Path | None) -> None:
+    """This run's temporaries, then the folders it created if they are empty: another run's files stay."""
+    for path in tmp.values():
+        path.unlink(missing_ok=True)
+    if created is None:
+        return
+    for folder in [out.absolute(), *out.absolute().parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
+
+
 def _write_splits(out: Path, splits: dict, settings: dict, opts: PrepareOptions, source: str,
                   progress: bool) -> tuple[dict, dict]:
-    """Both betons under .tmp names, and the mean image; on any failure nothing of this run is left behind."""
+    """Both betons under this process's temporary names, and the mean image; on any failure nothing of this run
+    is left behind."""
     from data_prep.writer import make_progress, write_split  # imports ffcv (seconds): not on the up-to-date path
 
     res = settings["res"]
@@ -180,8 +198,9 @@ def _write_splits(out: Path, splits: dict, settings: dict, opts: PrepareOptions,
     estimate = sum(len(s) for s in splits.values()) * bytes_per_image + 64 * (1 << 21)
     created = _first_missing(out.absolute())
     check_output(out, estimate)
-    tmp = {name: out / f"{name}.beton.tmp" for name in splits}
-    tmp["mean_image"] = out / f"{MEAN_IMAGE_FILE}.tmp"
+    # FFCV's writer takes a file name and the files are renamed together in _publish, so io.atomic_path does not
+    # fit; io.temp_name still gives each process names of its own.
+    tmp = {name: io.temp_name(_target(out, name)) for name in [*splits, "mean_image"]}
     results = {}
     try:
         with make_progress(progress) as bar:
@@ -198,10 +217,7 @@ def _write_splits(out: Path, splits: dict, settings: dict, opts: PrepareOptions,
         with open(tmp["mean_image"], "wb") as f:  # np.save on a path would append .npy to the .tmp name
             np.save(f, results["train"]["mean_image"])
     except BaseException as e:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        _remove_own(tmp, out, created)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
             raise UserError(f"writing to {out} failed ({e.strerror}); free space or choose a writable --out") from None
         raise
@@ -248,7 +264,7 @@ def _publish(out: Path, tmp: dict, manifest: dict) -> None:
     """Old manifest out first (it must not describe the new files), then the files, the new manifest last."""
     (out / "manifest.json").unlink(missing_ok=True)
     for name, path in tmp.items():
-        os.replace(path, path.with_name(path.name.removesuffix(".tmp")))
+        os.replace(path, _target(out, name))
     io.write_json(out / "manifest.json", manifest)
 
 

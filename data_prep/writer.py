@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from data_prep.images import SkipImage, array_to_stored, read_image, to_stored
-from data_prep.sources import Split
+from data_prep.sources.base import Split
 from repro.errors import UserError
 
 STATS_SAMPLE = 50_000  # image files whose pixels enter mean/std/PCA (in-memory sources use every image)

@@ -95,6 +95,50 @@ def test_interrupted_run_leaves_old_output_and_no_temporaries(tmp_path, monkeypa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_two_runs_into_one_folder_keep_to_their_own_temporaries(tmp_path, monkeypatch):
+    """Another process's run in progress in the same folder: this run, finished or failed, neither writes over nor
+    removes its temporaries."""
+    import os
+
+    import data_prep.writer as writer
+
+    make_fashion(tmp_path / "fm", n_train=20, n_val=10)
+    out = tmp_path / "out"
+    out.mkdir()
+    real, names = writer.write_split, {"other": [], "own": []}
+
+    def recording(who, stop_at=None):
+        def write_split(path, *args, **kw):
+            names[who].append(str(path))
+            if len(names[who]) == stop_at:
+                raise KeyboardInterrupt
+            return real(path, *args, **kw)
+        return write_split
+
+    other_pid = os.getpid() + 1
+    with monkeypatch.context() as m:  # the other process: stopped before writing; its file is then left mid-write
+        m.setattr(os, "getpid", lambda: other_pid)
+        m.setattr(writer, "write_split", recording("other", stop_at=1))
+        with pytest.raises(KeyboardInterrupt):
+            prepare("fashion-mnist", tmp_path / "fm", out, opts(), progress=False)
+    other_tmp = out / os.path.basename(names["other"][0])
+    other_tmp.write_bytes(b"the other run's half-written beton")
+
+    monkeypatch.setattr(writer, "write_split", recording("own"))
+    prepare("fashion-mnist", tmp_path / "fm", out, opts(), progress=False)
+    assert names["other"][0] not in names["own"]
+    assert other_tmp.read_bytes() == b"the other run's half-written beton"
+    assert sorted(p.name for p in out.glob("*.tmp")) == [other_tmp.name]
+    assert len(read_beton(out / "val.beton")[1]) == 10
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] == 20
+
+    monkeypatch.setattr(writer, "write_split", recording("own", stop_at=len(names["own"]) + 2))  # fails on val
+    with pytest.raises(KeyboardInterrupt):
+        prepare("fashion-mnist", tmp_path / "fm", out, opts(force=True), progress=False)
+    assert other_tmp.read_bytes() == b"the other run's half-written beton"
+    assert sorted(p.name for p in out.glob("*.tmp")) == [other_tmp.name]
+
+
 def test_max_side_keeps_aspect(tmp_path):
     from conftest_data import make_tree
 

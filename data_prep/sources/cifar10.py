@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources import Split, SourceData
+from data_prep.sources.base import Source, SourceData, Split, register_source
 from repro.errors import UserError
 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -84,3 +84,7 @@ def load(root: Path | None, opts) -> SourceData:
         if data.labels.min() < 0 or data.labels.max() > 9:
             raise UserError(f"{root}: {split} labels outside 0..9; re-extract the batches")
     return SourceData([str(i) for i in range(10)], names, train, val)
+
+
+register_source(Source("cifar10", load, default_res=32, display_name="CIFAR-10",
+                       help="CIFAR-10's python batches (--root: cifar-10-batches-py or the folder holding it)"))

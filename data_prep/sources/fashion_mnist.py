@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources import Split, SourceData
+from data_prep.sources.base import Source, SourceData, Split, register_source
 from repro.errors import UserError
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -58,3 +58,8 @@ def load(root: Path | None, opts) -> SourceData:
             raise UserError(f"{root / labels_stem}: label {labels.max()} out of range 0..9; re-download it")
         splits[split] = Split(labels=labels, images=images)  # grey NxHxW, expanded to RGB when written
     return SourceData([str(i) for i in range(10)], list(CLASS_NAMES), splits["train"], splits["val"])
+
+
+register_source(Source("fashion-mnist", load, default_res=28, display_name="Fashion-MNIST",
+                       default_root="/usr/share/datasets/fashion-mnist",
+                       help="Fashion-MNIST's IDX files (default --root: Debian's dataset-fashion-mnist)"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.sources import Split, SourceData
+from data_prep.sources.base import Source, SourceData, Split, register_source
 from data_prep.sources.folders import class_folders, list_classes
 from repro.errors import UserError
 
@@ -27,3 +27,7 @@ def load(root: Path | None, opts) -> SourceData:
     val_paths, val_labels = list_classes(root / "val", class_ids, allow_missing=True)
     return SourceData(class_ids, list(class_ids), Split(train_labels, paths=train_paths),
                       Split(val_labels, paths=val_paths))
+
+
+register_source(Source("imagefolder", load, default_res=256, display_name="image folder",
+                       help="any train/<class>/ and val/<class>/ tree of images, such as Imagenette"))

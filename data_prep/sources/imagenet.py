@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources import Split, SourceData
+from data_prep.sources.base import Source, SourceData, Split, register_source
 from data_prep.sources.folders import class_folders, list_classes, list_files
 from repro.errors import UserError
 
@@ -118,3 +118,8 @@ def load(root: Path | None, opts) -> SourceData:
         val_paths, val_labels = val_files, np.asarray([index[w] for w in val_wnids], dtype=np.int64)
     names = [words.get(w, w).strip() for w in wnids]
     return SourceData(wnids, names, Split(train_labels, paths=train_paths), Split(val_labels, paths=val_paths))
+
+
+register_source(Source("imagenet", load, default_res=256, display_name="ImageNet",
+                       help="ILSVRC-2012: train/<wnid>/, val/ in class folders or flat with the devkit's or "
+                            "Kaggle's labels"))

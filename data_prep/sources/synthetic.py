@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources import Split, SourceData
+from data_prep.sources.base import Source, SourceData, Split, register_source
 from repro.errors import UserError
 
-DEFAULT_CLASSES, DEFAULT_TRAIN, DEFAULT_VAL = 10, 100, 20
+DEFAULT_CLASSES, DEFAULT_TRAIN, DEFAULT_VAL, DEFAULT_RES = 10, 100, 20, 32
 
 
 def class_count(classes: str | None) -> int:
@@ -49,8 +49,19 @@ def generate(num_classes: int, per_class: int, res: int, rng: np.random.Generato
 
 def load(root: Path | None, opts) -> SourceData:
     k = class_count(opts.classes)
-    res = opts.res or 32
+    res = opts.res or DEFAULT_RES
     train = generate(k, opts.train_per_class or DEFAULT_TRAIN, res, np.random.default_rng([opts.seed, 0]))
     val = generate(k, opts.val_per_class or DEFAULT_VAL, res, np.random.default_rng([opts.seed, 1]))
     ids = [str(i) for i in range(k)]
     return SourceData(ids, [f"class {i}" for i in ids], train, val)
+
+
+def settings(opts) -> dict:
+    """The class and per-class counts are what it generates, not caps on a dataset: recorded as such."""
+    return {"classes": str(class_count(opts.classes)), "train_per_class": opts.train_per_class or DEFAULT_TRAIN,
+            "val_per_class": opts.val_per_class or DEFAULT_VAL}
+
+
+register_source(Source("synthetic", load, default_res=DEFAULT_RES, display_name="synthetic images",
+                       needs_root=False, settings=settings,
+                       help="generated coloured stripes, for trying the tool without a dataset (needs no --root)"))
