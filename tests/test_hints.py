@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from repro.cli import app
 from repro.data import read_manifest
 from repro.errors import UserError
-from repro.experiments import load_scales
 from repro.hints import prepare_command, scale_sources
+from repro.scales import load_scales
 
 REPO = Path(__file__).resolve().parent.parent
 SUGGESTED = re.compile(r"`(repro [^`]+)`")
