@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.sources import SOURCES
 from repro import io
 from repro import runs as store
 from repro.claims.common import run_path
 from repro.config import from_dict
 from repro.engine.record import finite
 
-DISPLAY_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imagenet": "ImageNet",
-                 "synthetic": "synthetic images"}
 # the second PCA eigenvalue of the RGB pixels over the first: below this, the three channels carry one signal
 COLOUR_RATIO = 1e-6
 NEAR_CONSTANT = 0.01  # alpha'*sum(a^2)/k below this at p99: (k + x)^-beta changes by under 0.75%: a fixed gain
@@ -52,7 +51,8 @@ def data_facts(data_dir) -> dict | None:
     source = str(m.get("source", "?"))
     image = m.get("image") or {}
     px = image.get("height") or (m.get("settings") or {}).get("res")
-    return {"source": source, "name": DISPLAY_NAMES.get(source, source), "colour": has_colour(m), "px": px,
+    name = SOURCES[source].display_name if source in SOURCES else source  # a source no longer registered: its id
+    return {"source": source, "name": name, "colour": has_colour(m), "px": px,
             "train": int(((m.get("splits") or {}).get("train") or {}).get("count", 0)),
             "classes": len((m.get("classes") or {}).get("ids") or [])}
 
