@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from repro import io
 from repro.errors import UserError
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,16 +33,20 @@ def screenshot(page: Path | str, png: Path | str, *, width: int = 1200, height: 
         raise UserError("no Chromium found; install it (Debian: apt-get install chromium) to take a screenshot")
     if not page.is_file():
         raise UserError(f"{page}: no such report; run `repro report` first")
-    tmp = png.with_name(png.stem + ".tmp.png")
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                               f"--window-size={width},{height}", f"--screenshot={tmp.resolve()}",
-                               page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0 or not tmp.exists():
+    # this process's own name (two screenshots of one file never share it), ending in .png: Chromium picks the
+    # format from the extension and refuses .tmp
+    tmp = Path(f"{io.temp_name(png)}.png")
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            proc = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                   f"--window-size={width},{height}", f"--screenshot={tmp.resolve()}",
+                                   page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 or not tmp.exists():
+            raise UserError(f"Chromium could not render {page} (exit {proc.returncode}); try it by hand: {chromium} "
+                            f"--headless --screenshot {page}")
+        tmp.replace(png)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"Chromium could not render {page} (exit {proc.returncode}); try it by hand: {chromium} "
-                        f"--headless --screenshot {page}")
-    tmp.replace(png)
     return png
 
 
