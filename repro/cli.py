@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from data_prep.sources import SOURCES, source_names
 from repro.errors import EXIT_BAD_INPUT, UserError
 from repro.views import cli_console
 
@@ -44,12 +45,12 @@ def friendly(fn):
     return wrapper
 
 
-class Source(str, Enum):
-    fashion_mnist = "fashion-mnist"
-    cifar10 = "cifar10"
-    imagefolder = "imagefolder"
-    imagenet = "imagenet"
-    synthetic = "synthetic"
+Source = Enum("Source", {name: name for name in source_names()}, type=str)  # data_prep.sources' registry
+SOURCE_HELP = "Dataset format to read: " + "; ".join(f"{n}: {SOURCES[n].help}" for n in source_names()) + "."
+ROOT_HELP = "Where the source lives." + "".join(f" Default for {n}: {SOURCES[n].default_root}."
+                                                 for n in source_names() if SOURCES[n].default_root)
+RES_HELP = ("Stored image size. Default: " + ", ".join(f"{SOURCES[n].default_res} for {n}" for n in source_names())
+            + " (256: the paper's shorter side to 256 and centre 256x256 crop; the small sets keep their own size).")
 
 
 class Scale(str, Enum):
@@ -88,14 +89,11 @@ VIEW_HELP = "table: for reading (fits the terminal; prose columns shortened or l
 @app.command("prepare-data")
 @friendly
 def prepare_data(
-    source: Source = typer.Argument(..., help="Dataset format to read."),
-    root: Optional[Path] = typer.Option(None, help="Where the source lives. Default for fashion-mnist: "
-                                        "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)."),
+    source: Source = typer.Argument(..., help=SOURCE_HELP),
+    root: Optional[Path] = typer.Option(None, help=ROOT_HELP),
     out: Optional[Path] = typer.Option(None, help="Output folder for train.beton, val.beton, manifest.json. "
                                        "Default: data/<source>."),
-    res: Optional[int] = typer.Option(None, min=8, help="Stored image size. Default: 256 for imagenet and "
-                                      "imagefolder (paper: shorter side to 256, centre 256x256 crop), native for "
-                                      "fashion-mnist (28) and cifar10 (32)."),
+    res: Optional[int] = typer.Option(None, min=8, help=RES_HELP),
     max_side: bool = typer.Option(False, "--max-side", help="Keep aspect ratio and cap the longer side at --res "
                                   "(as ffcv-imagenet's writer) instead of the paper's centre crop."),
     classes: Optional[str] = typer.Option(None, help="Keep only some classes: a count N (the first N class ids "
