@@ -3,8 +3,8 @@
 What an analysis computes is its kind's (repro.claims.<kind>.analyse): the ensemble's averaged softmax, the
 convergence speed-ups, conv1's colour specificity, nearest-neighbour retrieval, ten-crop scoring of the trained
 weights. This module runs it on the experiment's finished runs under a lock and writes
-`runs/<experiment>/analysis-<scale>.json` (numbers; `repro.runs.load_analyses` reads them) and, for figures,
-`analysis-<scale>.npz` (arrays). An analysis is skipped when its inputs (the runs' config hashes and finish times) have not
+the experiment's analysis files at that scale (numbers, and arrays for figures; repro.rundir says where,
+`repro.runs.load_analyses` reads them). An analysis is skipped when its inputs (the runs' config hashes and finish times) have not
 changed.
 """
 
@@ -16,17 +16,18 @@ from typing import Any
 import numpy as np
 
 from repro import io
-from repro import runs as store
+from repro.rundir import analysis_paths, folder_lock, store_dir
 from repro.claims import get_kind
-from repro.experiments import Experiment, PlannedRun
+from repro.experiments import Experiment
+from repro.plan import PlannedRun
 
 
 def finished(runs: list[PlannedRun], runs_dir: Path) -> list[tuple[PlannedRun, Path, dict]]:
     """(run, its directory, its result as a dict) of every done run among `runs`."""
     out = []
     for r in runs:
-        d = store.store_dir(runs_dir, r.config_hash)
-        record = store.read_result(d)  # None unless of the current format
+        d = store_dir(runs_dir, r.config_hash)
+        record = d.read_record()  # None unless of the current format
         if record is not None and record.finished:
             out.append((r, d, record.to_dict()))
     return out
@@ -37,9 +38,7 @@ def _inputs(done) -> dict[str, str]:
             for r, _, res in done}
 
 
-def _write(exp_dir: Path, scale: str | None, data: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    json_path, npz_path = store.analysis_paths(exp_dir, scale)
+def _write(json_path: Path, npz_path: Path, data: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     if arrays:
         with io.atomic_path(npz_path) as tmp, open(tmp, "wb") as f:  # a path would get ".npz" added
             np.savez_compressed(f, **arrays)
@@ -54,18 +53,18 @@ def analyse(exp: Experiment, runs: list[PlannedRun], runs_dir: Path) -> str | No
     kind = get_kind(exp.kind)
     if kind.analyse is None:
         return None
-    exp_dir = Path(runs_dir) / exp.name
-    exp_dir.mkdir(parents=True, exist_ok=True)
     done = finished(runs, Path(runs_dir))
     inputs = _inputs(done)
     scale = runs[0].scale if runs else None  # one analysis per scale: each scale is evidence of its own
-    with store.run_lock(exp_dir, wait=True):  # two processes never write one analysis
-        old = io.read_json(store.analysis_paths(exp_dir, scale)[0]) or {}
+    json_path, npz_path = analysis_paths(runs_dir, exp.name, scale)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(json_path.parent, wait=True):  # two processes never write one analysis
+        old = io.read_json(json_path) or {}
         if old.get("inputs") == inputs and old.get("kind") == exp.kind:
             return None
         data, arrays = kind.analyse(exp, done)
         data.update({"kind": exp.kind, "experiment": exp.name, "inputs": inputs, "scale": scale})
-        _write(exp_dir, scale, data, arrays)
+        _write(json_path, npz_path, data, arrays)
     return summary_line(exp.kind, data)
 
 

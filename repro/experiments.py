@@ -1,10 +1,10 @@
-"""The claim registry: one `experiments/<name>.toml` per claim of the paper, validated and resolved into runs.
+"""The claim registry: one `experiments/<name>.toml` per claim of the paper, checked against its declared schema.
 
 An experiment file names the claim (section, text, kind, the paper's numbers), the variants being compared
-(dotted config overrides on a shared `[base]`) and per-scale settings. `experiments/_scales.toml` holds what every
-experiment shares at a scale (data folder, seeds, input size, width, epochs). A config is resolved in this order:
-RunConfig defaults (the paper) -> `_scales.toml[scale]` -> `[base]` -> `[scales.<scale>]` -> variant -> `--set`;
-then `data.manifest_hash` and `model.num_classes` come from the data's manifest.
+(dotted config overrides on a shared `[base]`) and per-scale settings; its tables are declared below
+(`ExperimentFile`, `PaperNumbers`, `JudgeTable`, `PageTable`; a scale's data settings are `repro.scales.ScaleData`)
+with the same field metadata as the config. `experiments/_scales.toml` holds what every experiment shares at a
+scale (repro.scales); repro.plan resolves an experiment into runs.
 
 Meaning of `[paper]` per kind (all error numbers in percentage points):
   absolute, ten-crop-less  : the paper's values (`top1_err = 40.7`).
@@ -22,34 +22,76 @@ facts its section states (`show`: "lrn-strength", "parameters").
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import functools
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from repro.claims import get_kind, kind_names
-from repro.config import RunConfig, apply_overrides, config_hash
+from repro.config import RunConfig, apply_overrides
 from repro.engine.record import METRICS
 from repro.errors import UserError
-from repro.hints import prepare_command
+from repro.scales import EXPERIMENTS_DIR, Scale, ScaleData, get_scale, load_scales, with_data
+from repro.schema import read_table, spec, unknown_key
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-SCALES = ("smoke", "demo", "subset", "full")
-PAPER_KEYS = set(METRICS) | {"speedup", "iters_ratio", "note"}
-REQUIRED = ("title", "section", "claim", "kind", "variants")
-OPTIONAL = ("control", "treatments", "metric", "compare", "reproduced_if", "paper", "base", "sweep", "scales", "judge",
-            "page")
-JUDGE_KEYS = ("needs_colour",)  # read by repro.claims.judge for every kind; each kind adds its own
-PAGE_KEYS = ("order", "context", "show")
 SHOW = ("lrn-strength", "parameters")
 DIRECTIONS = ("lower", "higher")
-SCALE_REQUIRED = ("seeds", "data")
-NOMINAL = ("nominal_train_images", "nominal_val_images", "nominal_classes")  # the data's sizes before it exists
-SCALE_SPECIAL = SCALE_REQUIRED + ("prepare",) + NOMINAL  # keys of a scale table that are not config keys
+EXPECTABLE = METRICS + ("gap",)
 SWEEP_ABBREV = {"train.lr": "lr", "train.weight_decay": "wd", "model.dropout": "p"}
+_NON_NEGATIVE = (lambda x: x >= 0, "must be a number >= 0")
+
+
+# --- the schema of an experiment file, declared -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExperimentFile:
+    """The top level of `experiments/<name>.toml`."""
+
+    title: str = spec(help="the claim's title on the page")
+    section: str = spec(help="where the paper makes the claim")
+    claim: str = spec(help="the claim in the paper's words")
+    kind: str = spec(choices=kind_names(), help="how it is analysed and judged (repro.claims.<kind>)")
+    variants: dict = spec(help="[variants.<name>]: config overrides per variant")
+    control: str | None = spec(None, help="the variant (group) the treatments are compared against")
+    treatments: tuple = spec((), help="the variants (groups) compared against the control")
+    metric: str = spec("top1_err", choices=METRICS, help="the headline metric")
+    compare: str | None = spec(None, choices=METRICS, help="ten-crop: the metric `metric` is compared against")
+    reproduced_if: str = spec("", help="what would count as reproduced, in words; may quote [judge] as {key}")
+    paper: dict = spec(None, factory=dict, help="the paper's numbers (PaperNumbers)")
+    base: dict = spec(None, factory=dict, help="config overrides every variant shares")
+    sweep: dict = spec(None, factory=dict, help='key = [values]: every variant once per value, e.g. "train.lr"')
+    scales: dict = spec(None, factory=dict, help="[scales.<scale>]: data, seeds and config overrides at a scale")
+    judge: dict = spec(None, factory=dict, help="how the claim is judged (JudgeTable)")
+    page: dict = spec(None, factory=dict, help="its place on the page (PageTable)")
+
+
+PaperNumbers = dataclasses.make_dataclass(
+    "PaperNumbers", [(m, float | None, spec(None, help="error points")) for m in METRICS]
+    + [("speedup", float | None, spec(None, help="convergence: control / treatment iterations")),
+       ("iters_ratio", float | None, spec(None, help="treatment / control iterations")),
+       ("note", str | None, spec(None, help="what the paper shows, for qualitative claims"))], frozen=True)
+PaperNumbers.__doc__ = "[paper]: the paper's numbers, in the kind's meaning (see the module docstring)."
+
+
+@dataclass(frozen=True)
+class JudgeTable:
+    """[judge]: how the claim is judged. Every kind reads needs_colour; each kind allows the keys it reads."""
+
+    needs_colour: bool = spec(False, help="not testable on greyscale data")
+    tolerance: float = spec(None, valid=_NON_NEGATIVE, help="absolute: points from the paper that still count")
+    expect: dict = spec(None, factory=dict, help='effect: metric = "lower" | "higher", for direction-only claims')
+    converge_train_err: float = spec(None, valid=_NON_NEGATIVE, help="effect: training error for the iterations")
+
+
+@dataclass(frozen=True)
+class PageTable:
+    """[page]: the claim's place on the report."""
+
+    order: int = spec(None, help="position on the page")
+    context: tuple = spec((), help="later re-measurements shown beside the claim")
+    show: tuple = spec((), choices=SHOW, help="measured facts its section states")
 
 
 @dataclass(frozen=True)
@@ -76,19 +118,6 @@ class Experiment:
     file: str = ""
 
 
-@dataclass(frozen=True)
-class PlannedRun:
-    experiment: str
-    variant: str
-    group: str
-    seed: int
-    scale: str
-    cfg: RunConfig
-    config_hash: str               # without the data (data_ready false): a stand-in, not the run's hash
-    data_ready: bool = True        # false: planned from the scale's nominal sizes, the data not prepared yet
-    train_images: int = 0          # training images in the data (or its nominal count); 0: not looked up
-
-
 def _load_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -99,20 +128,10 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _unknown(path: Path, where: str, key: str, known) -> UserError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(known)}"
-    return UserError(f"{path}: unknown key {where}{key!r}{hint}")
-
-
-def _want(path: Path, key: str, value: Any, typ: type | tuple, what: str) -> Any:
-    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
-        raise UserError(f"{path}: {key} = {value!r} must be {what}")
-    return value
-
-
-def _check_config(path: Path, where: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def _check_config(path: Path, where: str, overrides: Any) -> dict[str, Any]:
     """Validate dotted config keys and values (names the file and table); return the overrides unchanged."""
+    if not isinstance(overrides, dict):
+        raise UserError(f"{path}: [{where}] = {overrides!r} must be a table")
     for key, value in overrides.items():
         if isinstance(value, dict):
             raise UserError(f"{path}: [{where}] {key!r} is a table; write dotted keys in quotes, e.g. \"model.lrn\" = false")
@@ -123,16 +142,8 @@ def _check_config(path: Path, where: str, overrides: dict[str, Any]) -> dict[str
     return dict(overrides)
 
 
-def _check_scale_table(path: Path, where: str, table: Any) -> dict[str, Any]:
-    _want(path, where, table, dict, "a table")
-    for key in SCALE_SPECIAL:
-        if key in ("seeds",) + NOMINAL and key in table:
-            if not isinstance(table[key], int) or isinstance(table[key], bool) or table[key] < 1:
-                raise UserError(f"{path}: [{where}] {key} = {table[key]!r} must be a whole number >= 1")
-        if key in ("data", "prepare") and key in table:
-            _want(path, f"[{where}] {key}", table[key], str, "a string")
-    _check_config(path, where, {k: v for k, v in table.items() if k not in SCALE_SPECIAL})
-    return dict(table)
+def _config_key(key: str) -> bool:
+    return "." in key
 
 
 def _sweep_name(key: str, value: Any) -> str:
@@ -154,137 +165,83 @@ def expand_sweep(variants: dict[str, dict[str, Any]], sweep: dict[str, list]) ->
     return out, groups
 
 
-def _check_judge(path: Path, raw: Any, kind) -> dict[str, Any]:
-    table = _want(path, "[judge]", raw, dict, "a table")
-    allowed = JUDGE_KEYS + kind.judge_keys
-    for key, value in table.items():
+def _judge(path: Path, raw: Any, kind) -> dict[str, Any]:
+    allowed = ("needs_colour", *kind.judge_keys)
+    for key in raw if isinstance(raw, dict) else ():
         if key not in allowed:
-            raise _unknown(path, "[judge] ", key, allowed)
-        if key == "needs_colour":
-            _want(path, "[judge] needs_colour", value, bool, "true or false")
-        elif key == "expect":
-            _want(path, "[judge.expect]", value, dict, "a table of metric = \"lower\" | \"higher\"")
-            for metric, d in value.items():
-                if metric not in METRICS + ("gap",):
-                    raise _unknown(path, "[judge.expect] ", metric, METRICS + ("gap",))
-                if d not in DIRECTIONS:
-                    raise UserError(f"{path}: [judge.expect] {metric} = {d!r} must be \"lower\" or \"higher\"")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise UserError(f"{path}: [judge] {key} = {value!r} must be a number >= 0")
+            raise unknown_key(f"{path}: [judge] ", key, allowed)
+    table = read_table(JudgeTable, raw, path=path, where="[judge] ")
+    for metric, d in table.get("expect", {}).items():
+        if metric not in EXPECTABLE:
+            raise unknown_key(f"{path}: [judge.expect] ", metric, EXPECTABLE)
+        if d not in DIRECTIONS:
+            raise UserError(f"{path}: [judge.expect] {metric} = {d!r} must be \"lower\" or \"higher\"")
     if "tolerance" in kind.judge_keys and "tolerance" not in table:
         raise UserError(f"{path}: kind = {kind.name!r} needs [judge] tolerance (points from the paper's number that "
                         "still count as reproduced)")
-    return dict(table)
-
-
-def _check_page(path: Path, raw: Any) -> dict[str, Any]:
-    table = _want(path, "[page]", raw, dict, "a table")
-    for key, value in table.items():
-        if key not in PAGE_KEYS:
-            raise _unknown(path, "[page] ", key, PAGE_KEYS)
-    if "order" in table:
-        _want(path, "[page] order", table["order"], int, "a whole number")
-    for key in ("context", "show"):
-        value = table.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{path}: [page] {key} = {value!r} must be a list of strings")
-    for item in table.get("show", []):
-        if item not in SHOW:
-            raise _unknown(path, "[page] show ", item, SHOW)
     return table
 
 
-def parse_experiment(path: Path) -> Experiment:
-    """Read and validate one experiment file; every problem is a UserError naming the file and the key."""
-    path = Path(path)
-    raw = _load_toml(path)
-    for key in raw:
-        if key not in REQUIRED + OPTIONAL:
-            raise _unknown(path, "", key, REQUIRED + OPTIONAL)
-    for key in REQUIRED:
-        if key not in raw:
-            raise UserError(f"{path}: missing required key {key!r}; see experiments/ablation-lrn.toml for an example")
-    for key in ("title", "section", "claim", "kind", "metric", "compare", "control", "reproduced_if"):
-        if key in raw:
-            _want(path, key, raw[key], str, "a string")
-    if raw["kind"] not in kind_names():
-        raise UserError(f"{path}: kind = {raw['kind']!r} is not one of {', '.join(kind_names())}")
-    kind = get_kind(raw["kind"])
-    for key in ("metric", "compare"):
-        if key in raw and raw[key] not in METRICS:
-            raise UserError(f"{path}: {key} = {raw[key]!r} is not one of {', '.join(METRICS)}")
-
-    base = _check_config(path, "base", _want(path, "[base]", raw.get("base", {}), dict, "a table"))
-    variants_raw = _want(path, "[variants]", raw["variants"], dict, "a table of [variants.<name>] tables")
-    if not variants_raw:
+def _variants(path: Path, raw: dict[str, Any]) -> tuple[dict, dict]:
+    """Every variant's overrides checked, crossed with the sweep: (variants, groups)."""
+    if not raw["variants"]:
         raise UserError(f"{path}: [variants] is empty; add at least one [variants.<name>] table")
-    sweep = _want(path, "[sweep]", raw.get("sweep", {}), dict, "a table of key = [values]")
-    for key, values in sweep.items():
+    for key, values in raw.get("sweep", {}).items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: [sweep] {key!r} must be a non-empty list of values")
         for v in values:
             _check_config(path, "sweep", {key: v})
-    for name, overrides in variants_raw.items():
-        _want(path, f"[variants.{name}]", overrides, dict, "a table")
+    for name, overrides in raw["variants"].items():
         _check_config(path, f"variants.{name}", overrides)
-    variants, groups = expand_sweep(variants_raw, sweep)
+    return expand_sweep(raw["variants"], raw.get("sweep", {}))
 
-    control = raw.get("control")
-    treatments = raw.get("treatments", [])
-    if not isinstance(treatments, list) or not all(isinstance(t, str) for t in treatments):
-        raise UserError(f"{path}: treatments = {treatments!r} must be a list of variant names")
-    for ref in ([control] if control else []) + treatments:
+
+def _arms(path: Path, raw: dict[str, Any], groups: dict, kind) -> None:
+    for ref in ([raw["control"]] if raw.get("control") else []) + list(raw.get("treatments", ())):
         if ref not in groups:
             raise UserError(f"{path}: control/treatments name {ref!r}, which is not a [variants.<name>] table; "
                             f"variants: {', '.join(groups)}")
-    if kind.needs_arms and not (control and treatments):
-        raise UserError(f"{path}: kind = {raw['kind']!r} needs both control and treatments")
+    if kind.needs_arms and not (raw.get("control") and raw.get("treatments")):
+        raise UserError(f"{path}: kind = {kind.name!r} needs both control and treatments")
 
-    paper = _want(path, "[paper]", raw.get("paper", {}), dict, "a table")
-    for key, value in paper.items():
-        if key not in PAPER_KEYS:
-            raise _unknown(path, "[paper] ", key, sorted(PAPER_KEYS))
-        if key == "note":
-            _want(path, "[paper] note", value, str, "a string")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise UserError(f"{path}: [paper] {key} = {value!r} must be a number")
 
-    scales = _want(path, "[scales]", raw.get("scales", {}), dict, "a table of [scales.<scale>] tables")
-    for scale, table in scales.items():
-        if scale not in SCALES:
-            raise _unknown(path, "[scales] ", scale, SCALES)
-        _check_scale_table(path, f"scales.{scale}", table)
+def _scale_tables(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """[scales.<scale>]: a registered scale each; data settings (repro.scales.ScaleData) and config keys."""
+    known = load_scales(path.parent)
+    out = {}
+    for scale, table in raw.items():
+        if scale not in known:
+            raise unknown_key(f"{path}: [scales] ", scale, known)
+        out[scale] = read_table(ScaleData, table, path=path, where=f"[scales.{scale}] ", extra=_config_key,
+                                partial=True)
+        _check_config(path, f"scales.{scale}", {k: v for k, v in out[scale].items() if _config_key(k)})
+    return out
 
-    judge = _check_judge(path, raw.get("judge", {}), kind)
-    page = _check_page(path, raw.get("page", {}))
+
+def parse_experiment(path: Path) -> Experiment:
+    """Read and check one experiment file against its declared schema; every problem is a one-line UserError
+    naming the file and the key."""
+    path = Path(path)
+    raw = read_table(ExperimentFile, _load_toml(path), path=path,
+                     hint="; see experiments/ablation-lrn.toml for an example")
+    kind = get_kind(raw["kind"])
+    base = _check_config(path, "base", raw.get("base", {}))
+    variants, groups = _variants(path, raw)
+    _arms(path, raw, groups, kind)
+    paper = read_table(PaperNumbers, raw.get("paper", {}), path=path, where="[paper] ")
+    scales = _scale_tables(path, raw.get("scales", {}))
+    judge = _judge(path, raw.get("judge", {}), kind)
+    page = read_table(PageTable, raw.get("page", {}), path=path, where="[page] ")
     try:  # `reproduced_if` may quote the [judge] settings, e.g. {tolerance:g}, so that each number is written once
         reproduced_if = raw.get("reproduced_if", "").format(**judge)
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(f"{path}: reproduced_if names {e} in braces, which [judge] does not set") from None
     return Experiment(
         name=path.stem, title=raw["title"], section=raw["section"], claim=raw["claim"], kind=raw["kind"],
-        variants=variants, groups=groups, control=control, treatments=tuple(treatments),
+        variants=variants, groups=groups, control=raw.get("control"), treatments=raw.get("treatments", ()),
         metric=raw.get("metric", "top1_err"), compare=raw.get("compare"), reproduced_if=reproduced_if,
-        paper=dict(paper), base=base, scales={k: dict(v) for k, v in scales.items()}, judge=judge,
-        order=page.get("order"), context=tuple(page.get("context", ())), show=tuple(page.get("show", ())),
-        file=str(path))
-
-
-def load_scales(directory: Path | str | None = None) -> dict[str, dict[str, Any]]:
-    """`_scales.toml`: one table per scale with `data`, `seeds` and config overrides."""
-    path = Path(directory or EXPERIMENTS_DIR) / "_scales.toml"
-    raw = _load_toml(path)
-    for scale in raw:
-        if scale not in SCALES:
-            raise _unknown(path, "", scale, SCALES)
-    for scale in SCALES:
-        if scale not in raw:
-            raise UserError(f"{path}: missing table [{scale}]; every scale needs one")
-        table = _check_scale_table(path, scale, raw[scale])
-        for key in SCALE_REQUIRED:
-            if key not in table:
-                raise UserError(f"{path}: [{scale}] is missing {key!r}")
-    return raw
+        paper=paper, base=base, scales=scales, judge=judge, order=page.get("order"),
+        context=page.get("context", ()), show=page.get("show", ()), file=str(path))
 
 
 def load_registry(directory: Path | str | None = None) -> dict[str, Experiment]:
@@ -304,71 +261,6 @@ def get_experiment(registry: dict[str, Experiment], name: str) -> Experiment:
     raise UserError(f"unknown experiment {name!r}; {hint}")
 
 
-def scale_settings(exp: Experiment, scale: str, scales: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The scale's table merged with the experiment's own `[scales.<scale>]` (which wins)."""
-    if scale not in SCALES:
-        raise UserError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    return {**scales[scale], **exp.scales.get(scale, {})}
-
-
-def data_dir_for(exp: Experiment, scale: str, data_dir: Path | str | None, scales) -> Path:
-    return Path(data_dir) if data_dir is not None else Path(scale_settings(exp, scale, scales)["data"])
-
-
-@functools.lru_cache(maxsize=16)
-def _manifest(data_dir: str) -> tuple[str, int, int]:
-    # repro.data loads torch and FFCV: only when a plan needs the data, not for `repro list` (start-up time)
-    from repro.data import read_manifest
-
-    m = read_manifest(Path(data_dir))
-    return m["hash"], len(m["classes"]["ids"]), int(m["splits"]["train"]["count"])
-
-
-def manifest_facts(data_dir: Path | str) -> tuple[str, int, int]:
-    """(manifest hash, number of classes, training images) of a prepared data folder."""
-    return _manifest(str(Path(data_dir).resolve()))
-
-
-def nominal_facts(exp: Experiment, scale: str, data: Path, scales: dict[str, dict[str, Any]]) -> tuple[int, int]:
-    """(classes, training images) the scale's data will have once prepared, from `_scales.toml`."""
-    settings = scale_settings(exp, scale, scales)
-    missing = [k for k in ("nominal_classes", "nominal_train_images") if k not in settings]
-    if missing:
-        raise UserError(f"no prepared data in {data} and _scales.toml [{scale}] gives no {', '.join(missing)} to "
-                        f"plan from; add them there or run `{prepare_command(data)}`")
-    return settings["nominal_classes"], settings["nominal_train_images"]
-
-
-def resolve(exp: Experiment, scale: str, data_dir: Path | str | None = None, seeds: int | None = None,
-            sets: dict[str, Any] | None = None, scales: dict[str, dict[str, Any]] | None = None,
-            without_data: bool = False) -> list[PlannedRun]:
-    """Every (variant, seed) run of `exp` at `scale`, with its fully resolved config and hash.
-
-    without_data: when the data folder has no manifest yet, plan from the scale's nominal sizes; such runs have
-    `data_ready` false and a stand-in hash (a run's hash covers the data's manifest hash).
-    """
-    scales = scales if scales is not None else load_scales(Path(exp.file).parent if exp.file else None)
-    settings = scale_settings(exp, scale, scales)
-    data = data_dir_for(exp, scale, data_dir, scales)
-    n_seeds = seeds if seeds is not None else settings["seeds"]
-    ready = not without_data or (data / "manifest.json").is_file()
-    if ready:
-        manifest_hash, num_classes, num_train = manifest_facts(data)
-    else:
-        manifest_hash, (num_classes, num_train) = "", nominal_facts(exp, scale, data, scales)
-    cfg0 = apply_overrides(RunConfig(), {k: v for k, v in scales[scale].items() if k not in SCALE_SPECIAL},
-                           source=f"_scales.toml [{scale}]")
-    cfg0 = apply_overrides(cfg0, exp.base, source=f"{exp.file} [base]")
-    cfg0 = apply_overrides(cfg0, {k: v for k, v in exp.scales.get(scale, {}).items() if k not in SCALE_SPECIAL},
-                           source=f"{exp.file} [scales.{scale}]")
-    group_of = {v: g for g, vs in exp.groups.items() for v in vs}
-    out = []
-    for variant, overrides in exp.variants.items():
-        cfg = apply_overrides(cfg0, overrides, source=f"{exp.file} [variants.{variant}]")
-        cfg = apply_overrides(cfg, sets or {}, source="--set")
-        for seed in range(n_seeds):
-            final = apply_overrides(cfg, {"train.seed": seed, "data.dir": str(data),
-                                          "data.manifest_hash": manifest_hash, "model.num_classes": num_classes})
-            out.append(PlannedRun(exp.name, variant, group_of[variant], seed, scale, final, config_hash(final),
-                                  data_ready=ready, train_images=num_train))
-    return out
+def scale_settings(exp: Experiment, scale: str, directory: Path | str | None = None) -> Scale:
+    """The scale with the experiment's own `[scales.<scale>]` data settings (which win)."""
+    return with_data(get_scale(scale, directory), exp.scales.get(scale, {}))

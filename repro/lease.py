@@ -1,7 +1,7 @@
-"""Claiming a run directory across processes and hosts: a lease file, not a lock.
+"""Claiming a run across processes and hosts: a lease file, not a lock (repro.rundir says where it lies).
 
 `fcntl.flock` is not to be trusted over NFS and similar shared filesystems, so the claim that keeps two launchers
-off one run is a file `.lease` created with O_CREAT|O_EXCL (atomic on every POSIX filesystem, NFSv3 and later
+off one run is a lease file created with O_CREAT|O_EXCL (atomic on every POSIX filesystem, NFSv3 and later
 included). It holds the owner (host, pid, Slurm job id, a random token) and a heartbeat time that the owner
 refreshes while it trains. A lease whose heartbeat is older than `stale_after` seconds, or whose owner process is
 gone (same host only), is stale and may be taken over: the taker renames it aside (only one rename can win) and
@@ -21,7 +21,6 @@ from typing import Any
 
 from repro import io
 
-LEASE = ".lease"
 HEARTBEAT_S = float(os.environ.get("REPRO_LEASE_HEARTBEAT_S", "20"))
 STALE_AFTER_S = float(os.environ.get("REPRO_LEASE_STALE_S", "300"))
 
@@ -55,26 +54,24 @@ def is_stale(lease: dict[str, Any] | None, *, stale_after: float = STALE_AFTER_S
     return lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0)))
 
 
-def holder(run_dir: Path, *, stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
-    """The live lease on `run_dir` (owner and heartbeat), or None when nobody holds it."""
-    lease = _read(Path(run_dir) / LEASE)
+def holder(path: Path, *, stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
+    """The live lease in the file `path` (owner and heartbeat), or None when nobody holds it."""
+    lease = _read(Path(path))
     return None if lease is None or is_stale(lease, stale_after=stale_after) else lease
 
 
 class Lease:
     """A held lease; `refresh()` renews the heartbeat, `release()` gives it up, `keep_alive()` renews on a thread."""
 
-    def __init__(self, run_dir: Path, owner: dict[str, Any]):
-        self.path = Path(run_dir) / LEASE
+    def __init__(self, path: Path, owner: dict[str, Any]):
+        self.path = Path(path)
         self.owner = owner
-        self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
         current = _read(self.path)
         if current is None or current.get("token") != self.owner["token"]:
-            self.lost = True
             raise LeaseLost(f"{self.path}: taken over by {current and current.get('host')}:{current and current.get('pid')}")
         self.owner["heartbeat"] = time.time()
         io.write_json(self.path, self.owner)
@@ -124,16 +121,16 @@ def _create(path: Path, owner: dict[str, Any]) -> bool:
     return True
 
 
-def claim(run_dir: Path, *, job_id: str | None = None, stale_after: float = STALE_AFTER_S,
+def claim(path: Path, *, job_id: str | None = None, stale_after: float = STALE_AFTER_S,
           **extra: Any) -> Lease | None:
-    """Take the lease on `run_dir`, or return None when another live owner holds it."""
-    path = Path(run_dir) / LEASE
+    """Take the lease in the file `path`, or return None when another live owner holds it."""
+    path = Path(path)
     now = time.time()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id, "token": uuid.uuid4().hex,
              "since": now, "heartbeat": now, **extra}
     for _ in range(2):
         if _create(path, owner):
-            return Lease(run_dir, owner)
+            return Lease(path, owner)
         seen = _read(path)
         if seen is None:  # unreadable: half-written this instant, or left so by a crash long ago
             try:
@@ -143,7 +140,7 @@ def claim(run_dir: Path, *, job_id: str | None = None, stale_after: float = STAL
                 continue
         elif not is_stale(seen, stale_after=stale_after, now=now):
             return None
-        aside = path.with_name(f"{LEASE}.{owner['token']}.stale")
+        aside = path.with_name(f"{path.name}.{owner['token']}.stale")
         try:
             os.rename(path, aside)
         except FileNotFoundError:

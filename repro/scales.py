@@ -28,12 +28,12 @@ _POSITIVE = (lambda n: n >= 1, "must be a whole number >= 1")
 class ScaleData:
     """What a scale trains on: also settable per experiment in its `[scales.<name>]` table."""
 
-    data: str = spec(help="the default `repro run --data`: the folder `repro prepare-data` makes")
+    data: str = spec(help="the default of repro run's --data: the folder that prepare-data makes")
     seeds: int = spec(valid=_POSITIVE, help="the default `--seeds`")
     prepare: str | None = spec(None, help="the arguments of `repro prepare-data` that make `data` (`...`: the "
                                           "dataset's own folder); every hint that suggests the command reads it")
     nominal_train_images: int | None = spec(None, valid=_POSITIVE, help="the data's size once prepared, from "
-                                            "which `repro run --dry-run` plans before it is")
+                                            "which a dry run (repro run --dry-run) plans before it is")
     nominal_val_images: int | None = spec(None, valid=_POSITIVE)
     nominal_classes: int | None = spec(None, valid=_POSITIVE)
 
@@ -46,6 +46,7 @@ class Scale(ScaleData):
                       help="direction: only the direction of an effect is judged; magnitude: its size against the "
                            "paper's too")
     absolute: bool = spec(False, help="absolute errors are comparable with the paper's numbers")
+    summary: str = spec("", help="what the scale is for, in a few words (for the --scale help)")
     caveat: str = spec("", help="what the scale's numbers can say, on the page beside its verdicts")
     guess_images_per_s: float = spec(100.0, valid=(lambda x: x > 0, "must be a number > 0"),
                                      help="rough images/s of a 2-core CPU, for --dry-run until a run has finished")
@@ -84,13 +85,20 @@ def parse_scales(path: Path) -> dict[str, Scale]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load(path: str) -> dict[str, Scale]:
+def _load(path: str, stamp: tuple) -> dict[str, Scale]:
     return parse_scales(Path(path))
 
 
 def load_scales(directory: Path | str | None = None) -> dict[str, Scale]:
-    """Every scale of `<directory>/_scales.toml` (default: the repository's `experiments/`), smallest first."""
-    return dict(_load(str((Path(directory or EXPERIMENTS_DIR) / SCALES_FILE).resolve())))
+    """Every scale of `<directory>/_scales.toml` (default: the repository's `experiments/`), smallest first; read
+    once while the file is unchanged."""
+    path = (Path(directory or EXPERIMENTS_DIR) / SCALES_FILE).resolve()
+    try:
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = ()
+    return dict(_load(str(path), stamp))
 
 
 def scale_names() -> tuple[str, ...]:

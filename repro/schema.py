@@ -85,10 +85,10 @@ def type_ok(typ: type, value: Any) -> bool:
 
 
 def read_table(cls: type, raw: Any, *, path: Path | str, where: str = "",
-               extra: Callable[[str], bool] | None = None, partial: bool = False) -> dict[str, Any]:
+               extra: Callable[[str], bool] | None = None, partial: bool = False, hint: str = "") -> dict[str, Any]:
     """Check the TOML table `raw` against dataclass `cls`; return its declared keys (lists as tuples) and, where
     `extra(key)` allows, the other keys unchanged. `where` names the table in errors ("[page] ", "" at top level);
-    `partial`: no key is required (a table that overrides another)."""
+    `partial`: no key is required (a table that overrides another); `hint` ends the missing-key message."""
     if not isinstance(raw, dict):
         raise UserError(f"{path}: {where.strip() or 'the file'} = {raw!r} must be a table")
     fields = table_fields(cls)
@@ -112,7 +112,7 @@ def read_table(cls: type, raw: Any, *, path: Path | str, where: str = "",
         out[key] = tuple(value) if typ is tuple else value
     for key, f in fields.items() if not partial else ():
         if key not in out and f.default is REQUIRED and f.default_factory is REQUIRED:
-            raise UserError(f"{path}: {where.strip() + ' ' if where else ''}missing required key {key!r}")
+            raise UserError(f"{path}: {where.strip() + ' ' if where else ''}missing required key {key!r}{hint}")
     return out
 
 

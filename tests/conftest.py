@@ -18,6 +18,7 @@ import pytest
 
 from repro.config import config_hash, to_dict
 from repro.engine.record import RunRecord
+from repro.rundir import RunDir
 
 FAKE_MANIFEST = ("feedc0ffee123456", 4, 200)  # (hash, classes, training images)
 
@@ -54,24 +55,24 @@ def fake_fit(cfg, run_dir, *, progress=True):
                     "data_manifest_hash": cfg.data.manifest_hash, "data_backend": "torch",
                     "wall_time_s": 0.1, "images_per_s": 1000.0, "started": "s", "finished": "f",
                     "python": "3.11", "host": "test-host"})
-    record.write(run_dir)
+    RunDir(run_dir).write_record(record)
     return record
 
 
 def install_fakes(manifest=FAKE_MANIFEST, fit=fake_fit):
     """Point repro at the stand-in manifest and engine (for subprocesses; tests use the fixtures)."""
     import repro.engine
-    import repro.experiments
+    import repro.plan
 
-    repro.experiments._manifest = lambda data_dir: manifest
+    repro.plan._manifest = lambda data_dir: manifest
     repro.engine.fit = fit
 
 
 @pytest.fixture
 def fake_manifest(monkeypatch):
-    import repro.experiments
+    import repro.plan
 
-    monkeypatch.setattr(repro.experiments, "_manifest", lambda data_dir: FAKE_MANIFEST)
+    monkeypatch.setattr(repro.plan, "_manifest", lambda data_dir: FAKE_MANIFEST)
     return FAKE_MANIFEST
 
 

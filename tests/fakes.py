@@ -15,7 +15,7 @@ import numpy as np
 
 from repro.config import RunConfig, apply_overrides, config_hash, to_dict
 from repro.engine.record import RunRecord
-from repro.runs import analysis_paths
+from repro.rundir import RunDir, analysis_paths
 
 
 def make_run(runs: Path, experiment: str, variant: str, seed: int, *, scale: str = "smoke",
@@ -28,11 +28,12 @@ def make_run(runs: Path, experiment: str, variant: str, seed: int, *, scale: str
     (real / "planned.json").write_text(json.dumps({"scale": scale, "config": to_dict(cfg), "config_hash": h}))
     metrics = dict(metrics or {})
     if status != "pending":
-        RunRecord(status=status, error=error, config=to_dict(cfg), config_hash=h, epochs_done=epochs,
-                  iterations=100 * epochs, metrics=metrics,
-                  provenance={"git_commit": "abc1234", "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
-                              "device": "cpu", "data_manifest_hash": "feedbeef00112233", "data_backend": "ffcv",
-                              "wall_time_s": 12.5, "images_per_s": 800.0}).write(real)
+        record = RunRecord(status=status, error=error, config=to_dict(cfg), config_hash=h, epochs_done=epochs,
+                           iterations=100 * epochs, metrics=metrics,
+                           provenance={"git_commit": "abc1234", "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
+                                       "device": "cpu", "data_manifest_hash": "feedbeef00112233",
+                                       "data_backend": "ffcv", "wall_time_s": 12.5, "images_per_s": 800.0})
+        RunDir(real).write_record(record)
         top1 = metrics.get("top1_err", 50.0)
         with open(real / "metrics.jsonl", "w") as f:
             for e in range(epochs):
@@ -109,9 +110,8 @@ def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: in
 
 
 def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None = None) -> None:
-    d = runs / experiment
-    d.mkdir(parents=True, exist_ok=True)
-    json_path, npz_path = analysis_paths(d, data.get("scale"))
+    json_path, npz_path = analysis_paths(runs, experiment, data.get("scale"))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(data))
     if arrays:
         np.savez(npz_path, **arrays)

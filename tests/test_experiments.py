@@ -8,6 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 import repro.experiments as ex
+from repro.plan import resolve
+from repro.scales import load_scales, scale_names
 from repro.claims import get_kind, kind_names
 from repro.cli import app
 from repro.config import RunConfig, apply_overrides, config_hash
@@ -43,20 +45,20 @@ def test_paper_numbers_match_the_paper():
     assert reg["relu-vs-tanh"].paper["speedup"] == 6.0
 
 
-@pytest.mark.parametrize("scale", ex.SCALES)
+@pytest.mark.parametrize("scale", scale_names())
 def test_every_experiment_resolves_and_the_baseline_is_shared(fake_manifest, scale):
     reg = ex.load_registry()
-    scales = ex.load_scales()
+    scales = load_scales()
     # the baseline config computed by hand: paper defaults + the scale's table, seed 0
-    table = {k: v for k, v in scales[scale].items() if k not in ex.SCALE_SPECIAL}
-    base = apply_overrides(RunConfig(), {**table, "data.dir": scales[scale]["data"], "train.seed": 0,
+    table = scales[scale].overrides
+    base = apply_overrides(RunConfig(), {**table, "data.dir": scales[scale].data, "train.seed": 0,
                                          "data.manifest_hash": fake_manifest[0], "model.num_classes": fake_manifest[1]})
     base_hash = config_hash(base)
     sharing = {"baseline": "baseline", "ensemble": "baseline", "ablation-lrn": "lrn", "ablation-overlap-pool": "overlap",
                "pca-lighting": "pca", "dropout": "dropout", "two-gpu-split": "two", "layer-removal": "full",
                "ten-crop": "baseline", "first-layer-filters": "baseline", "retrieval": "baseline"}
     for name, e in reg.items():
-        runs = ex.resolve(e, scale, scales=scales)
+        runs = resolve(e, scale, scales=scales)
         assert runs and all(r.cfg.model.num_classes == fake_manifest[1] for r in runs)
         assert len({r.config_hash for r in runs}) == len(runs)  # no two variants collapse into one run
         if name in sharing:
@@ -72,7 +74,7 @@ def test_every_experiment_resolves_and_the_baseline_is_shared(fake_manifest, sca
 
 def test_relu_vs_tanh_is_the_unregularised_four_layer_net(fake_manifest):
     e = ex.load_registry()["relu-vs-tanh"]
-    runs = ex.resolve(e, "demo")
+    runs = resolve(e, "demo")
     assert {r.group for r in runs} == {"relu", "tanh"}
     assert len({r.cfg.train.lr for r in runs}) >= 2  # a learning-rate sweep per activation
     for r in runs:
@@ -110,20 +112,20 @@ def exp_dir(tmp_path):
     d = tmp_path / "experiments"
     d.mkdir()
     (d / "_scales.toml").write_text("".join(f'[{s}]\ndata = "data/{s}"\nseeds = 1\n"train.epochs" = 7\n'
-                                            for s in ex.SCALES))
+                                            for s in scale_names()))
     return d
 
 
 def test_resolution_order(exp_dir, fake_manifest):
     e = ex.parse_experiment(_write(exp_dir, "x", GOOD))
-    runs = ex.resolve(e, "smoke", scales=ex.load_scales(exp_dir))
+    runs = resolve(e, "smoke", scales=load_scales(exp_dir))
     lr = {(r.variant, r.seed): r.cfg.train.lr for r in runs}
     # [base] 0.1 < [scales.smoke] 0.2 < variant 0.3; the experiment's scale sets 2 seeds
     assert lr == {("a", 0): 0.2, ("a", 1): 0.2, ("b", 0): 0.3, ("b", 1): 0.3}
     assert all(r.cfg.train.epochs == 7 and r.cfg.data.dir == "data/smoke" for r in runs)
     assert [r.cfg.train.seed for r in runs] == [0, 1, 0, 1]
-    runs = ex.resolve(e, "demo", data_dir="/elsewhere", seeds=3, sets={"train.lr": "0.4"},
-                      scales=ex.load_scales(exp_dir))
+    runs = resolve(e, "demo", data_dir="/elsewhere", seeds=3, sets={"train.lr": "0.4"},
+                   scales=load_scales(exp_dir))
     assert {r.cfg.train.lr for r in runs} == {0.4} and len(runs) == 6
     assert {r.cfg.data.dir for r in runs} == {"/elsewhere"}
     assert {r.cfg.data.manifest_hash for r in runs} == {fake_manifest[0]}
@@ -175,7 +177,7 @@ def test_broken_files_name_the_file_and_the_key(exp_dir, edit, words):
 def test_broken_scales_file(exp_dir):
     (exp_dir / "_scales.toml").write_text('[smoke]\ndata = "x"\nseeds = 1\n"train.epoch" = 1\n')
     with pytest.raises(UserError, match=r"_scales.toml \[smoke\]: unknown key 'train.epoch'; did you mean train.epochs"):
-        ex.load_scales(exp_dir)
+        load_scales(exp_dir)
 
 
 def test_cli_unknown_experiment_and_bad_set_exit_2(fake_manifest, tmp_path, monkeypatch):

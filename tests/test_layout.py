@@ -20,16 +20,17 @@ PACKAGES = ("data_prep", "repro")
 STAGES = [
     ("data_prep",),
     ("repro.data", "repro.hints"),
-    ("repro.models", "repro.engine"),
-    ("repro.runs", "repro.lease"),
+    ("repro.models", "repro.lease", "repro.rundir", "repro.engine"),
+    ("repro.runs",),
     ("repro.launch",),
-    ("repro.claims", "repro.experiments", "repro.runner", "repro.analysis", "repro.bench"),
+    ("repro.claims", "repro.experiments", "repro.plan", "repro.runner", "repro.analysis", "repro.bench"),
     ("repro.report",),
     ("repro.cli", "repro.__main__"),
 ]
 # The model registry holds the one list of model names that the config validates against; it imports neither torch
 # nor the config, so every stage may read it.
-SHARED = {"repro", "repro.config", "repro.errors", "repro.io", "repro.views", "repro.models.registry"}
+SHARED = {"repro", "repro.config", "repro.errors", "repro.io", "repro.views", "repro.models.registry", "repro.schema",
+          "repro.scales"}
 
 
 def module_name(path: Path) -> str:

@@ -13,17 +13,17 @@ import pytest
 
 from repro import lease
 from repro.errors import UserError
-from repro.launch import parse_slurm_sets, resolve_options, time_minutes
+from repro.launch.options import parse_slurm_sets, resolve_options, time_minutes
 
 
 def test_only_one_claim_while_held_and_another_after_release(tmp_path):
-    first = lease.claim(tmp_path, job_id="7")
-    assert first is not None and lease.claim(tmp_path) is None
-    held = lease.holder(tmp_path)
+    first = lease.claim(tmp_path / ".lease", job_id="7")
+    assert first is not None and lease.claim(tmp_path / ".lease") is None
+    held = lease.holder(tmp_path / ".lease")
     assert held["job_id"] == "7" and held["pid"] == os.getpid() and held["host"] == socket.gethostname()
     first.release()
-    assert lease.holder(tmp_path) is None and not (tmp_path / ".lease").exists()
-    assert lease.claim(tmp_path) is not None
+    assert lease.holder(tmp_path / ".lease") is None and not (tmp_path / ".lease").exists()
+    assert lease.claim(tmp_path / ".lease") is not None
 
 
 def _write_lease(path: Path, **fields) -> None:
@@ -34,10 +34,10 @@ def _write_lease(path: Path, **fields) -> None:
 
 def test_a_lease_from_another_host_is_kept_until_its_heartbeat_stops(tmp_path):
     _write_lease(tmp_path, heartbeat=time.time() - 10)
-    assert lease.claim(tmp_path, stale_after=60) is None  # alive: its heartbeat is 10 s old
+    assert lease.claim(tmp_path / ".lease", stale_after=60) is None  # alive: its heartbeat is 10 s old
     _write_lease(tmp_path, heartbeat=time.time() - 120)
-    taken = lease.claim(tmp_path, stale_after=60)
-    assert taken is not None and lease.holder(tmp_path)["token"] == taken.owner["token"]
+    taken = lease.claim(tmp_path / ".lease", stale_after=60)
+    assert taken is not None and lease.holder(tmp_path / ".lease")["token"] == taken.owner["token"]
     assert not list(tmp_path.glob(".lease.*"))  # the stale lease moved aside is gone
 
 
@@ -46,34 +46,34 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     proc.start()
     proc.join()
     _write_lease(tmp_path, host=socket.gethostname(), pid=proc.pid)
-    assert lease.claim(tmp_path) is not None
+    assert lease.claim(tmp_path / ".lease") is not None
 
 
 def test_heartbeat_refreshes_and_a_taken_over_lease_is_noticed(tmp_path):
-    held = lease.claim(tmp_path)
-    before = lease.holder(tmp_path)["heartbeat"]
+    held = lease.claim(tmp_path / ".lease")
+    before = lease.holder(tmp_path / ".lease")["heartbeat"]
     time.sleep(0.05)
     held.refresh()
-    assert lease.holder(tmp_path)["heartbeat"] > before
+    assert lease.holder(tmp_path / ".lease")["heartbeat"] > before
     _write_lease(tmp_path, token="someone-else")  # taken over while this owner was stalled
     with pytest.raises(lease.LeaseLost):
         held.refresh()
     held.release()  # must not remove the new owner's lease
-    assert lease.holder(tmp_path)["token"] == "someone-else"
+    assert lease.holder(tmp_path / ".lease")["token"] == "someone-else"
 
 
 def test_keep_alive_beats_on_a_thread(tmp_path):
-    held = lease.claim(tmp_path).keep_alive(interval=0.05)
-    first = lease.holder(tmp_path)["heartbeat"]
+    held = lease.claim(tmp_path / ".lease").keep_alive(interval=0.05)
+    first = lease.holder(tmp_path / ".lease")["heartbeat"]
     time.sleep(0.3)
-    assert lease.holder(tmp_path)["heartbeat"] > first
+    assert lease.holder(tmp_path / ".lease")["heartbeat"] > first
     held.release()
-    assert lease.holder(tmp_path) is None
+    assert lease.holder(tmp_path / ".lease") is None
 
 
 def _race(run_dir: str, ready, done, out) -> None:
     ready.wait()  # every process is up before anyone claims: they really race
-    got = lease.claim(Path(run_dir), stale_after=60)
+    got = lease.claim(Path(run_dir) / ".lease", stale_after=60)
     out.put(got is not None)
     done.wait(120)  # the winner stays alive (and holds the lease) until every claim is counted
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import engine_support as sup
-from repro import runs
+from repro.rundir import RunDir
 from repro.engine.record import TIMING_KEYS
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
@@ -120,7 +120,7 @@ def test_preempted_inside_an_epoch_then_resumed_equals_a_straight_run(tmp_path, 
         request_after(m, stop_after)
         stopped = fit(cfg, tmp_path / "b", progress=False)
     assert stopped.status == "preempted" and stopped.iterations == stop_after
-    assert runs.run_status(tmp_path / "b") == "preempted"
+    assert RunDir(tmp_path / "b").own_status() == "preempted"
     saved = checkpoint.load(tmp_path / "b")
     assert (saved["epoch"], saved["batch"]) == divmod(stop_after, 8)  # 8 batches per epoch
     preempt.clear()  # what a requeued job starts with: a fresh process

@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 
 from repro import runs
-from repro.runner import LIST_COLUMNS, STATUS_COLUMNS, list_rows, run_experiments, status_caption, status_rows
+from repro.cli.rows import LIST_COLUMNS, STATUS_COLUMNS, list_rows, status_caption, status_rows
+from repro.runner import run_experiments
 from repro.views import show
 
 from conftest import fake_fit

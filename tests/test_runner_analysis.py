@@ -12,7 +12,9 @@ from scipy.spatial.distance import cdist
 from scipy.special import softmax
 
 import repro.experiments as ex
+from repro.plan import PlannedRun
 from repro import analysis, runs
+from repro.rundir import analysis_paths, create
 from repro.claims import convergence, ensemble, filters, retrieval, ten_crop
 from repro.config import RunConfig, apply_overrides, config_hash
 
@@ -23,8 +25,8 @@ def _done(tmp_path, exp_name, variant_cfgs):
     out = []
     for variant, seed, over in variant_cfgs:
         cfg = apply_overrides(RunConfig(), {"train.seed": seed, "model.num_classes": 4, **over})
-        r = ex.PlannedRun(exp_name, variant, variant.split("-lr")[0], seed, "smoke", cfg, config_hash(cfg))
-        d = runs.ensure_run(tmp_path, r)
+        r = PlannedRun(exp_name, variant, variant.split("-lr")[0], seed, "smoke", cfg, config_hash(cfg))
+        d = create(tmp_path, r).path
         out.append((r, d, fake_fit(cfg, d).to_dict()))
     return out
 
@@ -92,7 +94,7 @@ def test_analyse_writes_once_and_skips_when_inputs_are_unchanged(tmp_path, monke
     planned = [r for r, _, _ in done]
     line = analysis.analyse(e, planned, tmp_path)
     assert "speed-up" in line
-    data = json.loads(runs.analysis_paths(tmp_path / e.name, planned[0].scale)[0].read_text())
+    data = json.loads(analysis_paths(tmp_path, e.name, planned[0].scale)[0].read_text())
     assert data["kind"] == "convergence" and len(data["inputs"]) == 6
     assert analysis.analyse(e, planned, tmp_path) is None  # up to date
     assert runs.load_analyses(tmp_path)[e.name][str(planned[0].scale)]["best"]["relu"] == "relu-lr0.02"

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from repro import runs
+from repro.rundir import store_dir
 from repro.claims import ten_crop
 from repro.cli import app
 from repro.experiments import load_registry
@@ -70,7 +71,7 @@ def test_analyses_hold_their_numbers(smoke_runs, synthetic_data):
     # ten-crop: the baseline's kept final weights scored again give the numbers training recorded at its end
     t = an["ten-crop"]
     assert t["n_runs"] == 1 and t["runs"][0]["scored"] == "at the end of training"
-    rescored = ten_crop._score(runs.store_dir(runs_dir, t["runs"][0]["config_hash"]))
+    rescored = ten_crop._score(store_dir(runs_dir, t["runs"][0]["config_hash"]))
     for k, v in rescored.items():
         assert v == pytest.approx(t["runs"][0][k], abs=1e-6), k
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -14,31 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import repro.experiments as ex
+from repro.plan import PlannedRun
 from repro import io, runs
 from repro.config import RunConfig, apply_overrides, config_hash, to_dict
 from repro.errors import UserError
+from repro.rundir import create
 
 from conftest import fake_fit
 
 
 def _planned(exp="e", variant="v", seed=0, **over):
     cfg = apply_overrides(RunConfig(), {"train.seed": seed, "model.num_classes": 4, **over})
-    return ex.PlannedRun(exp, variant, variant, seed, "smoke", cfg, config_hash(cfg))
-
-
-def test_ensure_run_makes_a_relative_link_into_the_store(tmp_path):
-    r = _planned()
-    real = runs.ensure_run(tmp_path, r)
-    link = tmp_path / "e" / "v" / f"seed0-{r.config_hash}"
-    assert real == tmp_path / "store" / r.config_hash and real.is_dir()
-    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
-    assert link.resolve() == real.resolve()
-    assert json.loads((real / "planned.json").read_text())["config_hash"] == r.config_hash
-    # a second experiment sharing the run links to the same directory; calling again is harmless
-    r2 = ex.PlannedRun("other", "base", "base", 0, "smoke", r.cfg, r.config_hash)
-    assert runs.ensure_run(tmp_path, r2) == real and runs.ensure_run(tmp_path, r) == real
-    assert len(list((tmp_path / "store").iterdir())) == 1
+    return PlannedRun(exp, variant, variant, seed, "smoke", cfg, config_hash(cfg))
 
 
 def _record(run_dir: Path, status: str, fmt: int = 1):
@@ -49,41 +35,6 @@ def _record(run_dir: Path, status: str, fmt: int = 1):
     (run_dir / "result.json").write_text(json.dumps(rec))
 
 
-def test_run_status_of_every_state(tmp_path):
-    d = runs.ensure_run(tmp_path, _planned())
-    assert runs.run_status(d) == "pending"
-    (d / "checkpoint.pt").write_bytes(b"x")
-    assert runs.run_status(d) == "interrupted"  # killed before any record: resumable
-    fake_fit(_planned().cfg, d)
-    assert runs.run_status(d) == "done"
-    for st in ("diverged", "failed", "interrupted"):
-        _record(d, st)
-        assert runs.run_status(d) == st
-    _record(d, "done", fmt=99)
-    assert runs.run_status(d) == "stale"
-    (d / "result.json").write_text('{"format": 1, "sta')  # cut short: treated as no record
-    assert runs.run_status(d) == "interrupted"
-    with runs.run_lock(d) as got:
-        assert got and runs.run_status(d) == "running"
-    assert runs.run_status(tmp_path / "nothing") == "pending"
-
-
-def test_lock_excludes_another_process(tmp_path):
-    d = runs.ensure_run(tmp_path, _planned())
-    code = ("import sys, time; sys.path.insert(0, %r); from repro import runs\n"
-            "with runs.run_lock(%r) as got:\n print(got, flush=True); time.sleep(3)" % (str(Path(__file__).parent), str(d)))
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "True"
-        assert runs.is_locked(d) and runs.run_status(d) == "running"
-        with runs.run_lock(d) as got:
-            assert not got
-    finally:
-        p.wait()
-    with runs.run_lock(d) as got:
-        assert got
-
-
 def _store_with_runs(tmp_path):
     """Two experiments sharing one done run, plus a diverged, a stale and a pending run."""
     shared, no_lrn, pending, stale = _planned(), _planned(**{"model.lrn": False}), _planned(seed=1), _planned(seed=2)
@@ -91,8 +42,8 @@ def _store_with_runs(tmp_path):
             ("pool", "overlap", pending), ("pool", "overlap", stale)]
     dirs = {}
     for exp, variant, r in plan:
-        r = ex.PlannedRun(exp, variant, variant, r.seed, "smoke", r.cfg, r.config_hash)
-        dirs[r.config_hash] = runs.ensure_run(tmp_path, r)
+        r = PlannedRun(exp, variant, variant, r.seed, "smoke", r.cfg, r.config_hash)
+        dirs[r.config_hash] = create(tmp_path, r).path
     fake_fit(shared.cfg, dirs[shared.config_hash])
     fake_fit(no_lrn.cfg, dirs[no_lrn.config_hash])
     _record(dirs[no_lrn.config_hash], "diverged")

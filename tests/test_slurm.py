@@ -17,11 +17,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from repro import io, runs
+from repro import io
+from repro.rundir import RunDir
 from repro.cli import app
 from repro.engine.record import TIMING_KEYS
 from repro.launch.local import core_groups
-from repro.runner import status_rows
+from repro.cli.rows import status_rows
 
 pytestmark = pytest.mark.slow
 TORCH_LOADER = ["--set", "data.backend=torch"]  # the same runs (the backend is not hashed), no numba compile per job
@@ -46,7 +47,7 @@ def results(runs_dir: Path) -> dict[str, dict]:
     for d in sorted((runs_dir / "store").iterdir()):
         rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
                 for line in (d / "metrics.jsonl").read_text().splitlines()]
-        out[d.name] = {"metrics": runs.read_result(d).metrics, "rows": rows,
+        out[d.name] = {"metrics": RunDir(d).read_record().metrics, "rows": rows,
                        "logits": np.load(d / "val_logits.npy").tolist()}
     return out
 

@@ -16,7 +16,7 @@ from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.data.augment import BatchTransform
 from repro.engine import checkpoint, evaluate, fit, load_model
-from repro.engine.record import RunRecord
+from repro.rundir import RunDir
 
 
 
@@ -121,7 +121,7 @@ def test_torchrun_two_processes_on_gloo(tmp_path, small_betons):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: top-1 err") == 1  # rank 0 alone reports
 
-    result = RunRecord.read(run_dir)
+    result = RunDir(run_dir).read_record()
     assert result.status == "done" and result.epochs_done == 2
     assert result.iterations == 2 * 2  # 64 images over 2 processes of batch 16: 2 steps per epoch
     # Scored again in one process, the final weights give the error the two processes recorded together.

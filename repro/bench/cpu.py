@@ -56,11 +56,11 @@ def _time_epochs(loader, epochs: int = 3, set_epoch=None) -> float:
 
 
 def _config(data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int) -> RunConfig:
-    from repro.experiments import load_scales
+    from repro.scales import get_scale
 
     overrides = {}
     if demo:
-        overrides = {k: v for k, v in load_scales()["demo"].items() if "." in k and not k.startswith("data.")}
+        overrides = {k: v for k, v in get_scale("demo").overrides.items() if not k.startswith("data.")}
     overrides.update({"data.dir": str(data_dir), "model.input_size": crop, "train.batch_size": batch_size,
                       "train.epochs": 1000, "train.max_iters": iters, "train.ten_crop": False, "model.num_classes": 10,
                       "data.pca_lighting": 0.1, "data.flip": True, "train.schedule": "constant",

@@ -29,7 +29,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
         if context:
             reason = "centre crop, for comparison; the paper's numbers are ten-crop"
         elif iv.n == 0 and n_done:
-            verdict = "not comparable" if scale != "full" else "not run"
+            verdict = "not run" if V.absolute_comparable(scale) else "not comparable"
             reason = f"the runs were not scored on ten crops at {scale} scale (train.ten_crop = false)"
         comps.append(V.Comparison(", ".join(variants), m, "%", None if context else paper.get(m), iv, verdict,
                                   reason, context=context))

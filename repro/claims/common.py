@@ -75,9 +75,10 @@ def run_path(run_dir, runs_dir) -> Path | None:
     return Path(runs_dir) / p
 
 
-def stack(rows: pd.DataFrame, runs_dir, filename: str) -> pd.DataFrame:
-    """`curve.jsonl` or `metrics.jsonl` of the runs in `rows`, concatenated and tagged by variant and seed."""
-    load = store.load_curves if filename == "curve.jsonl" else store.load_metrics
+def stack(rows: pd.DataFrame, runs_dir, what: str) -> pd.DataFrame:
+    """The training curves (`what` "curve") or per-epoch metrics ("metrics") of the runs in `rows`, concatenated
+    and tagged by variant and seed."""
+    load = {"curve": store.load_curves, "metrics": store.load_metrics}[what]
     parts = []
     for _, r in rows.iterrows():
         p = run_path(r.get("run_dir"), runs_dir)

@@ -128,7 +128,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
     comps = iteration_ratios(exp, rows, best, at_target, inverse=inverse, paper=pnum, what=f"{target:g}%",
                              metric="iters_to_target", scale=scale, context=False)
     relative = (analysis or {}).get("relative_train_err")
-    curves = stack(rows[rows["status"] == "done"], ev.runs_dir, "curve.jsonl") if ev.runs_dir is not None \
+    curves = stack(rows[rows["status"] == "done"], ev.runs_dir, "curve") if ev.runs_dir is not None \
         else pd.DataFrame()
     if relative is not None and len(curves) and math.isfinite(float(relative)):
         at_rel = {a: iters_below(curves, best[a], float(relative), strict=False) for a in best}  # as analyse

@@ -58,7 +58,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
                                       "logged during training); " + reason, per_seed, context="gap" not in expect))
     target = judge_setting(exp, "converge_train_err")
     if target is not None and ev.runs_dir is not None:
-        curves = stack(rows[rows["status"] == "done"], ev.runs_dir, "curve.jsonl")
+        curves = stack(rows[rows["status"] == "done"], ev.runs_dir, "curve")
         iters = {a: iters_below(curves, best[a], float(target), strict=False) for a in best}
         comps += iteration_ratios(exp, rows, best, iters, inverse=True, paper=paper.get("iters_ratio"),
                                   what=f"{float(target):g}% training error", metric="iters_to_converge", scale=scale,

@@ -1,6 +1,6 @@
 """Kind `ensemble`: the averaged softmax of the seeds' runs against each member on its own (Table 2, section 6).
 
-The analysis averages the members' stored validation logits (`val_logits.npy`); `[paper]` holds the ensemble
+The analysis averages the members' stored validation logits (`RunDir.val_logits`); `[paper]` holds the ensemble
 minus one CNN in points.
 """
 
@@ -14,10 +14,11 @@ from scipy.special import softmax
 from repro.claims import verdicts as V
 from repro.claims.common import paper_numbers
 from repro.claims.registry import Evidence, Kind, register_kind
+from repro.rundir import RunDir
 
 
 def val_labels(cfg) -> np.ndarray:
-    """Labels of the validation set in the loaders' fixed sequential order (the order of val_logits.npy)."""
+    """Labels of the validation set in the loaders' fixed sequential order (the order of the stored logits)."""
     # the loaders (torch, FFCV) load only when an analysis runs: `repro list` imports every kind (start-up time)
     import torch
 
@@ -43,7 +44,7 @@ def analyse(exp, done, labels: np.ndarray | None = None) -> tuple[dict[str, Any]
     labels = val_labels(done[0][0].cfg) if labels is None else labels
     probs, members = [], []
     for r, d, _ in done:
-        p = softmax(np.load(d / "val_logits.npy").astype(np.float64), axis=1)
+        p = softmax(np.load(RunDir(d).val_logits).astype(np.float64), axis=1)
         top1, top5 = _errors(p, labels)
         members.append({"variant": r.variant, "seed": r.seed, "config_hash": r.config_hash,
                         "top1_err": top1, "top5_err": top5})
@@ -75,7 +76,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
         iv.paired, iv.method = True, "over members (ensemble fixed)"
         verdict, reason = V.signed_verdict(paper.get(m), iv, ev.scale)
         if not analysis:
-            verdict, reason = "not run", "no ensemble analysis at this scale (runs/<experiment>/analysis-<scale>.json)"
+            verdict, reason = "not run", "no ensemble analysis at this scale (`repro run ensemble` makes it once the runs are done)"
         elif "status" in analysis and not d:
             verdict, reason = "not run", f"ensemble analysis: {analysis['status']}"
         comps.append(V.Comparison(f"ensemble of {len(members)} - one member", m, "points", paper.get(m), iv,

@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.sources import SOURCES
-from repro import io
-from repro import runs as store
+from repro.rundir import RunDir
 from repro.claims.common import run_path
 from repro.config import from_dict
 from repro.engine.record import finite
@@ -72,7 +71,7 @@ def lrn_strength(rows: pd.DataFrame, runs_dir) -> list[str]:
     modes = set()
     for _, r in rows[rows["status"] == "done"].iterrows():
         d = run_path(r.get("run_dir"), runs_dir)
-        record = store.read_result(d) if d is not None else None
+        record = RunDir(d).read_record() if d is not None else None
         rec = record.lrn_strength if record is not None else None
         if not isinstance(rec, dict):
             continue
@@ -103,8 +102,7 @@ def parameter_counts(rows: pd.DataFrame, runs_dir) -> list[str]:
     for variant, sub in rows.groupby("variant", sort=False):
         for _, r in sub.iterrows():
             d = run_path(r.get("run_dir"), runs_dir)
-            planned = io.read_json(d / "planned.json") if d is not None else None
-            config = (planned or {}).get("config")
+            config = RunDir(d).planned_config() if d is not None else None
             if not config:
                 continue
             cfg = from_dict(config)

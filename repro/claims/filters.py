@@ -62,7 +62,7 @@ def gap_comparison(gaps: dict, scale: str) -> V.Comparison:
     if len(vals) == 0:
         verdict, reason = "not run", "no filter analysis"
     elif (vals >= FILTER_GAP).all():
-        verdict = "same direction" if scale in V.DIRECTION_ONLY else "reproduced"
+        verdict = "same direction" if V.direction_only(scale) else "reproduced"
         reason = f"every run ({len(vals)}) has one tower more colour-specific by >= {FILTER_GAP:g}"
     elif (vals >= FILTER_GAP).any():
         verdict, reason = "inconclusive", f"{int((vals >= FILTER_GAP).sum())} of {len(vals)} runs show the split"

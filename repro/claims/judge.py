@@ -15,8 +15,7 @@ import pandas as pd
 from repro.claims import verdicts as V
 from repro.claims.facts import rows_data_facts
 from repro.claims.registry import Evidence, get_kind
-
-SCALE_ORDER = ("full", "subset", "demo", "smoke")
+from repro.scales import largest_first
 
 
 @dataclass
@@ -123,7 +122,7 @@ def judge_claim(exp, df: pd.DataFrame, analysis: dict | list | None = None, runs
     analyses = analysis if isinstance(analysis, list) else [analysis] if analysis else []
     by_scale = {str(a["scale"]): a for a in analyses if a.get("scale")}
     present |= set(by_scale)
-    scales = [s for s in SCALE_ORDER if s in present] + sorted(present - set(SCALE_ORDER))
+    scales = largest_first(present)
     results = []
     for s in scales:
         rows = all_rows[all_rows["scale"].astype(str) == s] if "scale" in all_rows else all_rows

@@ -20,8 +20,8 @@ class Evidence:
 
     scale: str
     rows: Any                       # pandas DataFrame: this claim's rows at `scale`
-    analysis: dict | None = None    # runs/<experiment>/analysis-<scale>.json of this scale
-    runs_dir: Any = None            # for the per-run files (curve.jsonl) a kind may read
+    analysis: dict | None = None    # the experiment's analysis at this scale (repro.analysis)
+    runs_dir: Any = None            # for the per-run files (the training curves) a kind may read
     data: dict | None = None        # repro.claims.facts.data_facts of the runs' data, when readable
 
 

@@ -69,7 +69,7 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
         p = paper.get(m, paper.get(c))
         verdict, reason = V.signed_verdict(p, iv, ev.scale)
         if not ev.analysis:
-            verdict, reason = "not run", "no ten-crop analysis at this scale (runs/<experiment>/analysis-<scale>.json)"
+            verdict, reason = "not run", "no ten-crop analysis at this scale (`repro run ten-crop` makes it once the runs are done)"
         elif "status" in ev.analysis and not d:
             verdict, reason = "not run", f"ten-crop analysis: {ev.analysis['status']}"
         comps.append(V.Comparison(f"{m} - {c}", c, "points", p, iv, verdict, reason, d))

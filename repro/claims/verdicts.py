@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from repro.scales import find_scale
+
 CONFIDENCE = 0.95
-DIRECTION_ONLY = ("smoke", "demo")  # scales at which only the direction of an effect is judged
 UNTESTABLE = "not testable on this data"
 
 # weakest first: a claim with several treatments (layer removal) shows the weakest verdict of its headline rows
@@ -142,7 +143,7 @@ def signed_verdict(paper: float | None, iv: Interval, scale: str, magnitude: boo
     side = "the paper's" if magnitude else "the claim's stated"
     if (iv.lo > 0) != (paper > 0):
         return "opposite", f"the interval excludes zero on the other side from {side} direction"
-    if scale in DIRECTION_ONLY:
+    if direction_only(scale):
         return "same direction", f"the interval excludes zero on {side} side; at {scale} scale only the direction " \
                                  "is judged"
     if not magnitude:
@@ -158,7 +159,7 @@ def absolute_verdict(paper: float | None, iv: Interval, scale: str, tolerance: f
         return "not run", "no finished run"
     if paper is None:
         return "no paper number", ""
-    if scale != "full":
+    if not absolute_comparable(scale):
         return "not comparable", f"measured at {scale} scale, not on ILSVRC-2012 at the paper's size"
     lo, hi = (iv.mean, iv.mean) if math.isnan(iv.lo) else (iv.lo, iv.hi)
     if lo - tolerance <= paper <= hi + tolerance:
@@ -194,20 +195,27 @@ def paired_over_queries(label: str, metric: str, diffs, scale: str, what: str) -
                       {}, False)
 
 
+def direction_only(scale: str) -> bool:
+    """Whether only the direction of an effect is judged at `scale` (its `judge` in _scales.toml)."""
+    found = find_scale(scale)
+    return found is not None and found.direction_only
+
+
+def absolute_comparable(scale: str) -> bool:
+    """Whether absolute errors at `scale` compare with the paper's (its `absolute` in _scales.toml)."""
+    found = find_scale(scale)
+    return found is not None and found.absolute
+
+
 def data_caveat(scale: str, data: dict | None) -> str:
-    """One plain sentence on what the scale and its data can show; `data`: repro.claims.facts.data_facts."""
+    """One plain sentence on what the scale and its data can show (its `caveat` in _scales.toml, with the data's
+    facts); `data`: repro.claims.facts.data_facts."""
+    found = find_scale(scale)
+    if found is None or not found.caveat:
+        return ""
     what = ""
     if data:
         colour = "colour" if data["colour"] else "greyscale"
         what = (f" ({data['name']}: {colour}, {data['px']} px, {data['train']:,} training images, "
                 f"{data['classes']} classes)")
-    if scale == "smoke":
-        return (f"Smoke scale{what}: a tiny dataset and a tiny net, for testing the harness. The numbers say nothing "
-                "about the paper's claim.")
-    if scale == "demo":
-        return (f"Demo scale{what}: small images and a narrow net trained for minutes. Magnitudes are not comparable "
-                "with ImageNet; only the direction of an effect is judged.")
-    if scale == "subset":
-        return (f"Subset scale{what}: an ImageNet subset at reduced resolution. Magnitudes are indicative, not "
-                "comparable one-to-one with the paper's ILSVRC numbers.")
-    return ""
+    return f"{scale.capitalize()} scale{what}: {found.caveat}"

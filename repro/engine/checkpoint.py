@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any instant, and loading that never runs code from the file.
 
-`save` writes `checkpoint.pt.<pid>.tmp`, fsyncs it, moves the current `checkpoint.pt` to `checkpoint.prev.pt` and
-renames the new file into place, so at every instant at least one complete checkpoint exists on disk. `load` reads with
+`save` writes the latest checkpoint under this process's temporary name, fsyncs it, moves the current one to the
+previous one's name and renames the new file into place (repro.rundir names both), so at every instant at least one complete checkpoint exists on disk. `load` reads with
 `torch.load(weights_only=True)`, which is why a checkpoint holds only tensors, numbers, strings and plain
 containers; a truncated or corrupt latest checkpoint falls back to the previous one with a one-line warning.
 """
@@ -19,17 +19,15 @@ import torch
 
 from repro import io
 from repro.errors import UserError
-
-LATEST = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
+from repro.rundir import RunDir
 
 log = logging.getLogger("repro.engine")
 
 
-def save(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Atomically write `state` as `run_dir/checkpoint.pt`, keeping the one before as `checkpoint.prev.pt`."""
-    run_dir = Path(run_dir)
-    path, prev, tmp = run_dir / LATEST, run_dir / PREVIOUS, io.temp_name(run_dir / LATEST)
+def save(run_dir: Path | RunDir, state: dict[str, Any]) -> Path:
+    """Atomically write `state` as the run's latest checkpoint, keeping the one before as the previous one."""
+    run_dir = RunDir(run_dir)
+    path, prev, tmp = run_dir.checkpoint, run_dir.checkpoint_prev, io.temp_name(run_dir.checkpoint)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -41,7 +39,7 @@ def save(run_dir: Path, state: dict[str, Any]) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    io.fsync_dir(run_dir)
+    io.fsync_dir(run_dir.path)
     return path
 
 
@@ -55,11 +53,11 @@ def _read(path: Path) -> dict[str, Any]:
 _CORRUPT = (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError)
 
 
-def load(run_dir: Path) -> dict[str, Any] | None:
+def load(run_dir: Path | RunDir) -> dict[str, Any] | None:
     """The newest readable checkpoint in `run_dir`, or None when there is none to resume from."""
-    run_dir = Path(run_dir)
-    path, prev = run_dir / LATEST, run_dir / PREVIOUS
-    for tmp in run_dir.glob(LATEST + ".*.tmp"):  # saves cut short; never complete, never read
+    run_dir = RunDir(run_dir)
+    path, prev = run_dir.checkpoint, run_dir.checkpoint_prev
+    for tmp in run_dir.path.glob(path.name + ".*.tmp"):  # saves cut short; never complete, never read
         tmp.unlink(missing_ok=True)
     problem = None
     if path.exists():
@@ -78,5 +76,5 @@ def load(run_dir: Path) -> dict[str, Any] | None:
         log.warning("%s; resuming from %s (epoch %d)", what, prev.name, state["epoch"])
         return state
     if problem:
-        raise UserError(f"{problem} and there is no {PREVIOUS}; delete {run_dir} to train this run from scratch")
+        raise UserError(f"{problem} and there is no {prev.name}; delete {run_dir} to train this run from scratch")
     return None

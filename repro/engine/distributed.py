@@ -5,9 +5,9 @@ writes files. The collectives live in `repro.engine.parallel`.
 
     torchrun --nproc_per_node 8 -m repro.engine.distributed RUN_DIR [--config FILE] [--set key=value ...]
 
-The config comes from `--config FILE` (a `config.json` or `result.json` of another run, or a plain
-{"model": {...}, "data": {...}, "train": {...}} file), else from RUN_DIR/config.json (an earlier or interrupted
-run there); `--set` overrides apply on top. A folder that already holds another config is refused.
+The config comes from `--config FILE` (the config or the record of another run, or a plain
+{"model": {...}, "data": {...}, "train": {...}} file), else from the config of an earlier or interrupted run in
+RUN_DIR, else from the one `repro run --dry-run` planned there; `--set` overrides apply on top. A folder that already holds another config is refused.
 """
 
 from __future__ import annotations
@@ -23,21 +23,23 @@ from repro.config import apply_overrides, from_dict, parse_set
 from repro.engine.parallel import init_from_env
 from repro.engine.train import fit
 from repro.errors import UserError
+from repro.rundir import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m repro.engine.distributed",
                                      description="Train one run on several processes.")
     parser.add_argument("run_dir", type=Path, help="run folder (created if missing)")
-    parser.add_argument("--config", type=Path, help="config file; default RUN_DIR/config.json, else RUN_DIR/planned.json")
+    parser.add_argument("--config", type=Path, help="config file; default: the config in RUN_DIR (trained or planned)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     rank, _ = init_from_env()
     try:
-        cfg_path = args.config or args.run_dir / "config.json"
+        run = RunDir(args.run_dir)
+        cfg_path = args.config or run.config
         if args.config is None and not cfg_path.exists():  # a run planned by `repro run --dry-run`, not started
-            cfg_path = args.run_dir / "planned.json"
+            cfg_path = run.planned
         try:
             raw = json.loads(cfg_path.read_text())
             raw = raw.get("config", raw)

@@ -1,5 +1,6 @@
-"""The run record: what a run leaves in `run_dir/result.json`, the engine's output that the run store and the
-report read. One dataclass, written by `fit` (and by the runner for a run that crashed outside `fit`).
+"""The run record: what a run leaves behind when it ends (repro.rundir names its file), the engine's output that
+the run store and the report read. One dataclass, written by `fit` (and by a launcher for a run that crashed
+outside `fit`).
 
 status: done | diverged | failed | interrupted (a stop signal; resumes when run again) | preempted (a preemption
 request; a launcher requeues it and it continues from the same batch of the same epoch).
@@ -10,15 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from repro import io
 
 RESULT_FORMAT = 1
-RESULT_FILE = "result.json"
 STATUSES = ("done", "diverged", "failed", "interrupted", "preempted")
-# Fields of a metrics.jsonl line that measure the machine, not the run: resumed and straight runs differ in them.
+# Fields of an epoch's metrics line that measure the machine, not the run: resumed and straight runs differ in them.
 TIMING_KEYS = ("seconds", "images_per_s", "data_wait_s")
 METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
            "best_val_top1_err", "iters_to_target")
@@ -69,11 +67,3 @@ class RunRecord:
             return cls(**{k: v for k, v in d.items() if k in names})
         except (TypeError, ValueError):
             return None
-
-    def write(self, run_dir: Path | str) -> None:
-        io.write_json(Path(run_dir) / RESULT_FILE, self.to_dict())
-
-    @classmethod
-    def read(cls, run_dir: Path | str) -> RunRecord | None:
-        """The record in `run_dir`, or None when there is none, it is unreadable or of another format."""
-        return cls.from_dict(io.read_json(Path(run_dir) / RESULT_FILE))

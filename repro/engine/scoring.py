@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from repro.config import RunConfig, from_dict
 from repro.data.augment import center_crop, ten_crop as ten_crops
 from repro.engine import checkpoint
+from repro.rundir import RunDir
 from repro.engine.parallel import gather_in_order, unwrap
 from repro.errors import UserError
 from repro.models import build_model
@@ -136,8 +137,8 @@ def lrn_strength(model: torch.nn.Module, images: torch.Tensor, *, alpha_mode: st
 
 def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig]:
     """The trained model of a run (eval mode, latest checkpoint) and its config."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
+    run_dir = RunDir(run_dir)
+    cfg_path = run_dir.config
     try:
         cfg = from_dict(json.loads(cfg_path.read_text())["config"], source=str(cfg_path))
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -33,6 +33,7 @@ from repro.engine.provenance import provenance
 from repro.engine.record import RunRecord
 from repro.errors import UserError
 from repro.models import build_model
+from repro.rundir import RunDir
 from repro.views import progress_console
 
 
@@ -45,7 +46,7 @@ class RunState:
     """Everything about a run in progress that a checkpoint must carry, plus what the record is built from."""
 
     cfg: RunConfig
-    run_dir: Path
+    run_dir: RunDir
     config_hash: str
     rank: int = 0
     world: int = 1
@@ -96,16 +97,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_run_dir(run_dir: Path, cfg: RunConfig, chash: str, is_main: bool) -> RunRecord | None:
-    """Write config.json, refuse a folder that holds another config, and return a finished record if any."""
-    cfg_path = run_dir / "config.json"
-    old = (io.read_json(cfg_path) or {}).get("config_hash") if cfg_path.exists() else None
+def _check_run_dir(run_dir: RunDir, cfg: RunConfig, chash: str, is_main: bool) -> RunRecord | None:
+    """Write the run's config, refuse a folder that holds another config, and return a finished record if any."""
+    old = (io.read_json(run_dir.config) or {}).get("config_hash") if run_dir.config.exists() else None
     if old is not None and old != chash:
         raise UserError(f"{run_dir} holds a run of another config (hash {old}, this one is {chash}); "
                         f"train it in a new folder")
     if is_main:
-        io.write_json(cfg_path, {"config": to_dict(cfg), "config_hash": chash})
-    record = RunRecord.read(run_dir)
+        io.write_json(run_dir.config, {"config": to_dict(cfg), "config_hash": chash})
+    record = run_dir.read_record()
     return record if record is not None and record.finished and record.config_hash == chash else None
 
 
@@ -140,7 +140,7 @@ def _restore(state: RunState, parts: Parts) -> None:
     saved = checkpoint.load(state.run_dir)
     if saved is not None:
         if saved.get("config_hash") != state.config_hash:
-            raise UserError(f"{state.run_dir}/checkpoint.pt belongs to another config; train this run in a new folder")
+            raise UserError(f"{state.run_dir.checkpoint} belongs to another config; train this run in a new folder")
         parts.model.load_state_dict(saved["model"])
         parts.optimizer.load_state_dict(saved["optimizer"])
         state.epoch, state.batch, state.iteration = saved["epoch"], saved["batch"], saved["iteration"]
@@ -151,8 +151,8 @@ def _restore(state: RunState, parts: Parts) -> None:
                                                                   saved["train_seconds"])
         state.data_wait_s = saved.get("data_wait_s", 0.0)
     if state.is_main:
-        state.rows = _keep_jsonl(state.run_dir / "metrics.jsonl", "epoch", state.epoch)
-        _keep_jsonl(state.run_dir / "curve.jsonl", "iteration", state.iteration)
+        state.rows = _keep_jsonl(state.run_dir.metrics, "epoch", state.epoch)
+        _keep_jsonl(state.run_dir.curve, "iteration", state.iteration)
 
 
 def _keep_jsonl(path: Path, key: str, upto: int) -> list[dict]:
@@ -196,8 +196,8 @@ def _curve_point(state: RunState, sums: torch.Tensor) -> None:
     if state.iters_to_target is None and row["train_top1_err"] < state.cfg.train.target_train_err:
         state.iters_to_target = state.iteration
     if state.is_main:
-        preempt.check_owned("curve.jsonl")
-        io.append_jsonl(state.run_dir / "curve.jsonl", row)
+        preempt.check_owned(state.run_dir.curve.name)
+        io.append_jsonl(state.run_dir.curve, row)
 
 
 def _check_inside_epoch(state: RunState, parts: Parts, sums: torch.Tensor, t_start: float, synced: bool) -> None:
@@ -305,8 +305,8 @@ def _end_epoch(state: RunState, parts: Parts, stats: dict, lr: float) -> None:
     state.rows.append(row)
     state.epoch, state.batch, state.epoch_sums, state.epoch_seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
     if state.is_main:
-        preempt.check_owned("metrics.jsonl")
-        io.append_jsonl(state.run_dir / "metrics.jsonl", row)
+        preempt.check_owned(state.run_dir.metrics.name)
+        io.append_jsonl(state.run_dir.metrics, row)
     _save(state, parts)
 
 
@@ -339,8 +339,8 @@ def _final_scoring(state: RunState, parts: Parts) -> None:
         x = parts.val_tf(center_crop(images, state.cfg.model.input_size))
         state.lrn_strength = lrn_strength(parts.model, x, alpha_mode=state.cfg.model.lrn_alpha_mode)
     if state.is_main:
-        preempt.check_owned("val_logits.npy")
-        with io.atomic_path(state.run_dir / "val_logits.npy") as tmp, open(tmp, "wb") as f:
+        preempt.check_owned(state.run_dir.val_logits.name)
+        with io.atomic_path(state.run_dir.val_logits) as tmp, open(tmp, "wb") as f:
             np.save(f, state.logits.numpy().astype(np.float16))
 
 
@@ -377,15 +377,15 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def fit(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> RunRecord:
+def fit(cfg: RunConfig, run_dir: Path | RunDir, *, progress: bool = True) -> RunRecord:
     """Train (or resume, or return the finished record of) the run `cfg` in `run_dir`; returns the run record,
-    also written as `run_dir/result.json`. Divergence is recorded, not raised. A preemption request
+    also written into the folder (`RunDir.result`). Divergence is recorded, not raised. A preemption request
     (`repro.engine.preempt`: SIGUSR2, SIGHUP or `preempt.request()`) checkpoints inside the epoch and returns a
     "preempted" record; SIGINT/SIGTERM do the same, record "interrupted" and raise KeyboardInterrupt; any other
     error records "failed" and re-raises."""
-    run_dir = Path(run_dir)
+    run_dir = RunDir(run_dir)
     rank, world = parallel.rank_world()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     chash = config_hash(cfg)
     done = _check_run_dir(run_dir, cfg, chash, rank == 0)
     if done is not None:
@@ -396,8 +396,8 @@ def fit(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> RunRecord:
     def finish(status: str, error: str | None) -> RunRecord:
         record = _record(state, status, error)
         if state.is_main:
-            preempt.check_owned("result.json")
-            record.write(run_dir)
+            preempt.check_owned(run_dir.result.name)
+            run_dir.write_record(record)
         return record
 
     with preempt.handlers():

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import submitit
 
-from repro import io, lease
-from repro import runs as store
 from repro.engine import preempt
 from repro.errors import UserError
-from repro.launch.worker import BUSY, REUSED, fit_run, load_config, placement, train_claimed
+from repro.launch.worker import BUSY, fit_run, load_config, placement, train_claimed
+from repro.rundir import REUSED, RunDir
 
 
 def _threads(env: submitit.JobEnvironment) -> int:
@@ -34,7 +32,7 @@ def _threads(env: submitit.JobEnvironment) -> int:
     return max(1, on_node // max(1, env.num_tasks // max(1, env.num_nodes)))
 
 
-def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
+def _train_ddp(cfg, run_dir: RunDir, where: dict[str, Any]) -> str:
     """Several tasks, one run: rank 0 holds the claim, every rank trains (repro.engine.parallel, as under torchrun)."""
     from repro.engine import parallel
 
@@ -44,15 +42,15 @@ def _train_ddp(cfg, run_dir: Path, where: dict[str, Any]) -> str:
     try:
         go = True
         if rank == 0:
-            held = lease.claim(run_dir, job_id=where["slurm_job_id"], log=where["log"])
-            go = held is not None and store.run_status(run_dir, check_lock=False) not in REUSED
+            held = run_dir.claim(job_id=where["slurm_job_id"], log=where["log"])
+            go = held is not None and run_dir.own_status(check_held=False) not in REUSED
             if held is not None:
                 held.keep_alive(on_lost=preempt.abandon)
             if go:
-                io.write_json(run_dir / "placement.json", where)
+                run_dir.write_placement(where)
         busy = parallel.any_true(rank == 0 and held is None)  # every rank learns what rank 0 found
         if parallel.any_true(not go):
-            return BUSY if busy else store.run_status(run_dir, check_lock=False)
+            return BUSY if busy else run_dir.own_status(check_held=False)
         return fit_run(cfg, run_dir, progress=False, catch=False)
     finally:
         if held is not None:
@@ -70,7 +68,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         import torch
 
         env = submitit.JobEnvironment()
-        run_dir = Path(run_dir)
+        run_dir = RunDir(run_dir)
         torch.set_num_threads(_threads(env))
         where = placement("slurm", slurm_job_id=env.job_id, log=str(env.paths.stdout), tasks=env.num_tasks,
                           nodes=env.num_nodes)
@@ -82,7 +80,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             status = _train_ddp(cfg, run_dir, where)
         else:
             status = train_claimed(cfg, run_dir, progress=False, where=where, catch=False)
-        record = store.read_result(run_dir)
+        record = run_dir.read_record()
         print(f"{run_dir}: {status} (job {env.job_id}, rank {env.global_rank}"
               + (f"; {record.error})" if status == "preempted" and record else ")"), flush=True)
         if status == "preempted":
@@ -90,7 +88,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 submitit_handler(usr, None)  # checkpoint() -> requeue -> exit
             return status
         if status == BUSY:
-            raise UserError(f"{run_dir} is held by another process ({lease.holder(run_dir)}); nothing trained")
+            raise UserError(f"{run_dir} is held by another process ({run_dir.holder()}); nothing trained")
         if status not in REUSED:
             raise RuntimeError(f"run {run_dir} ended {status}: {record.error if record else 'no record'}")
         return status

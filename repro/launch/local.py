@@ -1,8 +1,8 @@
 """`--launcher local --parallel N`: up to N runs at once on this machine, each in its own worker process.
 
 With GPUs each worker sees its own device (CUDA_VISIBLE_DEVICES); on a CPU each worker runs on its own group of
-cores (`--cpus`, cores // N of them, as many torch and loader threads). A worker's output goes to
-`<run dir>/train.log`. A run that another launcher holds is polled until it is free, then tried again here if it did
+cores (`--cpus`, cores // N of them, as many torch and loader threads). A worker's output goes to the run's
+`train_log`. A run that another launcher holds is polled until it is free, then tried again here if it did
 not finish there.
 """
 
@@ -12,16 +12,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from repro import lease
-from repro import runs as store
 from repro.errors import UserError
 from repro.launch.worker import EXIT_BUSY, devices
+from repro.rundir import RunDir
 
 POLL_S = 0.5
 
@@ -35,9 +33,9 @@ def core_groups(parallel: int) -> list[str]:
     return [",".join(map(str, mine[k * size:(k + 1) * size])) for k in range(min(parallel, len(mine)))]
 
 
-def _start(run_dir: Path, threads: int, slot: str | None, on_gpu: bool) -> subprocess.Popen:
+def _start(run_dir: RunDir, threads: int, slot: str | None, on_gpu: bool) -> subprocess.Popen:
     """A worker on one GPU (slot: its CUDA_VISIBLE_DEVICES) or on one group of cores (slot: `--cpus`)."""
-    log = run_dir / "train.log"
+    log = run_dir.train_log
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "repro.launch.worker", str(run_dir), "--threads", str(threads), "--log", str(log)]
     if on_gpu:
@@ -48,12 +46,8 @@ def _start(run_dir: Path, threads: int, slot: str | None, on_gpu: bool) -> subpr
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _free(run_dir: Path) -> bool:
-    return not store.is_locked(run_dir) and lease.holder(run_dir) is None
-
-
-def run_pool(todo: list[tuple[str, Path]], parallel: int, *, console: Console, progress: bool) -> dict[str, str]:
-    """Train `[(label, run_dir)]` with up to `parallel` workers; returns {run dir name: final status}."""
+def run_pool(todo: list[tuple[str, RunDir]], parallel: int, *, console: Console, progress: bool) -> dict[str, str]:
+    """Train `[(label, run)]` with up to `parallel` workers; returns {config hash: final status}."""
     gpus = devices()
     if gpus and parallel > len(gpus):
         raise UserError(f"--parallel {parallel}: this machine shows {len(gpus)} GPU(s); use --parallel {len(gpus)}")
@@ -65,15 +59,15 @@ def run_pool(todo: list[tuple[str, Path]], parallel: int, *, console: Console, p
                         f"use --parallel {cores} or fewer")
     threads = max(1, cores // parallel)
     queue = list(todo)
-    running: dict[Path, tuple[str, subprocess.Popen, str | None, float]] = {}
-    busy: list[tuple[str, Path]] = []
+    running: dict[RunDir, tuple[str, subprocess.Popen, str | None, float]] = {}
+    busy: list[tuple[str, RunDir]] = []
     statuses: dict[str, str] = {}
     # each worker gets a GPU, or a group of cores of its own: FFCV's and numba's threads, which follow the core
     # count, would otherwise oversubscribe the machine (two unpinned workers on two cores ran 10x slower)
     free = list(gpus) if gpus else core_groups(parallel)
     pinned = bool(free)
     where = f"{len(gpus)} GPU(s)" if gpus else f"{threads} CPU thread(s) each"
-    console.print(f"training {len(todo)} run(s), up to {parallel} at once ({where}); logs in <run dir>/train.log")
+    console.print(f"training {len(todo)} run(s), up to {parallel} at once ({where}); each run's log in its folder")
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=not progress, transient=True)
     with bar:
@@ -95,13 +89,13 @@ def run_pool(todo: list[tuple[str, Path]], parallel: int, *, console: Console, p
                         busy.append((label, run_dir))
                         bar.console.print(f"{label}: running in another process; will wait")
                         continue
-                    status = store.run_status(run_dir)
-                    statuses[run_dir.name] = status
+                    status = run_dir.own_status()
+                    statuses[run_dir.config_hash] = status
                     bar.advance(task)
-                    note = "" if code in (0, 1) else f" (worker exit {code}, see {run_dir}/train.log)"
+                    note = "" if code in (0, 1) else f" (worker exit {code}, see {run_dir.train_log})"
                     bar.console.print(f"{label}: {status} in {time.time() - t0:.1f} s{escape(note)}")
                 for item in list(busy):  # held elsewhere: try again here once that holder lets go
-                    if _free(item[1]):
+                    if not item[1].is_held():
                         busy.remove(item)
                         queue.append(item)
                 time.sleep(POLL_S)

@@ -1,9 +1,10 @@
 """`--launcher slurm`: one Slurm job per run that is not finished, queued or running, submitted with submitit
 (a job array when several runs are submitted together), and what Slurm says about them.
 
-Each submitted run gets `launch.json` in its directory (launcher, job id, log, submission time, earlier job ids);
-jobs write their logs and submitit's pickles under `<runs>/slurm/`. Job states come from `scontrol show job`
-(jobs the controller still remembers) and, where installed and answering, `sacct`; without either the run's own
+Each submitted run gets a launch record in its folder (`RunDir.launch`: launcher, job id, log, submission time,
+earlier job ids); jobs write their logs and submitit's pickles under `<runs>/slurm/`. Job states come from
+`scontrol show job` (jobs the controller still remembers) and, where installed and answering, `sacct`; each is
+handed to the run folder as a `Job`, whose status folds it in (`RunDir.status`); without either the run's own
 files say what happened.
 """
 
@@ -21,11 +22,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from repro import io, lease
-from repro import runs as store
 from repro.errors import UserError
-from repro.launch import LaunchOptions, time_minutes
-from repro.launch.worker import REUSED
+from repro.launch.options import LaunchOptions, time_minutes
+from repro.rundir import REUSED, Job, RunDir
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED",
           "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
@@ -102,9 +101,27 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return {j: table[j] for j in job_ids if j in table}
 
 
-def launch_record(run_dir: Path) -> dict[str, Any] | None:
-    rec = io.read_json(Path(run_dir) / "launch.json")
-    return rec if isinstance(rec, dict) and rec.get("launcher") == "slurm" and rec.get("job_id") else None
+def job_of(info: dict[str, str], job_id: str) -> Job:
+    """Slurm's words for one job as the run folder's `Job`."""
+    state = info["state"]
+    if state in ACTIVE:
+        phase = "running" if state == "RUNNING" else "pending"
+        return Job(job_id, phase, int(info.get("restarts") or 0), info.get("reason", ""))
+    if state == "COMPLETED":
+        return Job(job_id, "completed")
+    reason = f"Slurm: {state}" + (f" ({info['reason']})" if info.get("reason") not in ("", "None") else "") + \
+        (f", exit {info['exit']}" if info.get("exit") else "")
+    return Job(job_id, "cancelled" if state.startswith("CANCELLED") else "failed", reason=reason)
+
+
+def run_jobs(runs: list[RunDir]) -> dict[RunDir, Job]:
+    """The Slurm job of each run that `repro run --launcher slurm` submitted (runs without one are left out)."""
+    ids = {run: run.read_launch().get("job_id") for run in runs if run.read_launch().get("launcher") == "slurm"}
+    ids = {run: str(j) for run, j in ids.items() if j}
+    if not ids:  # nothing submitted: no need to ask the controller
+        return {}
+    states = job_states(sorted(set(ids.values())))
+    return {run: job_of(states[j], j) for run, j in ids.items() if j in states}
 
 
 def _executor(runs_dir: Path, opts: LaunchOptions):
@@ -125,119 +142,92 @@ def _executor(runs_dir: Path, opts: LaunchOptions):
     return ex
 
 
-def submit(run_dirs: list[Path], runs_dir: Path, opts: LaunchOptions) -> dict[Path, str]:
-    """Submit one job per run directory (one array when several); returns {run dir: job id}."""
+def submit(runs: list[RunDir], runs_dir: Path, opts: LaunchOptions) -> dict[RunDir, str]:
+    """Submit one job per run (one array when several); returns {run: job id}."""
     from repro.launch.job import TrainJob
 
     _need_sbatch()
-    if not run_dirs:
+    if not runs:
         return {}
     ex = _executor(runs_dir, opts)
     try:
-        if len(run_dirs) == 1:
-            jobs = [ex.submit(TrainJob(), str(run_dirs[0].resolve()))]
+        if len(runs) == 1:
+            jobs = [ex.submit(TrainJob(), str(runs[0].path.resolve()))]
         else:
-            jobs = ex.map_array(TrainJob(), [str(d.resolve()) for d in run_dirs])
+            jobs = ex.map_array(TrainJob(), [str(run.path.resolve()) for run in runs])
     except Exception as e:  # sbatch refused: a bad partition, account or option
         raise UserError(f"sbatch refused the jobs: {' '.join(str(e).split())[:400]}; "
                         f"check --partition/--account/--slurm/--launcher-config") from None
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     out = {}
-    for d, job in zip(run_dirs, jobs):
-        old = launch_record(d) or {}
-        io.write_json(d / "launch.json", {
+    for run, job in zip(runs, jobs):
+        old = run.read_launch()
+        run.write_launch({
             "launcher": "slurm", "job_id": job.job_id, "log": str(job.paths.stdout), "err": str(job.paths.stderr),
             "submitted": now, "submit_host": socket.gethostname(),
             "earlier_job_ids": old.get("earlier_job_ids", []) + ([old["job_id"]] if old.get("job_id") else [])})
-        out[d] = job.job_id
+        out[run] = job.job_id
     return out
 
 
-def run_state(run_dir: Path, jobs: dict[str, dict[str, str]]) -> tuple[str, str | None]:
-    """(status, Slurm's reason) of one run from its files and its job: done / diverged / pending / requeued /
-    running / failed / cancelled / interrupted / ..."""
-    status = store.run_status(run_dir)
-    rec = launch_record(run_dir)
-    job = jobs.get(rec["job_id"]) if rec else None
-    if status in REUSED or job is None:
-        return status, None
-    state = job["state"]
-    if state in ACTIVE:
-        if state == "RUNNING" or status == "running":
-            return "running", None
-        return ("requeued" if int(job.get("restarts") or 0) > 0 else "pending"), job["reason"]
-    if state == "COMPLETED" and status not in REUSED:
-        return status, None
-    reason = f"Slurm: {state}" + (f" ({job['reason']})" if job.get("reason") not in ("", "None") else "") + \
-        (f", exit {job['exit']}" if job.get("exit") else "")
-    return ("cancelled" if state.startswith("CANCELLED") else "failed"), reason
-
-
-def submit_and_wait(todo, runs_dir: Path, opts: LaunchOptions, *, labels: dict[str, str], console: Console,
+def submit_and_wait(todo: list[tuple[str, RunDir]], runs_dir: Path, opts: LaunchOptions, *, console: Console,
                     progress: bool) -> dict[str, str]:
-    """Submit every run of `todo` (PlannedRuns) that is not finished, queued or running; with opts.wait, wait for
-    all of them. Returns {config_hash: status}."""
+    """Submit every run of `[(label, run)]` that is not finished, queued or running; with opts.wait, wait for all
+    of them. Returns {config hash: status}."""
     _need_sbatch()
-    dirs = {r.config_hash: store.store_dir(runs_dir, r.config_hash) for r in todo}
-    recs = {h: launch_record(d) for h, d in dirs.items()}
-    jobs = job_states([rec["job_id"] for rec in recs.values() if rec])
+    jobs = run_jobs([run for _, run in todo])
     statuses, to_submit = {}, []
-    for h, d in dirs.items():
-        status = store.run_status(d)
-        rec, job = recs[h], jobs.get(recs[h]["job_id"]) if recs[h] else None
+    for label, run in todo:
+        job = jobs.get(run)
+        status = run.own_status()
         if status in REUSED:
-            statuses[h] = status
-        elif job is not None and job["state"] in ACTIVE:
-            statuses[h] = run_state(d, jobs)[0]
-            console.print(f"{labels[h]}: {statuses[h]} as Slurm job {rec['job_id']}; not submitted again")
+            statuses[run.config_hash] = status
+        elif job is not None and job.phase in ("pending", "running"):
+            statuses[run.config_hash] = run.status(job)[0]
+            console.print(f"{label}: {statuses[run.config_hash]} as Slurm job {job.id}; not submitted again")
         elif status == "running":
-            statuses[h] = status
-            console.print(f"{labels[h]}: running in another process ({(lease.holder(d) or {}).get('host')}); "
-                          f"not submitted")
+            statuses[run.config_hash] = status
+            console.print(f"{label}: running in another process ({(run.holder() or {}).get('host')}); not submitted")
         else:
-            to_submit.append(h)
-    submitted = submit([dirs[h] for h in to_submit], runs_dir, opts)
-    for h in to_submit:
-        statuses[h] = "submitted"
-        console.print(f"{labels[h]}: submitted as Slurm job {submitted[dirs[h]]}")
+            to_submit.append((label, run))
+    submitted = submit([run for _, run in to_submit], runs_dir, opts)
+    for label, run in to_submit:
+        statuses[run.config_hash] = "submitted"
+        console.print(f"{label}: submitted as Slurm job {submitted[run]}")
     if not opts.wait:
         if not to_submit:
             console.print("nothing to submit")
         return statuses
-    return wait(dirs, console=console, progress=progress)
+    return wait([run for _, run in todo], console=console, progress=progress)
 
 
-def wait(dirs: dict[str, Path], *, console: Console, progress: bool) -> dict[str, str]:
-    """Poll until no run of `dirs` ({config_hash: run dir}) has an active job or a live claim; final statuses."""
+def wait(runs: list[RunDir], *, console: Console, progress: bool) -> dict[str, str]:
+    """Poll until none of `runs` has an active job or a live claim; returns {config hash: final status}."""
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                    TimeElapsedColumn(), console=console, disable=not progress)
     with bar:
-        task = bar.add_task("Slurm jobs", total=len(dirs), detail="")
+        task = bar.add_task("Slurm jobs", total=len(runs), detail="")
         while True:
-            recs = {h: launch_record(d) for h, d in dirs.items()}
-            jobs = job_states([rec["job_id"] for rec in recs.values() if rec])
-            states = {h: run_state(d, jobs)[0] for h, d in dirs.items()}
-            active = [h for h, s in states.items() if s in ("pending", "requeued", "running")]
+            jobs = run_jobs(runs)
+            states = {run: run.status(jobs.get(run))[0] for run in runs}
+            active = [run for run, s in states.items() if s in ("pending", "requeued", "running")]
             counts: dict[str, int] = {}
             for s in states.values():
                 counts[s] = counts.get(s, 0) + 1
-            bar.update(task, completed=len(dirs) - len(active),
+            bar.update(task, completed=len(runs) - len(active),
                        detail=", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
             if not active:
                 break
             time.sleep(POLL_S)
-    for h, s in states.items():
+    for run, s in states.items():
         if s not in REUSED:
-            rec = recs.get(h) or {}
-            console.print(f"[red]{s}[/] {dirs[h]}: log {rec.get('log')}")
-    return states
+            console.print(f"[red]{s}[/] {run}: log {run.read_launch().get('log')}")
+    return {run.config_hash: s for run, s in states.items()}
 
 
-def cancel(run_dirs: list[Path], console: Console) -> int:
+def cancel(runs: list[RunDir], console: Console) -> int:
     """scancel the active jobs of these runs; returns how many were cancelled."""
-    recs = {d: launch_record(d) for d in run_dirs}
-    jobs = job_states([r["job_id"] for r in recs.values() if r])
-    ids = sorted({r["job_id"] for r in recs.values() if r and jobs.get(r["job_id"], {}).get("state") in ACTIVE})
+    ids = sorted({job.id for job in run_jobs(runs).values() if job.phase in ("pending", "running")})
     if not ids:
         console.print("no queued or running Slurm jobs for these runs")
         return 0

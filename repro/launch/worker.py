@@ -2,7 +2,7 @@
 
 In process (`repro run --parallel 1`), in the worker processes of the local pool (`python -m repro.launch.worker
 RUN_DIR`), and inside Slurm jobs: all train through `train_claimed`, so a run another launcher holds is never
-trained twice. The run's `placement.json` records where it trained.
+trained twice. The run's placement record (`RunDir.placement`) says where it trained.
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from repro import io, lease
-from repro import runs as store
+from repro import io
 from repro.config import config_hash, from_dict
 from repro.engine import preempt
 from repro.engine.record import RunRecord
 from repro.errors import UserError
+from repro.rundir import REUSED, RunDir
 
 BUSY = "busy"  # another live process holds the run
 EXIT_BUSY = 3
-REUSED = ("done", "diverged")
 
 
 def devices() -> list[str]:
@@ -52,30 +51,30 @@ def placement(launcher: str, **extra: Any) -> dict[str, Any]:
             "cpus": cpus, "threads": torch.get_num_threads(), "slurm_job_id": None, "log": None, "tasks": 1, **extra}
 
 
-def load_config(run_dir: Path):
-    """The config a run was planned with (`planned.json`), checked against its directory name."""
-    planned = io.read_json(Path(run_dir) / "planned.json")
-    if not isinstance(planned, dict) or not isinstance(planned.get("config"), dict):
-        raise UserError(f"{run_dir}/planned.json: missing or unreadable; plan the run again with `repro run`")
-    cfg = from_dict(planned["config"], source=f"{run_dir}/planned.json")
-    if config_hash(cfg) != Path(run_dir).name:
-        raise UserError(f"{run_dir}/planned.json: its config hashes to {config_hash(cfg)}, not the folder's name")
+def load_config(run_dir: Path | RunDir):
+    """The config a run was planned with, checked against its folder's name."""
+    run = RunDir(run_dir)
+    config = run.planned_config()
+    if config is None:
+        raise UserError(f"{run.planned}: missing or unreadable; plan the run again with `repro run`")
+    cfg = from_dict(config, source=str(run.planned))
+    if config_hash(cfg) != run.config_hash:
+        raise UserError(f"{run.planned}: its config hashes to {config_hash(cfg)}, not the folder's name")
     return cfg
 
 
-def record_failure(run_dir: Path, chash: str, e: BaseException) -> None:
-    """Keep the traceback and make sure result.json says failed, with a one-line reason and where to look."""
-    io.write_text(run_dir / "error.log", traceback.format_exc())
-    record = store.read_result(run_dir)
+def record_failure(run: RunDir, chash: str, e: BaseException) -> None:
+    """Keep the traceback and make sure the run record says failed, with a one-line reason and where to look."""
+    io.write_text(run.error_log, traceback.format_exc())
+    record = run.read_record()
     if record is None or record.status != "failed":
-        RunRecord(status="failed",
-                  error=f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run_dir}/error.log)",
-                  config=record.config if record else (io.read_json(run_dir / "planned.json") or {}).get("config"),
-                  config_hash=chash, epochs_done=record.epochs_done if record else 0,
-                  iterations=record.iterations if record else 0).write(run_dir)
+        run.write_record(RunRecord(
+            status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0][:300] + f" (traceback in {run.error_log})",
+            config=record.config if record else run.planned_config(), config_hash=chash,
+            epochs_done=record.epochs_done if record else 0, iterations=record.iterations if record else 0))
 
 
-def fit_run(cfg, run_dir: Path, *, progress: bool, catch: bool = True) -> str:
+def fit_run(cfg, run_dir: Path | RunDir, *, progress: bool, catch: bool = True) -> str:
     """`fit` with failures recorded; returns the final status. With catch=False the error is re-raised after."""
     from repro.engine import fit  # at call time: the engine imports torch, which `repro status` does not need
 
@@ -86,31 +85,31 @@ def fit_run(cfg, run_dir: Path, *, progress: bool, catch: bool = True) -> str:
     except preempt.Abandoned:  # our lease lapsed and another process took the run: it is theirs to finish
         return BUSY
     except Exception as e:  # a bug or a resource error in one run must not take down the sweep
-        record_failure(run_dir, config_hash(cfg), e)
+        record_failure(RunDir(run_dir), config_hash(cfg), e)
         if not catch:
             raise
         return "failed"
 
 
-def train_claimed(cfg, run_dir: Path, *, progress: bool, where: dict[str, Any], catch: bool = True,
+def train_claimed(cfg, run_dir: Path | RunDir, *, progress: bool, where: dict[str, Any], catch: bool = True,
                   on_start=None) -> str:
     """Claim `run_dir`, train it unless it is finished, release it; BUSY when another process holds it."""
-    run_dir = Path(run_dir)
-    with store.run_lock(run_dir) as got:
+    run = RunDir(run_dir)
+    with run.lock() as got:
         if not got:
             return BUSY
-        held = lease.claim(run_dir, job_id=where.get("slurm_job_id"), log=where.get("log"))
+        held = run.claim(job_id=where.get("slurm_job_id"), log=where.get("log"))
         if held is None:
             return BUSY
         held.keep_alive(on_lost=preempt.abandon)
         try:
-            status = store.run_status(run_dir, check_lock=False)
+            status = run.own_status(check_held=False)
             if status in REUSED:
                 return status
             if on_start is not None:
                 on_start(status)
-            io.write_json(run_dir / "placement.json", where)
-            return fit_run(cfg, run_dir, progress=progress, catch=catch)
+            run.write_placement(where)
+            return fit_run(cfg, run, progress=progress, catch=catch)
         finally:
             held.release()
             preempt.forget_abandon()  # the next run this process trains is claimed afresh

@@ -16,11 +16,11 @@ import jinja2
 from repro import io
 from repro.claims import judge_claim
 from repro.claims import verdicts as V
-from repro.claims.judge import SCALE_ORDER
 from repro.errors import UserError
 from repro.experiments import load_registry
 from repro.report import figures, sections, tables
 from repro.runs import collect, load_analyses, load_analysis_arrays
+from repro.scales import largest_first
 
 NO_RUNS = "no runs under {runs}/; run `repro run all --scale demo` first"
 
@@ -42,7 +42,7 @@ def page_order(registry: dict) -> list[str]:
 def largest_scale(by_scale: dict | None) -> dict | None:
     """The analysis of the largest scale among `{scale: analysis}` (what the paper's tables are compared with)."""
     by_scale = by_scale or {}
-    return next((by_scale[s] for s in SCALE_ORDER if s in by_scale), None)
+    return next((by_scale[s] for s in largest_first(by_scale)), None)
 
 
 def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict | None = None,
@@ -79,7 +79,7 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
     context = dict(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), runs_dir=str(runs_dir),
         summary=[sections.summary_row(r) for r in results], sections=claim_sections, rules=V.RULES,
-        caveats=[caveats[s] for s in ("smoke", "demo", "subset") if s in caveats],
+        caveats=[caveats[s] for s in reversed(largest_first(caveats))],
         deltas=figures.deltas_chart(sections.delta_rows(results)),
         table1=tables.table1(largest_scale(analyses.get("ten-crop"))),
         table2=tables.table2(df, largest_scale(analyses.get("ensemble"))), unregistered=unregistered,

@@ -99,7 +99,7 @@ def facts(exp, r: ClaimResult, runs_dir: Path) -> list[str]:
     rows = r.runs[r.runs["scale"].astype(str) == r.scale] if r.scale and len(r.runs) else r.runs.iloc[0:0]
     out: list[str] = []
     if "lrn-strength" in exp.show:
-        out += lrn_strength(rows, runs_dir) or ["No run recorded its LRN strength (lrn_strength in result.json)."]
+        out += lrn_strength(rows, runs_dir) or ["No run recorded its LRN strength (lrn_strength in its run record)."]
     if "parameters" in exp.show and len(rows):
         out += parameter_counts(rows, runs_dir)
     return out
@@ -107,7 +107,7 @@ def facts(exp, r: ClaimResult, runs_dir: Path) -> list[str]:
 
 def _training_curves(r: ClaimResult, rows, runs_dir, analysis) -> dict | None:
     chosen = rows[rows["variant"].isin(list(r.best_variants.values()))]
-    curves = stack(chosen, runs_dir, "curve.jsonl")
+    curves = stack(chosen, runs_dir, "curve")
     if curves.empty or not {"iteration", "train_top1_err"} <= set(curves.columns):
         return None
     group_of = {v: g for g, v in r.best_variants.items()}
@@ -125,7 +125,7 @@ def _training_curves(r: ClaimResult, rows, runs_dir, analysis) -> dict | None:
 
 
 def _learning_curves(r: ClaimResult, rows, runs_dir) -> dict | None:
-    metrics = stack(rows[rows["status"].isin(["done", "diverged", "interrupted"])], runs_dir, "metrics.jsonl")
+    metrics = stack(rows[rows["status"].isin(["done", "diverged", "interrupted"])], runs_dir, "metrics")
     if metrics.empty or "epoch" not in metrics:
         return None
     for col in ("val_top1_err", "train_top1_err"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from repro.claims.judge import SCALE_ORDER
+from repro.scales import largest_first
 
 # (model, top-1 err, top-5 err, source) -- the paper's Table 2, ILSVRC-2012 validation unless noted
 TABLE2_PAPER = [
@@ -58,7 +58,7 @@ def _measured(df: pd.DataFrame, experiment: str, metric: str) -> tuple[str, str]
     """Mean and seed count of a metric over finished runs of one experiment, at its largest scale with one."""
     rows = df[(df["experiment"] == experiment) & (df["status"] == "done")] if "experiment" in df else df.iloc[0:0]
     present = set(rows["scale"].dropna().astype(str)) if len(rows) else set()
-    scale = next((s for s in SCALE_ORDER if s in present), "")
+    scale = next(iter(largest_first(present)), "")
     rows = rows[rows["scale"] == scale] if scale else rows.iloc[0:0]
     if metric not in rows or rows[metric].notna().sum() == 0:
         return "\u2014", "not run"

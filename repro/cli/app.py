@@ -1,4 +1,4 @@
-"""The `repro` command line: a thin Typer layer over data_prep, the runner, the run store and the report.
+"""The `repro` commands: a thin Typer layer over data_prep, the runner, the run store and the report.
 
 Every command turns a `UserError` into one line on stderr and exit code 2; heavy imports happen inside the
 commands so that `repro --help` is instant.
@@ -15,6 +15,7 @@ import typer
 
 from data_prep.sources import SOURCES, source_names
 from repro.errors import EXIT_BAD_INPUT, UserError
+from repro.scales import load_scales, scale_names
 from repro.views import cli_console
 
 app = typer.Typer(
@@ -53,11 +54,9 @@ RES_HELP = ("Stored image size. Default: " + ", ".join(f"{SOURCES[n].default_res
             + " (256: the paper's shorter side to 256 and centre 256x256 crop; the small sets keep their own size).")
 
 
-class Scale(str, Enum):
-    smoke = "smoke"
-    demo = "demo"
-    subset = "subset"
-    full = "full"
+Scale = Enum("Scale", {name: name for name in scale_names()}, type=str)  # the scales of experiments/_scales.toml
+DEFAULT_SCALE = Scale["demo"] if "demo" in Scale.__members__ else next(iter(Scale))
+SCALE_HELP = "; ".join(f"{s.name}: {s.summary}" for s in load_scales().values() if s.summary)
 
 
 class WriteMode(str, Enum):
@@ -123,8 +122,7 @@ def prepare_data(
 @friendly
 def run(
     experiment: str = typer.Argument(..., help="Experiment name (see `repro list`) or `all`."),
-    scale: Scale = typer.Option(Scale.demo, help="smoke: seconds, for tests; demo: Fashion-MNIST on a CPU; "
-                                "subset: ImageNet-100 at 128 px; full: ILSVRC-2012, the paper's recipe."),
+    scale: Scale = typer.Option(DEFAULT_SCALE, help=SCALE_HELP + " (experiments/_scales.toml)."),
     data: Optional[Path] = typer.Option(None, help="Folder made by `repro prepare-data`. Default: the scale's."),
     runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
     seeds: Optional[int] = typer.Option(None, min=1, help="Number of seeds per variant. Default: the scale's."),
@@ -181,9 +179,10 @@ def cancel(
 ):
     """Cancel the queued and running Slurm jobs that `repro run --launcher slurm` submitted for an experiment."""
     from repro.launch.slurm import cancel as cancel_jobs
-    from repro.runs import iter_links
+    from repro.rundir import RunDir, iter_links
 
-    dirs = sorted({link.resolve() for exp, _, _, _, link in iter_links(runs) if experiment in ("all", exp)})
+    dirs = [RunDir(p) for p in sorted({link.resolve() for exp, _, _, _, link in iter_links(runs)
+                                       if experiment in ("all", exp)})]
     if not dirs:
         raise UserError(f"{runs}: no runs of {experiment!r}; `repro status --runs {runs}` lists what there is")
     cancel_jobs(dirs, console)
@@ -193,11 +192,11 @@ def cancel(
 @friendly
 def list_(
     runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
-    scale: Scale = typer.Option(Scale.demo, help="Count done runs at this scale."),
+    scale: Scale = typer.Option(DEFAULT_SCALE, help="Count done runs at this scale."),
     view: View = typer.Option(View.table, "--format", help=VIEW_HELP),
 ):
     """Table of registered experiments: section, claim, paper number, runs done."""
-    from repro.runner import LIST_COLUMNS, list_rows
+    from repro.cli.rows import LIST_COLUMNS, list_rows
     from repro.views import show
 
     show(console, list_rows(runs, scale.value), LIST_COLUMNS, view.value,
@@ -211,7 +210,7 @@ def status(
     view: View = typer.Option(View.table, "--format", help=VIEW_HELP),
 ):
     """What ran, what is running, what failed and why."""
-    from repro.runner import STATUS_COLUMNS, status_caption, status_rows
+    from repro.cli.rows import STATUS_COLUMNS, status_caption, status_rows
     from repro.views import show
 
     rows = status_rows(runs)

@@ -1,0 +1,5 @@
+"""The `repro` command line: the Typer commands (`app`) and the rows of `repro list` and `repro status` (`rows`)."""
+
+from repro.cli.app import app
+
+__all__ = ["app"]
