@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import encode_jpeg
+from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -166,8 +167,6 @@ class _Writer(DatasetWriter):
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         # Same steps as ffcv 1.0.2's DatasetWriter._write_common, with the polling loop changed.
-        from ffcv.memory_allocator import MemoryAllocator
-
         self.num_samples = num_samples
         self.prepare()
         workqueue, allocations_queue, results = Queue(), Queue(), Queue()

@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 
 from repro.errors import UserError
 from repro.models.registry import list_models
-from repro.schema import check, spec
+from repro.schema import check, describe, spec
 
 CONFIG_FORMAT = 6  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
 #                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7;
@@ -216,9 +216,4 @@ def config_hash(cfg: RunConfig) -> str:
 
 def describe_keys() -> str:
     """A help text listing every key with its default and meaning."""
-    lines = []
-    for key, f in all_keys().items():
-        choices = f.metadata.get("choices")
-        extra = f" ({'|'.join(choices)})" if choices else ""
-        lines.append(f"{key} = {f.default!r}{extra}  {f.metadata.get('help', '')}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(line for section, cls in _section_types().items() for line in describe(cls, f"{section}."))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from repro import io, lease
+from repro.config import to_dict
 from repro.engine.record import RunRecord
 from repro.errors import UserError
 
@@ -33,8 +34,6 @@ STORE = "store"
 LOCK = ".lock"
 LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)$")
 REUSED = ("done", "diverged")  # a run in one of these states is never trained again
-STATUSES = ("done", "diverged", "failed", "interrupted", "preempted", "running", "pending", "requeued",
-            "cancelled", "stale")
 
 
 @dataclass(frozen=True)
@@ -219,8 +218,6 @@ def create(runs_dir: Path | str, run, *, planned: dict[str, Any] | None = None) 
 
     `planned.json` records the resolved config and scale so that a run that never started still shows up with its
     settings. Creating the link with `os.symlink` is atomic, so two processes can race here safely."""
-    from repro.config import to_dict
-
     real = store_dir(runs_dir, run.config_hash)
     real.path.mkdir(parents=True, exist_ok=True)
     if not real.planned.exists():

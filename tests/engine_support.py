@@ -121,10 +121,10 @@ def use_stand_ins(monkeypatch_or_module) -> None:
     import importlib
 
     ev = importlib.import_module("repro.engine.scoring")
-    tr = importlib.import_module("repro.engine.train")
+    st = importlib.import_module("repro.engine.state")
 
-    for mod, name, value in [(tr, "make_loaders", make_loaders), (tr, "build_model", build_model),
-                             (tr, "BatchTransform", Transform), (ev, "build_model", build_model)]:
+    for mod, name, value in [(st, "make_loaders", make_loaders), (st, "build_model", build_model),
+                             (st, "BatchTransform", Transform), (ev, "build_model", build_model)]:
         if monkeypatch_or_module is None:
             setattr(mod, name, value)
         else:
@@ -148,7 +148,7 @@ if __name__ == "__main__":
     sleep = overrides.pop("_sleep", 0)  # seconds per training batch, so a signal lands mid-run
     kill_at = overrides.pop("_kill_in_save", None)  # [save number, "write" | "rename"]: SIGKILL inside a save
     if sleep:
-        import repro.engine.train as tr
+        import repro.engine.state as tr
 
         def slow(manifest, cfg, train, base=tr.BatchTransform):
             inner = base(manifest, cfg, train)
@@ -182,7 +182,7 @@ if __name__ == "__main__":
     cfg = apply_overrides(RunConfig(), overrides) if real else tiny_config(**overrides)
     run_dir = Path(sys.argv[1])
     if "WORLD_SIZE" in os.environ:  # under torchrun: log every file write per rank, keep each rank's final weights
-        import repro.engine.train as tr
+        import repro.engine.state as tr
         from repro.engine import parallel
 
         rank, _ = parallel.init_from_env()

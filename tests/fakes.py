@@ -6,7 +6,6 @@ metrics.jsonl, curve.jsonl} and the symlink runs/<experiment>/<variant>/seed<k>-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -116,6 +115,3 @@ def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None 
     if arrays:
         np.savez(npz_path, **arrays)
 
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

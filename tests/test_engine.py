@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import engine_support as sup
 from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
-from repro.engine import train as train_mod
+from repro.engine import state as state_mod
 from repro.engine.recipe import autocast_dtype
 from repro.engine.record import TIMING_KEYS
 from repro.engine.scoring import topk_errors
@@ -99,7 +99,7 @@ def test_fit_writes_the_run_files_and_record(tmp_path):
 def test_a_finished_run_is_returned_not_retrained(tmp_path, monkeypatch):
     cfg = sup.tiny_config()
     first = fit(cfg, tmp_path, progress=False)
-    monkeypatch.setattr(train_mod, "make_loaders", lambda *a, **k: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(state_mod, "make_loaders", lambda *a, **k: pytest.fail("retrained a finished run"))
     assert fit(cfg, tmp_path, progress=False) == first
 
 
@@ -191,7 +191,7 @@ def test_other_errors_are_recorded_as_failed_and_raised(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(train_mod, "make_loaders", broken)
+    monkeypatch.setattr(state_mod, "make_loaders", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         fit(sup.tiny_config(), tmp_path, progress=False)
     result = json.loads((tmp_path / "result.json").read_text())
@@ -200,7 +200,7 @@ def test_other_errors_are_recorded_as_failed_and_raised(tmp_path, monkeypatch):
 
 def test_time_waiting_for_the_loader_is_measured(tmp_path, monkeypatch):
     # a loader that takes 50 ms per batch: the loop waits at least that long for each of its 4 batches an epoch
-    monkeypatch.setattr(train_mod, "make_loaders", sup.slow_make_loaders(0.05))
+    monkeypatch.setattr(state_mod, "make_loaders", sup.slow_make_loaders(0.05))
     result = fit(sup.tiny_config(**{"train.epochs": 2}), tmp_path, progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert all(0.2 <= r["data_wait_s"] <= r["seconds"] for r in rows)

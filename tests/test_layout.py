@@ -141,6 +141,28 @@ def test_no_module_imports_from_a_later_stage():
     assert not backwards and not shared_up, "\n".join(backwards + shared_up)
 
 
+# Data preparation is the earlier stage and a package of its own: it reads nothing of repro but this leaf, which
+# reads nothing of the project at all.
+PREP_MAY_READ = {"repro", "repro.errors", "repro.io"}
+
+
+def test_data_prep_reads_only_the_shared_leaf():
+    graph = import_graph()
+    prep = {m: ts for m, ts in graph.items() if m == "data_prep" or m.startswith("data_prep.")}
+    assert "data_prep.prepare" in prep and "repro.io" in graph["data_prep.prepare"]  # the graph sees these edges
+    outside = [f"{m} imports {t}" for m, ts in prep.items() for t in ts
+               if not (t == "data_prep" or t.startswith("data_prep.")) and t not in PREP_MAY_READ]
+    assert not outside, "\n".join(outside)
+    assert all(not graph[leaf] - {"repro"} for leaf in PREP_MAY_READ - {"repro"}), \
+        {leaf: graph[leaf] for leaf in PREP_MAY_READ - {"repro"}}
+
+
+def test_the_benchmarks_are_not_in_the_core_package_top_level():
+    top = {p.stem for p in (ROOT / "repro").glob("*.py")}
+    assert not {t for t in top if t.startswith("bench")}, top
+    assert (ROOT / "repro" / "bench" / "cpu.py").is_file() and (ROOT / "repro" / "bench" / "gpu.py").is_file()
+
+
 @pytest.mark.parametrize("leaf", ["repro.io", "repro.engine.parallel", "repro.engine.record", "repro.engine.preempt"])
 def test_leaf_modules_stay_leaves(leaf):
     graph = import_graph()

@@ -124,12 +124,12 @@ def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing_more(tmp_path,
     import engine_support as sup
 
     from repro.engine import preempt
-    from repro.engine import train as train_mod
+    from repro.engine import state as state_mod
     from repro.launch.worker import BUSY, train_claimed
 
     sup.use_stand_ins(monkeypatch)
     # 20 ms per batch: the run lasts long enough for the takeover to land inside it
-    monkeypatch.setattr(train_mod, "make_loaders", sup.slow_make_loaders(0.02))
+    monkeypatch.setattr(state_mod, "make_loaders", sup.slow_make_loaders(0.02))
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
     real_keep_alive = lease.Lease.keep_alive
     monkeypatch.setattr(lease.Lease, "keep_alive", lambda self, interval=0.05, on_lost=None:

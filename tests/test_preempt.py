@@ -20,7 +20,7 @@ from repro.engine.record import TIMING_KEYS
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.engine import checkpoint, fit, preempt
-from repro.engine import train as train_mod
+from repro.engine import state as state_mod
 
 SCRIPT = Path(__file__).with_name("engine_support.py")
 
@@ -45,7 +45,7 @@ def real_config(small_betons, backend, **overrides):
 
 def request_after(monkeypatch, steps: int) -> None:
     """Call preempt.request() while the `steps`-th training batch is being prepared, as a signal landing then."""
-    real, count = train_mod.BatchTransform, {"n": 0}
+    real, count = state_mod.BatchTransform, {"n": 0}
 
     def transform(manifest, cfg, train):
         inner = real(manifest, cfg, train)
@@ -58,7 +58,7 @@ def request_after(monkeypatch, steps: int) -> None:
             return inner(x)
         return call
 
-    monkeypatch.setattr(train_mod, "BatchTransform", transform)
+    monkeypatch.setattr(state_mod, "BatchTransform", transform)
 
 
 def without_timing(rows):

@@ -24,7 +24,7 @@ DEVKIT_DIRS = [".", "ILSVRC2012_devkit_t12/data", "devkit/data", "ILSVRC2012_dev
 
 def read_meta(path: Path) -> tuple[dict[int, str], dict[str, str]]:
     """meta.mat -> ({ILSVRC2012_ID: WNID}, {WNID: words}) for the leaf synsets (the 1000 classes)."""
-    import scipy.io
+    import scipy.io  # scipy loads only for the devkit's meta.mat, not for every source
 
     try:
         synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]

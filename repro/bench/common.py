@@ -4,6 +4,7 @@ lines that head each section, and writing one section of the results file."""
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata as md
 import os
 import platform
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 
 from repro import io
 from repro.config import RunConfig, apply_overrides
+from repro.models import build_model
 
 WARMUP_ITERS = 3  # training iterations run before the clock starts, on both sides
 
@@ -41,9 +43,7 @@ def reference_train(folder: Path, cfg: RunConfig, iters: int, warmup: int = WARM
                     device: str = "cpu") -> float:
     """torchvision references/classification/train.py's loop: fp32, NCHW, DataLoader with one worker per core;
     images/s after `warmup` iterations (as the engine's rate is taken after a warm-up run)."""
-    from torchvision import datasets, transforms
-
-    from repro.models import build_model
+    from torchvision import datasets, transforms  # torchvision's datasets load only for the baseline rows
 
     torch.manual_seed(0)
     device = torch.device(device)
@@ -82,8 +82,6 @@ def reference_train(folder: Path, cfg: RunConfig, iters: int, warmup: int = WARM
 
 def machine_lines(command: str) -> list[str]:
     """Command, date, machine and package versions: the first lines of every benchmark section."""
-    import importlib.metadata as md
-
     def version(pkg: str) -> str:
         try:
             return md.version(pkg)

@@ -17,6 +17,7 @@ measurements (`repro bench --device cuda`) are in repro.bench.gpu and write thei
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,16 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
+from data_prep.prepare import PrepareOptions, prepare
 from repro.bench.common import WARMUP_ITERS, fake_images, machine_lines, rate, reference_train, write_section
 from repro.config import RunConfig, apply_overrides
+from repro.data import make_loaders
+from repro.engine import fit
+from repro.scales import get_scale
 
 
 def _torchvision_loader(root: Path, crop: int, batch_size: int, workers: int):
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # torchvision's datasets load only for the baseline rows
 
     tf = transforms.Compose([transforms.RandomCrop(crop), transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
     ds = datasets.ImageFolder(str(root / "train"), transform=tf)
@@ -56,8 +61,6 @@ def _time_epochs(loader, epochs: int = 3, set_epoch=None) -> float:
 
 
 def _config(data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int) -> RunConfig:
-    from repro.scales import get_scale
-
     overrides = {}
     if demo:
         overrides = {k: v for k, v in get_scale("demo").overrides.items() if not k.startswith("data.")}
@@ -73,8 +76,6 @@ def bench_loader(folder: Path, data_dir: Path, crop: int, batch_size: int,
     """torchvision's ImageFolder + DataLoader against `repro.data`'s train loader, both yielding crops and flips.
     With normalize "mean" both yield uint8 (the per-channel mean is taken off later, in the training step); with
     "mean-image" ours yields float32 with the mean image's window taken off, work the baseline does not do."""
-    from repro.data import make_loaders
-
     workers = os.cpu_count() or 1
     base = _time_epochs(_torchvision_loader(folder, crop, batch_size, workers))
     cfg = apply_overrides(_config(data_dir, crop, False, batch_size, 0), {"data.normalize": normalize})
@@ -85,8 +86,6 @@ def bench_loader(folder: Path, data_dir: Path, crop: int, batch_size: int,
 
 def bench_training(folder: Path, data_dir: Path, crop: int, demo: bool, batch_size: int, iters: int,
                    runs: Path) -> tuple[float, float]:
-    from repro.engine import fit
-
     cfg = _config(data_dir, crop, demo, batch_size, iters)
     base = reference_train(folder, cfg, iters)
     # a short run first compiles the FFCV pipeline (numba); the timed run reuses the cached Loader
@@ -99,6 +98,7 @@ def bench_training(folder: Path, data_dir: Path, crop: int, demo: bool, batch_si
 
 def _pil_loop_prepare(folder: Path, out: Path) -> float:
     """The plain way: one process, PIL decode + resize, ffcv's writer with one worker."""
+    # ffcv and torchvision load only in the rows that use them (ffcv's import also sets torch's threads to 1)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torchvision import datasets
@@ -120,8 +120,6 @@ def _pil_loop_prepare(folder: Path, out: Path) -> float:
 
 
 def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
-    from data_prep.prepare import PrepareOptions, prepare
-
     out.mkdir(parents=True, exist_ok=True)
     base = _pil_loop_prepare(folder, out / "plain.beton")
     t0 = time.perf_counter()
@@ -132,8 +130,6 @@ def bench_prepare(folder: Path, out: Path, res: int) -> tuple[float, float]:
 
 def _photos(folder: Path, per_class: int) -> int:
     """An ImageFolder tree of photo-sized JPEGs (about 450x340, noise and shapes, 10 classes); returns how many."""
-    from PIL import ImageDraw
-
     rng = np.random.default_rng(1)
     counts = {"train": per_class, "val": max(per_class // 10, 1)}
     for split, count in counts.items() if not folder.exists() else ():
@@ -156,6 +152,7 @@ def _photos(folder: Path, per_class: int) -> int:
 def write_like_ffcv_imagenet(folder: str, out: str, workers: int) -> None:
     """ffcv-imagenet's write_imagenet.py, once per split: torchvision ImageFolder into FFCV's DatasetWriter, jpg,
     max side 256, quality 90."""
+    # imported here, in the fresh process that times this side only (see _seconds_in_fresh_python)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torchvision.datasets import ImageFolder
@@ -168,8 +165,6 @@ def write_like_ffcv_imagenet(folder: str, out: str, workers: int) -> None:
 
 def prepare_max_side(folder: str, out: str, workers: int) -> None:
     """`repro prepare-data imagefolder --res 256 --max-side --write-mode jpg --jpeg-quality 90`."""
-    from data_prep.prepare import PrepareOptions, prepare
-
     prepare("imagefolder", Path(folder), Path(out), PrepareOptions(res=256, max_side=True, write_mode="jpg",
                                                                   jpeg_quality=90, workers=workers, force=True),
             progress=False)
@@ -179,8 +174,6 @@ def _seconds_in_fresh_python(function: str, imports: str, *args) -> float:
     """Time `repro.bench.cpu.<function>(*args)` in a new interpreter, after importing `imports`: each side starts as
     a user's command does, with nothing compiled or cached by the other (FFCV compiles numba code in each
     process), and neither side's imports count as conversion time."""
-    import subprocess
-
     code = (f"import time, repro.bench.cpu as b, {imports}\n"
             f"t = time.perf_counter(); b.{function}(*{args!r}); print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -210,8 +203,6 @@ def run_bench(out: Path, *, quick: bool = False, console: Console | None = None)
         with console.status("making benchmark images"):
             fake_images(big, 256, per_class, 10, "jpg")
             fake_images(small, 28, per_class * 3, 10, "png")
-        from data_prep.prepare import PrepareOptions, prepare
-
         with console.status("preparation: plain PIL loop vs repro prepare-data"):
             base, ours = bench_prepare(big, tmp / "prep", 256)
         rows.append(("prepare-data, 256 px JPEG", base, ours, "-"))

@@ -23,9 +23,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from data_prep.prepare import PrepareOptions, prepare
 from repro.bench.common import WARMUP_ITERS, fake_images, machine_lines, reference_train, write_section
 from repro.config import RunConfig, apply_overrides
+from repro.engine import fit
 from repro.errors import UserError
+from repro.models import build_model
+from repro.models.summary import describe
+from repro.runs import load_metrics
 
 ILSVRC_TRAIN_IMAGES = 1_281_167
 PAPER_DAYS = "5-6 days on two GTX 580 3GB"
@@ -57,16 +62,12 @@ def peak_tflops(name: str) -> float | None:
 
 def train_flops_per_image(cfg: RunConfig) -> float:
     """Forward + backward FLOPs of one training image: the backward pass costs twice the forward."""
-    from repro.models.summary import describe
-
     return 3 * 2 * float(describe(cfg.model)["macs"])
 
 
 def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: bool, batch: int = 256,
                steps: int = 30, warmup: int = 5, device: str = "cuda") -> float:
     """Training images/s of alexnet-paper on random batches that are already on the GPU (no data loading)."""
-    from repro.models import build_model
-
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -116,8 +117,6 @@ def model_bound_rows(cfg: RunConfig, console: Console) -> list[Row]:
 
 def make_data(tmp: Path, per_class: int, val_limit: int) -> dict[str, Path]:
     """An ImageFolder of 256 px JPEGs and the same images as a jpg beton and a raw beton."""
-    from data_prep.prepare import PrepareOptions, prepare
-
     folder = tmp / "jpeg256"
     fake_images(folder, 256, per_class, 10, "jpg")
     out = {"folder": folder}
@@ -140,9 +139,6 @@ def paper_config(data_dir: Path, backend: str, epochs: int) -> RunConfig:
 def fit_rate(cfg: RunConfig, run_dir: Path) -> tuple[float, float]:
     """Training images/s of `fit`, over every epoch but the first (worker start-up, numba and cuDNN warm-up), and
     the fraction of that time the training loop waited for the loader."""
-    from repro.engine import fit
-    from repro.runs import load_metrics
-
     record = fit(cfg, run_dir, progress=False)
     if record.status != "done":
         raise RuntimeError(f"benchmark run ended {record.status}: {record.error}")

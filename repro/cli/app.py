@@ -1,7 +1,7 @@
 """The `repro` commands: a thin Typer layer over data_prep, the runner, the run store and the report.
 
-Every command turns a `UserError` into one line on stderr and exit code 2; heavy imports happen inside the
-commands so that `repro --help` is instant.
+Every command turns a `UserError` into one line on stderr and exit code 2; the heavy imports (torch, pandas, FFCV,
+submitit) happen inside the commands that need them, so that `repro --help` and `repro keys` start at once.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from typing import Optional
 import typer
 
 from data_prep.sources import SOURCES, source_names
+from data_prep.prepare import PrepareOptions, prepare
+from repro.config import describe_keys
 from repro.errors import EXIT_BAD_INPUT, UserError
+from repro.launch import resolve_options
+from repro.rundir import RunDir, iter_links
 from repro.scales import load_scales, scale_names
-from repro.views import cli_console
+from repro.views import cli_console, show
 
 app = typer.Typer(
     help="Reproduce the claims of the AlexNet paper (Krizhevsky, Sutskever, Hinton, 2012), claim by claim.\n\n"
@@ -109,8 +113,6 @@ def prepare_data(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Convert a dataset into FFCV .beton files plus a manifest (counts, classes, mean, RGB PCA, hashes)."""
-    from data_prep.prepare import PrepareOptions, prepare
-
     opts = PrepareOptions(res=res, max_side=max_side, classes=classes, train_per_class=train_per_class,
                           val_per_class=val_per_class, write_mode=write_mode.value, jpeg_quality=jpeg_quality,
                           workers=workers, seed=seed, force=force)
@@ -157,7 +159,6 @@ def run(
                               "exit 1 if any failed.", rich_help_panel="Launching"),
 ):
     """Run one experiment (every variant and seed), reusing finished runs and resuming interrupted ones."""
-    from repro.launch import resolve_options
     from repro.runner import run_experiments
 
     launch = None
@@ -179,7 +180,6 @@ def cancel(
 ):
     """Cancel the queued and running Slurm jobs that `repro run --launcher slurm` submitted for an experiment."""
     from repro.launch.slurm import cancel as cancel_jobs
-    from repro.rundir import RunDir, iter_links
 
     dirs = [RunDir(p) for p in sorted({link.resolve() for exp, _, _, _, link in iter_links(runs)
                                        if experiment in ("all", exp)})]
@@ -197,7 +197,6 @@ def list_(
 ):
     """Table of registered experiments: section, claim, paper number, runs done."""
     from repro.cli.rows import LIST_COLUMNS, list_rows
-    from repro.views import show
 
     show(console, list_rows(runs, scale.value), LIST_COLUMNS, view.value,
          title=f"experiments (runs done at scale {scale.value})")
@@ -211,7 +210,6 @@ def status(
 ):
     """What ran, what is running, what failed and why."""
     from repro.cli.rows import STATUS_COLUMNS, status_caption, status_rows
-    from repro.views import show
 
     rows = status_rows(runs)
     show(console, rows, STATUS_COLUMNS, view.value, title=f"runs under {runs}", caption=status_caption(rows))
@@ -256,8 +254,6 @@ def models():
 @app.command("keys")
 def keys():
     """Every config key that --set and experiment files accept, with its default."""
-    from repro.config import describe_keys
-
     console.print(describe_keys(), markup=False)
 
 

@@ -104,6 +104,7 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
         raise UserError(f"train.batch_size = {cfg.train.batch_size} is larger than the {len(train_ids)} training "
                         f"images in {folder}; lower train.batch_size or raise data.train_limit")
     backend = pick_backend(cfg.data.backend, device)
+    # only the chosen backend loads: FFCV (numba) and the GPU decoder take seconds to import
     if backend == "ffcv":
         from repro.data.ffcv_loader import make_ffcv_batches as make
     elif backend == "nvjpeg":

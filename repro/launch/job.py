@@ -34,6 +34,7 @@ def _threads(env: submitit.JobEnvironment) -> int:
 
 def _train_ddp(cfg, run_dir: RunDir, where: dict[str, Any]) -> str:
     """Several tasks, one run: rank 0 holds the claim, every rank trains (repro.engine.parallel, as under torchrun)."""
+    # torch loads inside the job only: the login node that submits imports this module too
     from repro.engine import parallel
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -55,7 +56,7 @@ def _train_ddp(cfg, run_dir: RunDir, where: dict[str, Any]) -> str:
     finally:
         if held is not None:
             held.release()
-        import torch.distributed as dist
+        import torch.distributed as dist  # inside the job only, as above
 
         dist.destroy_process_group()
 
@@ -65,7 +66,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     the run failed, so that Slurm records the job as FAILED."""
 
     def __call__(self, run_dir: str) -> str:
-        import torch
+        import torch  # inside the job only, as in _train_ddp
 
         env = submitit.JobEnvironment()
         run_dir = RunDir(run_dir)

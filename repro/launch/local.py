@@ -26,7 +26,7 @@ POLL_S = 0.5
 
 def core_groups(parallel: int) -> list[str]:
     """This process's cores cut into `parallel` groups of equal size, each as `--cpus` takes it ("0,1")."""
-    from repro.data import usable_cpus
+    from repro.data import usable_cpus  # imports torch: only once a pool starts
 
     mine = usable_cpus()
     size = max(1, len(mine) // parallel)

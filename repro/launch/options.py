@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.errors import UserError
-from repro.schema import read_table, spec, table_fields
+from repro.schema import read_table, spec
 
 LAUNCHERS = ("local", "slurm")
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$")
@@ -35,8 +35,6 @@ class LaunchOptions:
     signal_minutes: float = spec(2.0, help="slurm: the warning before a time limit or preemption")
     wait: bool = spec(False, derived=True)
 
-
-CONFIG_KEYS = tuple(table_fields(LaunchOptions))
 
 
 def time_minutes(text: str) -> int:

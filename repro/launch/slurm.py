@@ -125,7 +125,7 @@ def run_jobs(runs: list[RunDir]) -> dict[RunDir, Job]:
 
 
 def _executor(runs_dir: Path, opts: LaunchOptions):
-    import submitit
+    import submitit  # only to submit: `repro status` reads job states without it
 
     ex = submitit.SlurmExecutor(folder=Path(runs_dir).resolve() / "slurm", max_num_timeout=10_000)
     params: dict[str, Any] = {
@@ -144,7 +144,7 @@ def _executor(runs_dir: Path, opts: LaunchOptions):
 
 def submit(runs: list[RunDir], runs_dir: Path, opts: LaunchOptions) -> dict[RunDir, str]:
     """Submit one job per run (one array when several); returns {run: job id}."""
-    from repro.launch.job import TrainJob
+    from repro.launch.job import TrainJob  # imports submitit: only to submit, as in _executor
 
     _need_sbatch()
     if not runs:

@@ -28,7 +28,7 @@ EXIT_BUSY = 3
 
 def devices() -> list[str]:
     """The GPUs this process may use or hand out, by the names CUDA_VISIBLE_DEVICES uses; none on a CPU."""
-    import torch
+    import torch  # torch loads on first use: the local pool's parent imports this module and never trains
 
     if not torch.cuda.is_available():
         return []
@@ -42,7 +42,8 @@ def visible_gpus() -> str | None:
 
 
 def placement(launcher: str, **extra: Any) -> dict[str, Any]:
-    import torch
+    """Where this process trains: launcher, host, pid, GPUs, cores, threads (the run's placement record)."""
+    import torch  # on first use, as in devices()
 
     from repro.data import usable_cpus
 
