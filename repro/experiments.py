@@ -31,7 +31,7 @@ from typing import Any
 
 from repro.claims import get_kind, kind_names
 from repro.config import RunConfig, apply_overrides
-from repro.engine.record import METRICS
+from repro.record import METRICS
 from repro.errors import UserError
 from repro.scales import EXPERIMENTS_DIR, Scale, ScaleData, get_scale, load_scales, with_data
 from repro.schema import read_table, spec, unknown_key

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from repro import runs as store
 from repro.config import RunConfig, apply_overrides, config_hash, parse_set
-from repro.engine.record import finite
+from repro.record import finite
 from repro.errors import UserError
 from repro.experiments import Experiment, get_experiment, load_registry
 from repro.hints import prepare_command

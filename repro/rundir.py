@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from repro import io, lease
 from repro.config import to_dict
-from repro.engine.record import RunRecord
+from repro.record import RunRecord
 from repro.errors import UserError
 
 STORE = "store"
@@ -80,7 +80,7 @@ class RunDir:
         self.metrics = p / "metrics.jsonl"         # one line per epoch
         self.curve = p / "curve.jsonl"             # the training curve, one line per `train.log_every` steps
         self.val_logits = p / "val_logits.npy"     # the final model's validation logits (for the ensemble)
-        self.result = p / "result.json"            # the run record (repro.engine.record), once it ended
+        self.result = p / "result.json"            # the run record (repro.record), once it ended
         self.checkpoint = p / "checkpoint.pt"      # the latest checkpoint
         self.checkpoint_prev = p / "checkpoint.prev.pt"  # the one before, while a new one is renamed in
         self.lease_file = p / ".lease"             # who holds the run (repro.lease)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from repro import io
 from repro.config import flatten, from_dict
-from repro.engine.record import METRICS
+from repro.record import METRICS
 from repro.errors import UserError
 from repro.rundir import Job, RunDir, analysis_files, analysis_paths, iter_links
 

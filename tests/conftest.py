@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from repro.config import config_hash, to_dict
-from repro.engine.record import RunRecord
+from repro.record import RunRecord
 from repro.rundir import RunDir
 
 FAKE_MANIFEST = ("feedc0ffee123456", 4, 200)  # (hash, classes, training images)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from repro.config import RunConfig, apply_overrides, config_hash, to_dict
-from repro.engine.record import RunRecord
+from repro.record import RunRecord
 from repro.rundir import RunDir, analysis_paths
 
 

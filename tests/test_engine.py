@@ -20,7 +20,7 @@ from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import state as state_mod
 from repro.engine.recipe import autocast_dtype
-from repro.engine.record import TIMING_KEYS
+from repro.record import TIMING_KEYS
 from repro.engine.scoring import topk_errors
 
 

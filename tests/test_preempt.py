@@ -16,7 +16,7 @@ import torch
 
 import engine_support as sup
 from repro.rundir import RunDir
-from repro.engine.record import TIMING_KEYS
+from repro.record import TIMING_KEYS
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.engine import checkpoint, fit, preempt

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from repro import io
 from repro.rundir import RunDir
 from repro.cli import app
-from repro.engine.record import TIMING_KEYS
+from repro.record import TIMING_KEYS
 from repro.launch.local import core_groups
 from repro.cli.rows import status_rows
 

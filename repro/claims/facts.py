@@ -18,7 +18,7 @@ from data_prep.sources import SOURCES
 from repro.rundir import RunDir
 from repro.claims.common import run_path
 from repro.config import from_dict
-from repro.engine.record import finite
+from repro.record import finite
 
 # the second PCA eigenvalue of the RGB pixels over the first: below this, the three channels carry one signal
 COLOUR_RATIO = 1e-6

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.claims import get_kind
-from repro.engine.record import finite
+from repro.record import finite
 from repro.experiments import load_registry, scale_settings
 from repro.rundir import RunDir, iter_links
 from repro.runs import collect

@@ -1,15 +1,15 @@
 """Training and evaluation: `fit` trains or resumes a run in its folder and returns its `RunRecord`; `evaluate`,
 `predict`, `extract_features` and `load_model` score and reuse trained runs; `preempt` stops a run cleanly.
 
-The names are loaded on first use (PEP 562), so that reading a run record (`repro.engine.record`, which the run
-store and `repro status` need) does not import torch and the data pipelines.
+The names are loaded on first use (PEP 562), so that a module of the package that needs no torch (`preempt`, read by
+the launchers) can be imported without torch and the data pipelines.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_WHERE = {"fit": "repro.engine.train", "RunRecord": "repro.engine.record", "evaluate": "repro.engine.scoring",
+_WHERE = {"fit": "repro.engine.train", "RunRecord": "repro.record", "evaluate": "repro.engine.scoring",
           "extract_features": "repro.engine.scoring", "load_model": "repro.engine.scoring",
           "predict": "repro.engine.scoring"}
 

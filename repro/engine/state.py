@@ -23,7 +23,7 @@ from repro.data.augment import BatchTransform
 from repro.engine import checkpoint, parallel, preempt
 from repro.engine.provenance import provenance
 from repro.engine.recipe import autocast_dtype, make_optimizer, pick_device
-from repro.engine.record import RunRecord
+from repro.record import RunRecord
 from repro.errors import UserError
 from repro.models import build_model
 from repro.rundir import RunDir

@@ -25,7 +25,7 @@ from repro.data.augment import center_crop
 from repro.engine import parallel, preempt, schedule
 from repro.engine.recipe import step_seed
 from repro.engine.scoring import evaluate, lrn_strength
-from repro.engine.record import RunRecord
+from repro.record import RunRecord
 from repro.engine.state import (Parts, RunState, check_run_dir, make_record, now, restore, save, set_up)
 from repro.rundir import RunDir
 from repro.views import progress_console

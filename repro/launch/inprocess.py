@@ -11,7 +11,7 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
-from repro.engine.record import finite
+from repro.record import finite
 from repro.launch.worker import BUSY, load_config, placement, train_claimed
 from repro.rundir import RunDir
 

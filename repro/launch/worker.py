@@ -18,7 +18,7 @@ from typing import Any
 from repro import io
 from repro.config import config_hash, from_dict
 from repro.engine import preempt
-from repro.engine.record import RunRecord
+from repro.record import RunRecord
 from repro.errors import UserError
 from repro.rundir import REUSED, RunDir
 
