@@ -1,4 +1,5 @@
-"""The run store: links into store/<hash>, run status, collect() as a DataFrame, results files, curves."""
+"""The runs folder read back: collect() as a DataFrame, results files, curves, analyses (the run folder itself, its
+links and its status: test_rundir.py)."""
 
 from __future__ import annotations
 
@@ -6,33 +7,18 @@ import json
 import math
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from repro.plan import PlannedRun
 from repro import io, runs
-from repro.config import RunConfig, apply_overrides, config_hash, to_dict
+from repro.plan import PlannedRun
 from repro.errors import UserError
 from repro.rundir import create
 
 from conftest import fake_fit
-
-
-def _planned(exp="e", variant="v", seed=0, **over):
-    cfg = apply_overrides(RunConfig(), {"train.seed": seed, "model.num_classes": 4, **over})
-    return PlannedRun(exp, variant, variant, seed, "smoke", cfg, config_hash(cfg))
-
-
-def _record(run_dir: Path, status: str, fmt: int = 1):
-    rec = json.loads((run_dir / "result.json").read_text())
-    rec["status"], rec["format"] = status, fmt
-    if status != "done":
-        rec["error"] = f"{status} because of a test"
-    (run_dir / "result.json").write_text(json.dumps(rec))
+from test_rundir import _planned, _record
 
 
 def _store_with_runs(tmp_path):
