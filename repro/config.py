@@ -20,9 +20,10 @@ from repro.errors import UserError
 from repro.models.registry import list_models
 from repro.schema import check, describe, spec
 
-CONFIG_FORMAT = 6  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
+CONFIG_FORMAT = 7  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
 #                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7;
-#                    6: data.normalize defaults to the mean image
+#                    6: data.normalize defaults to the mean image; 7: each epoch's order and crop draws come from
+#                    SeedSequence(seed, epoch) (they came from seed + epoch, so seeds shared their data)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class ModelConfig:
     lrn: bool = spec(True, help="local response normalisation after ReLU in conv1, conv2 (section 3.3)")
     lrn_alpha_mode: str = spec("per-size", choices=("paper", "per-size"),
                              help="paper: alpha as written; per-size: alpha/n as Caffe, torch and cuda-convnet2")
+    lrn_form: str = spec("full", choices=("full", "gain"),
+                       help="full: LRN as section 3.3; gain: at the same places only divide by k^beta (LRN's fixed "
+                            "gain when alpha'*sum(a^2) << k), the control that keeps LRN's scale without its "
+                            "normalisation; needs model.lrn = true")
     pooling: str = spec("overlap", choices=("overlap", "non-overlap"), help="3/2 or 2/2 max-pool (section 3.4)")
     towers: str = spec("two", choices=("two", "one-half", "one-full"), help="section 3.2")
     remove_layer: str = spec("none", choices=("none", "conv2", "conv3", "conv4", "conv5"),
@@ -50,6 +55,13 @@ class ModelConfig:
                    help="imagenet: conv1 11x11/4; tiny: conv1 5x5/1 for 28-64 px inputs")
     init: str = spec("paper", choices=("paper", "kaiming"),
                    help="paper: N(0, 0.01), bias 1 in conv2, conv4, conv5, fc6, fc7")
+
+    def __post_init__(self):
+        # the one rule between two fields: the gain form replaces LRN layers, so without them it would do nothing
+        # while its runs hashed apart from the no-LRN runs they equal
+        if self.lrn_form == "gain" and not self.lrn:
+            raise UserError("model.lrn_form = 'gain' needs model.lrn = true (it replaces the LRN layers, and with "
+                            "model.lrn = false there are none); set model.lrn_form = 'full' or model.lrn = true")
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,8 @@ class TrainConfig:
     eval_every: int = spec(1, valid=(lambda n: n >= 1, "must be at least 1"),
                          help="score on the validation set after every N-th epoch and after the last; "
                               "N > 1 needs a schedule that does not read validation error (not plateau)")
-    seed: int = spec(0)
+    seed: int = spec(0, valid=(lambda s: s >= 0, "must be >= 0"),
+                     help="the run's seed: initial weights, and with the epoch every epoch's order, crops and dropout")
     precision: str = spec("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = spec(True, hash=False)
     compile: bool = spec(False, hash=False, help="torch.compile the model (GPU)")

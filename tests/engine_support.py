@@ -101,7 +101,8 @@ def make_loaders(cfg, *, device, distributed=False):
         xva, yva = xva[idx[rank::world]], yva[idx[rank::world]]
     return types.SimpleNamespace(train=train, val=ValLoader(xva, yva, 16), train_eval=ValLoader(xtr, ytr, 16),
                                  manifest={"hash": "stand-in"}, backend="torch", num_train=n_train, num_val=32,
-                                 batches_per_epoch=len(train))
+                                 batches_per_epoch=len(train),
+                                 order_digest=lambda epoch: f"stand-in-{cfg.train.seed}-{epoch}")
 
 
 def build_model(mcfg):

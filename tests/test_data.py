@@ -36,6 +36,12 @@ class _Arrays:
         return self.images[i], int(self.labels[i])
 
 
+
+def epoch_permutation(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """The training order every backend must use, written from its definition: numpy's generator on
+    SeedSequence([1, seed, epoch]) (1: the order's stream; the crops draw from another)."""
+    return np.random.default_rng(np.random.SeedSequence([1, seed, epoch])).permutation(ids)
+
 def write_dataset(folder: Path, mode: str, seed: int = 0) -> dict:
     """Write train/val betons of random images plus a format-1 manifest (mean, std, PCA by numpy)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,11 +234,12 @@ def test_loaders_on_raw_beton(raw_data, backend):
     x, y = collect(loaders.train_eval)
     assert torch.equal(x, nchw(arrays["train"][0]))
 
-    # train: order = default_rng(seed + epoch) permutation; each image a true CROP x CROP sub-window, some flipped
+    # train: order = a permutation from SeedSequence([1, seed, epoch]); each image a true CROP x CROP sub-window,
+    # some flipped
     loaders.set_epoch(0)
     x, y = collect(loaders.train)
     assert x.shape == (N_TRAIN, 3, CROP, CROP)
-    order = np.random.default_rng(3).permutation(N_TRAIN)
+    order = epoch_permutation(3, 0, np.arange(N_TRAIN))
     np.testing.assert_array_equal(y.numpy(), arrays["train"][1][order])
     sources = nchw(arrays["train"][0])
     hits = [find_window(x[i], sources[order[i]]) for i in range(N_TRAIN)]
@@ -246,7 +253,7 @@ def test_loaders_on_raw_beton(raw_data, backend):
     x_again, _ = collect(loaders.train)
     assert torch.equal(x, x_again)
     x1, y1 = collect(loaders.train)  # epoch 1 follows
-    np.testing.assert_array_equal(y1.numpy(), arrays["train"][1][np.random.default_rng(4).permutation(N_TRAIN)])
+    np.testing.assert_array_equal(y1.numpy(), arrays["train"][1][epoch_permutation(3, 1, np.arange(N_TRAIN))])
 
 
 def test_flip_off_and_limits(raw_data):
@@ -267,7 +274,7 @@ def test_flip_off_and_limits(raw_data):
     xb, yb = collect(b.train)
     sources = nchw(arrays["train"][0])
     for seed, x in ((0, xa), (7, xb)):
-        order = np.random.default_rng(seed).permutation(train_ids)
+        order = epoch_permutation(seed, 0, train_ids)
         hits = [find_window(x[i], sources[order[i]]) for i in range(16)]
         assert all(len(h) == 1 and not h[0][2] for h in hits)  # found, and never flipped
     assert not torch.equal(xa, xb)
@@ -319,7 +326,8 @@ def test_crop_draws_cover_every_position_evenly():
 
     from repro.data.crops import crop_window, draw_words, flip_bit
 
-    words = draw_words(np.arange(20000, dtype=np.uint64))
+    key = np.array([0x1234, 0xABCD], dtype=np.uint64)
+    words = draw_words(np.arange(20000, dtype=np.uint64), key)
     windows = np.array([crop_window(w, 32, 32, 27, 32) for w in words])
     assert (windows[:, 2] == 27).all()
     for column in (0, 1):  # tops and lefts: all 6 positions 0..5, uniformly
@@ -327,9 +335,11 @@ def test_crop_draws_cover_every_position_evenly():
         assert len(counts) == 6 and chisquare(counts).pvalue > 1e-3
     flips = np.array([flip_bit(w) for w in words])
     assert abs(flips.mean() - 0.5) < 0.02
-    # a different batch (same ids, another order) draws other crops
-    again = draw_words(np.arange(20000, dtype=np.uint64)[::-1].copy())
-    assert (again[::-1] != words).any(axis=1).mean() > 0.99
+    # a sample's draw does not depend on its batch or its place in it; another epoch's key draws other crops
+    again = draw_words(np.arange(20000, dtype=np.uint64)[::-1].copy(), key)
+    np.testing.assert_array_equal(again[::-1], words)
+    other = draw_words(np.arange(20000, dtype=np.uint64), key + np.uint64(1))
+    assert (other != words).any(axis=1).mean() > 0.99
 
 
 def test_variable_size_images(tmp_path):
@@ -387,7 +397,7 @@ def test_mean_image_is_cut_and_flipped_as_each_crop(raw_data, tmp_path, backend)
     (px, py), (mx, my) = collect(plain.train), collect(minus.train)
     assert mx.dtype == torch.float32 and torch.equal(py, my)
     sources = nchw(raw_data[1]["train"][0])
-    order = np.random.default_rng(0).permutation(N_TRAIN)  # seed 0, epoch 0: the images behind px, in order
+    order = epoch_permutation(0, 0, np.arange(N_TRAIN))  # seed 0, epoch 0: the images behind px, in order
     flips = 0
     for i in range(len(px)):
         window = (px[i].float() - mx[i]).permute(1, 2, 0).numpy()  # (CROP, CROP, 3) values of the ramp

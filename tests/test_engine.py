@@ -65,7 +65,8 @@ def test_fit_writes_the_run_files_and_record(tmp_path):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["iteration"] for r in rows] == [4, 8, 12]
     assert set(rows[0]) == {"epoch", "iteration", "train_loss", "train_top1_err", "val_top1_err", "val_top5_err",
-                            "lr", "images_per_s", "seconds", "data_wait_s"}
+                            "lr", "images_per_s", "seconds", "data_wait_s", "data_order_digest"}
+    assert [r["data_order_digest"] for r in rows] == [f"stand-in-0-{e}" for e in range(3)]  # the loaders' own
     assert all(0 <= r["data_wait_s"] <= r["seconds"] for r in rows)
     curve = read_jsonl(tmp_path / "curve.jsonl")
     assert [c["iteration"] for c in curve] == [3, 6, 9, 12]

@@ -98,11 +98,12 @@ def test_gather_crops_matches_slicing_image_by_image():
 
 def test_crop_boxes_are_the_shared_draws():
     ids = np.array([5, 17, 2, 9], dtype=np.uint64)
-    boxes, flips = crop_boxes(ids, np.full(4, 64), np.full(4, 64), 56, 64, flip=True)
-    words = draw_words(ids)
+    key = np.array([3, 4], dtype=np.uint64)
+    boxes, flips = crop_boxes(ids, key, np.full(4, 64), np.full(4, 64), 56, 64, flip=True)
+    words = draw_words(ids, key)
     assert boxes.tolist() == [list(crop_window(w, 64, 64, 56, 64)) for w in words]
     assert flips.tolist() == [bool(flip_bit(w)) for w in words]
-    assert not crop_boxes(ids, np.full(4, 64), np.full(4, 64), 56, 64, flip=False)[1].any()
+    assert not crop_boxes(ids, key, np.full(4, 64), np.full(4, 64), 56, 64, flip=False)[1].any()
 
 
 def test_auto_picks_nvjpeg_on_cuda_only():

@@ -15,10 +15,9 @@ import torch
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders
 from repro.data.augment import BatchTransform
+from repro.data.order import order_digest
 from repro.engine import checkpoint, evaluate, fit, load_model
 from repro.rundir import RunDir
-
-
 
 
 def real_config(small_betons, **overrides):
@@ -39,6 +38,19 @@ def interrupt_after_first_save(monkeypatch):
     monkeypatch.setattr(checkpoint, "save", save)
 
 
+def test_every_epoch_records_the_digest_of_its_order_and_crops(tmp_path, small_betons):
+    torch.set_num_threads(1)
+    digests = {}
+    for seed in (0, 1):
+        cfg = real_config(small_betons, **{"train.seed": seed})
+        fit(cfg, tmp_path / f"s{seed}", progress=False)
+        rows = RunDir(tmp_path / f"s{seed}").metric_rows()
+        ids = make_loaders(cfg, device="cpu").train_ids
+        assert [r["data_order_digest"] for r in rows] == [order_digest(ids, seed, e, 16) for e in (0, 1)]
+        digests.update({(seed, e): r["data_order_digest"] for e, r in enumerate(rows)})
+    assert len(set(digests.values())) == 4  # seed 1's epoch 0 is not seed 0's epoch 1
+
+
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
 def test_resume_matches_a_straight_run(tmp_path, small_betons, monkeypatch, backend):
     torch.set_num_threads(1)
@@ -51,6 +63,8 @@ def test_resume_matches_a_straight_run(tmp_path, small_betons, monkeypatch, back
             fit(cfg, tmp_path / "b", progress=False)
     resumed = fit(cfg, tmp_path / "b", progress=False)
     assert resumed.metrics == straight.metrics and resumed.iterations == straight.iterations == 8
+    digest = [[r["data_order_digest"] for r in RunDir(tmp_path / d).metric_rows()] for d in "ab"]
+    assert digest[0] == digest[1] and len(digest[0]) == 2  # the resumed run saw the same data
     wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

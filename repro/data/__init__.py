@@ -21,6 +21,7 @@ import torch
 
 from repro.config import RunConfig
 from repro.data.manifest import beton_path, read_manifest, read_mean_image
+from repro.data.order import order_digest, rank_world
 from repro.hints import prepare_command
 from repro.errors import UserError
 
@@ -38,12 +39,19 @@ class Loaders:
     num_val: int
     batches_per_epoch: int
     mean_image: torch.Tensor | None = None  # (3, res, res) float32, subtracted by the loaders ("mean-image")
+    train_ids: np.ndarray | None = None     # the training sample ids an epoch permutes (repro.data.order)
+    seed: int = 0
+    step: int = 0                           # samples per optimizer step over all processes
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
-        """Shuffle the next training pass with seed + epoch (call before each epoch; needed after a resume) and
-        start it at batch `first_batch` of that epoch's order (a resume inside an epoch; earlier batches are
+        """Make the next training pass epoch `epoch`: its order and crops (call before each epoch; needed after a
+        resume), starting at batch `first_batch` of that order (a resume inside an epoch; earlier batches are
         neither read nor decoded)."""
         self.train.set_epoch(epoch, first_batch)
+
+    def order_digest(self, epoch: int) -> str:
+        """16 hex digits of the samples epoch `epoch` trains on, in order, and of its crop draws."""
+        return order_digest(self.train_ids, self.seed, epoch, self.step)
 
 
 def subset_indices(count: int, limit: int) -> np.ndarray:
@@ -126,6 +134,8 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
     train = make(train_path, indices=train_ids, train=True, **common)
     val = make(val_path, indices=val_ids, train=False, **common)
     train_eval = make(train_path, indices=train_ids, train=False, **common)
+    world = rank_world()[1] if distributed else 1
     return Loaders(train=train, val=val, train_eval=train_eval, manifest=manifest, backend=backend,
                    num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train),
-                   mean_image=mean_image)
+                   mean_image=mean_image, train_ids=train_ids, seed=cfg.train.seed,
+                   step=cfg.train.batch_size * world)

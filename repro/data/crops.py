@@ -1,9 +1,11 @@
-"""Where the train-time random crop lands and whether it is flipped, as a pure function of the batch.
+"""Where the train-time random crop lands and whether it is flipped: a pure function of the epoch's crop key and
+the sample's id.
 
-Both backends draw from here, so they produce the same crops. The draws come from a counter-based hash
-(splitmix64) of the batch's sample indices rather than from a global random state: FFCV decodes in numba threads
-whose random states cannot be seeded, while the batch indices come from the permutation seeded by
-`train.seed + epoch`. So a run repeats exactly, and a resumed run sees the crops an uninterrupted one would.
+Every backend draws from here, so all produce the same crops. The draws come from a counter-based hash
+(splitmix64) of the sample id and the epoch's two-word key (repro.data.order.crop_key, spawned from (seed, epoch))
+rather than from a global random state: FFCV decodes in numba threads whose random states cannot be seeded. So a
+run repeats exactly, a resumed run sees the crops an uninterrupted one would, no two (seed, epoch) pairs share
+their draws, and a sample's crop does not depend on which batch or which process it lands in.
 The functions are numba-compiled when numba is importable, so the FFCV decoder can call them inside its kernel.
 """
 
@@ -35,17 +37,15 @@ def mix64(z):
 
 
 @_jit
-def draw_words(batch_indices):
-    """Three uint64 random words per image, `(n, 3)`, determined by the batch's sample indices and their order."""
+def draw_words(batch_indices, key):
+    """Three uint64 random words per image, `(n, 3)`, determined by the epoch's `key` (2 uint64) and each image's
+    sample id (array arithmetic: it wraps modulo 2**64 in numpy and numba alike, without overflow warnings)."""
     n = len(batch_indices)
     idx = np.empty(n, dtype=np.uint64)
-    pos = np.empty(n, dtype=np.uint64)
     for k in range(n):
         idx[k] = np.uint64(batch_indices[k])
-        pos[k] = np.uint64(k + 1)
-    key = np.sum(mix64(idx + pos * _GOLDEN))  # wraps modulo 2**64 in numpy and numba alike
+    r = mix64(mix64(idx * _GOLDEN + key[0]) ^ key[1])
     out = np.empty((n, 3), dtype=np.uint64)
-    r = mix64((pos * _GOLDEN) ^ key)
     for j in range(3):
         out[:, j] = r
         r = mix64(r + _GOLDEN)
@@ -93,10 +93,10 @@ def mean_image_box(words, height, width, crop, res):
 
 
 @_jit
-def mean_image_crops(batch_indices, heights, widths, crop, res, do_flip):
+def mean_image_crops(batch_indices, key, heights, widths, crop, res, do_flip):
     """(n, 5) int64 rows (top, left, height, width, flip) of each train crop's window in the mean image, for the
-    batch's sample ids; `heights`/`widths` (n,) are those images' stored sizes."""
-    words = draw_words(batch_indices)
+    batch's sample ids and the epoch's crop `key`; `heights`/`widths` (n,) are those images' stored sizes."""
+    words = draw_words(batch_indices, key)
     out = np.empty((len(batch_indices), 5), dtype=np.int64)
     for k in range(len(batch_indices)):
         top, left, side = mean_image_box(words[k], heights[k], widths[k], crop, res)

@@ -5,8 +5,8 @@ whole batch with `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG's batche
 on the CPU, so CI runs the same code) and cuts every image's crop with one gather over the batch, while the main
 thread trains on the previous batch. Raw betons skip the decode: their pixels are stacked and copied over.
 
-Crops and flips are drawn exactly as by the other backends (`repro.data.crops`, from the batch's sample ids, in
-the order of `torch_loader.BatchOrder`), so positions are identical; pixels differ from the FFCV/torch backends
+Crops and flips are drawn exactly as by the other backends (`repro.data.crops`, from the epoch's crop key and each
+sample's id, in the order of `repro.data.order.BatchOrder`), so positions are identical; pixels differ from the FFCV/torch backends
 only by the JPEG decoders' IDCTs (libjpeg-turbo's fast integer DCT there, the accurate one or nvJPEG's here), a
 few levels (tests/test_nvjpeg.py states the tolerance). With `data.normalize = "mean-image"` the mean image's
 window at each crop (mirrored where the crop is) is subtracted on the device, as the other backends do.
@@ -26,15 +26,15 @@ from torchvision.transforms.v2 import functional as TF
 from repro.data.augment import subtract_loader_mean
 from repro.data.beton import JPG, BetonReader
 from repro.data.crops import crop_window, draw_words, flip_bit, mean_image_crops
-from repro.data.torch_loader import BatchOrder
+from repro.data.order import BatchOrder
 
 PREFETCH = 3  # batches decoded ahead of the training step
 
 
-def crop_boxes(ids: np.ndarray, heights: np.ndarray, widths: np.ndarray, crop: int, res: int,
+def crop_boxes(ids: np.ndarray, key: np.ndarray, heights: np.ndarray, widths: np.ndarray, crop: int, res: int,
                flip: bool) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3) int64 (top, left, side) and (N,) bool flips for one training batch, drawn as every backend draws."""
-    words = draw_words(np.asarray(ids, dtype=np.uint64))
+    words = draw_words(np.asarray(ids, dtype=np.uint64), np.asarray(key, dtype=np.uint64))
     boxes = np.array([crop_window(w, int(h), int(wd), crop, res) for w, h, wd in zip(words, heights, widths)],
                      dtype=np.int64).reshape(-1, 3)
     flips = np.array([flip and bool(flip_bit(w)) for w in words], dtype=bool)
@@ -97,13 +97,14 @@ class NvjpegBatches:
             return host.to(self.device, non_blocking=True)
         return [torch.from_numpy(p).permute(2, 0, 1).to(self.device) for p in pixels]
 
-    def _batch(self, ids: np.ndarray):
+    def _batch(self, ids: np.ndarray, key: np.ndarray | None = None):
+        """One batch: evaluation images, or training crops drawn with the epoch's crop `key`."""
         images = self._images(ids)
         labels = torch.from_numpy(self.reader.labels[ids.astype(np.int64)]).to(self.device, non_blocking=True)
         if not self.train:
             return self._minus_mean(self._eval(images), ids), labels
         heights, widths = self.heights[ids], self.widths[ids]
-        boxes_np, flips_np = crop_boxes(ids, heights, widths, self.crop, self.res, self.flip)
+        boxes_np, flips_np = crop_boxes(ids, key, heights, widths, self.crop, self.res, self.flip)
         boxes, flips = torch.from_numpy(boxes_np).to(self.device), torch.from_numpy(flips_np).to(self.device)
         if isinstance(images, torch.Tensor) and (boxes_np[:, 2] == self.crop).all():
             crops = gather_crops(images, boxes, flips, self.crop)
@@ -111,15 +112,16 @@ class NvjpegBatches:
             if isinstance(images, torch.Tensor):
                 images = list(images.permute(0, 3, 1, 2))
             crops = resized_crops(images, boxes, flips, self.crop)
-        return self._minus_mean(crops, ids, heights, widths), labels
+        return self._minus_mean(crops, ids, heights, widths, key), labels
 
-    def _minus_mean(self, images: torch.Tensor, ids: np.ndarray, heights=None, widths=None) -> torch.Tensor:
+    def _minus_mean(self, images: torch.Tensor, ids: np.ndarray, heights=None, widths=None, key=None) -> torch.Tensor:
         """"mean-image": the mean image's window at each train crop (the whole of it for stored-size val images)."""
         if self.mean_image is None:
             return images
         if heights is None:
             return subtract_loader_mean(images, self.mean_image, None, self.crop)
-        windows = mean_image_crops(ids.astype(np.uint64), heights, widths, self.crop, self.res, self.flip)
+        windows = mean_image_crops(ids.astype(np.uint64), np.asarray(key, dtype=np.uint64), heights, widths, self.crop,
+                                   self.res, self.flip)
         return subtract_loader_mean(images, self.mean_image, torch.from_numpy(windows), self.crop)
 
     def _eval(self, images) -> torch.Tensor:
@@ -158,8 +160,9 @@ class NvjpegBatches:
         def produce():
             try:
                 with torch.cuda.stream(side) if on_cuda else contextlib.nullcontext():
-                    for ids in batches:
-                        batch = self._batch(np.asarray(ids, dtype=np.int64))
+                    for item in batches:
+                        key, ids = item if self.train else (None, item)
+                        batch = self._batch(np.asarray(ids, dtype=np.int64), key)
                         if on_cuda:
                             side.synchronize()
                         if not put(("batch", batch)):

@@ -1,21 +1,22 @@
 """The torchvision fallback: the same beton files, order, crops and flips as the FFCV loader, through a DataLoader.
 
 Used where FFCV is not installed (`data.backend = "torch"` or "auto"). It never imports FFCV. Each DataLoader item
-is a whole batch: the sampler yields the batch's sample indices in the order FFCV would use (numpy
-`default_rng(seed + epoch)` permutation, or torch's DistributedSampler when distributed), and the dataset cuts the
-crops drawn by `repro.data.crops` from those indices, so both backends produce the same batches.
+is a whole batch: the sampler (repro.data.order.BatchOrder) yields the epoch's crop key and the batch's sample ids in
+the order every backend uses, and the dataset cuts the crops drawn by `repro.data.crops` from them, so all backends
+produce the same batches.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from repro.data.augment import subtract_loader_mean
 from repro.data.beton import BetonReader
 from repro.data.crops import crop_window, draw_words, flip_bit, mean_image_crops
+from repro.data.order import BatchOrder
 
 
 class BetonBatches(Dataset):
@@ -26,19 +27,22 @@ class BetonBatches(Dataset):
         self.reader = None  # opened lazily, once per worker process
         self.sizes = None  # (heights, widths) of every stored image, read once
 
-    def __getitem__(self, batch_indices: list[int]):
+    def __getitem__(self, item):
+        """`item`: a batch's sample ids (evaluation), or (the epoch's crop key, sample ids) (training)."""
         if self.reader is None:
             self.reader = BetonReader(self.path)
+        key, batch_indices = item if self.train else (None, item)
         ids = np.asarray(batch_indices, dtype=np.uint64)
         labels = torch.from_numpy(self.reader.labels[ids.astype(np.int64)])
         if not self.train:
             return torch.stack([self._eval_image(int(i)) for i in ids]), labels
-        words = draw_words(ids)
+        key = np.asarray(key, dtype=np.uint64)
+        words = draw_words(ids, key)
         images = torch.stack([self._train_image(int(i), w) for i, w in zip(ids, words)])
         if self.sizes is None:
             self.sizes = self.reader.sizes()
         heights, widths = (a[ids.astype(np.int64)] for a in self.sizes)
-        crops = mean_image_crops(ids, heights, widths, self.crop, self.res, self.flip)
+        crops = mean_image_crops(ids, key, heights, widths, self.crop, self.res, self.flip)
         return images, labels, torch.from_numpy(crops)
 
     def _train_image(self, i: int, words: np.ndarray) -> torch.Tensor:
@@ -59,34 +63,8 @@ class BetonBatches(Dataset):
         return TF.resize(TF.center_crop(image, [short, short]), [self.res, self.res], antialias=True)
 
 
-class BatchOrder:
-    """The per-epoch lists of sample ids, as FFCV's Random / Sequential traversal orders make them."""
-
-    def __init__(self, indices: np.ndarray, batch_size: int, *, train: bool, seed: int, distributed: bool):
-        self.indices, self.batch_size, self.train, self.seed = np.asarray(indices), batch_size, train, seed
-        self.epoch, self.first_batch = 0, 0  # first_batch: where the next pass starts (a resume inside an epoch)
-        self.sampler = DistributedSampler(self.indices, shuffle=train, seed=seed) if distributed else None
-
-    def order(self) -> np.ndarray:
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
-            return self.indices[np.array(list(self.sampler))]
-        if self.train:
-            return np.random.default_rng(self.seed + self.epoch).permutation(self.indices)
-        return self.indices
-
-    def __len__(self) -> int:
-        n = len(self.order())
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def __iter__(self):
-        # computed now, not lazily: the caller moves the epoch on right after asking for the iterator
-        order, size = self.order(), self.batch_size
-        return iter([order[b * size:(b + 1) * size].tolist() for b in range(self.first_batch, len(self))])
-
-
 class TorchBatches:
-    """Batches `(images uint8 NCHW, labels int64 (N,))` on `device`; `set_epoch` picks the shuffle seed+epoch."""
+    """Batches `(images uint8 NCHW, labels int64 (N,))` on `device`; `set_epoch` picks the epoch (its order and crops)."""
 
     def __init__(self, dataset: BetonBatches, order: BatchOrder, *, workers: int, device: torch.device,
                  mean_image: torch.Tensor | None = None):

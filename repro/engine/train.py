@@ -160,7 +160,7 @@ def _end_epoch(state: RunState, parts: Parts, stats: dict, lr: float) -> None:
            "train_top1_err": stats["train_top1_err"], "val_top1_err": val["top1_err"],
            "val_top5_err": val["top5_err"], "lr": lr,
            "images_per_s": stats["images"] / max(state.epoch_seconds, 1e-9), "seconds": state.epoch_seconds,
-           "data_wait_s": stats["data_wait_s"]}
+           "data_wait_s": stats["data_wait_s"], "data_order_digest": parts.loaders.order_digest(state.epoch)}
     state.rows.append(row)
     state.epoch, state.batch, state.epoch_sums, state.epoch_seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
     if state.is_main:
