@@ -97,6 +97,12 @@ class TrainConfig:
     warmup_epochs: float = spec(0.0, help="linear lr warm-up over this many epochs (not in the paper; 0 = none)")
     max_iters: int = spec(0, help="stop after this many iterations; 0 = run all epochs")
     target_train_err: float = spec(25.0, help="record the first iteration where train top-1 error falls below this")
+    learn_check: float = spec(0.05, valid=(lambda x: 0.0 <= x <= 1.0, "must be in [0, 1]; 0 turns the check off"),
+                              help="after this share of the iterations, a run whose training error is still within "
+                                   "train.learn_margin points of chance stops as 'did not learn' (0: never checks)")
+    learn_margin: float = spec(5.0, valid=(lambda x: x >= 0, "must be >= 0"),
+                               help="how far below chance (100 - 100/classes % error) the training error must be "
+                                    "at the learn check")
     log_every: int = spec(20, help="iterations between points of the training curve")
     eval_every: int = spec(1, valid=(lambda n: n >= 1, "must be at least 1"),
                          help="score on the validation set after every N-th epoch and after the last; "

@@ -2,7 +2,8 @@
 the run store and the report read. One dataclass, written by `fit` (and by a launcher for a run that crashed
 outside `fit`).
 
-status: done | diverged | failed | interrupted (a stop signal; resumes when run again) | preempted (a preemption
+status: done | diverged | did not learn (its training error stayed near chance past `train.learn_check`: stopped
+early, never evidence) | failed | interrupted (a stop signal; resumes when run again) | preempted (a preemption
 request; a launcher requeues it and it continues from the same batch of the same epoch).
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 
 RESULT_FORMAT = 1
-STATUSES = ("done", "diverged", "failed", "interrupted", "preempted")
+STATUSES = ("done", "diverged", "did not learn", "failed", "interrupted", "preempted")
 # Fields of an epoch's metrics line that measure the machine, not the run: resumed and straight runs differ in them.
 TIMING_KEYS = ("seconds", "images_per_s", "data_wait_s")
 METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",

@@ -9,7 +9,8 @@ A run shared by several experiments (the baseline) therefore exists, and is trai
 Held: a lease file (repro.lease: O_CREAT|O_EXCL, a heartbeat; good across hosts on NFS) keeps two processes off one
 run, and `fcntl.flock` on a lock file adds a fast path on one machine. A live lease or a held lock is "running".
 
-Status (`RunDir.status`): the run's own files say done / diverged / failed / interrupted / preempted (result.json),
+Status (`RunDir.status`): the run's own files say done / diverged / did not learn / failed / interrupted / preempted
+(the run record),
 interrupted (a checkpoint or metrics but no record: killed), pending (nothing yet), stale (a record of another
 format) or running (held); where a launcher knows the run's job (`Job`), its state is folded in: queued, requeued,
 cancelled or failed with the launcher's reason.
@@ -33,7 +34,7 @@ from repro.errors import UserError
 STORE = "store"
 LOCK = ".lock"
 LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)$")
-REUSED = ("done", "diverged")  # a run in one of these states is never trained again
+REUSED = ("done", "diverged", "did not learn")  # a run that ended so is never trained again (it would end so again)
 
 
 @dataclass(frozen=True)

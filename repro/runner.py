@@ -2,7 +2,7 @@
 (repro.analysis), summarise.
 
 Runs are planned per experiment, then deduplicated by config hash so that a run several experiments share is
-trained once. A done or diverged run is reused, an interrupted one resumes (the engine continues from its
+trained once. A done, diverged or did-not-learn run is reused, an interrupted one resumes (the engine continues from its
 checkpoint), a failed one is tried again. Training goes to a launcher (repro.launch): in this process, a local
 pool of worker processes, or Slurm jobs. Every launcher claims a run's lease before training it, so two
 `repro run` processes (or hosts) never train one run twice; a run held elsewhere is waited for.
@@ -84,4 +84,4 @@ def run_experiments(name_or_all: str, scale: str, *, data_dir=None, runs_dir=Pat
         counts[s] += 1
     console.print(f"{len(statuses)} runs in {time.time() - t0:.0f} s: "
                   + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; results under {runs_dir}")
-    return 1 if set(counts) - set(REUSED) else 0  # anything not done or diverged: failed, cancelled, preempted, ...
+    return 1 if set(counts) - set(REUSED) else 0  # anything else: failed, cancelled, preempted, ...

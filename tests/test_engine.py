@@ -22,6 +22,7 @@ from repro.engine import state as state_mod
 from repro.engine.recipe import autocast_dtype
 from repro.record import TIMING_KEYS
 from repro.engine.scoring import topk_errors
+from repro.rundir import RunDir
 
 
 @pytest.fixture(autouse=True)
@@ -351,3 +352,20 @@ def test_eval_every_with_the_plateau_schedule_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="train.eval_every = 2: the plateau schedule"):
         fit(sup.tiny_config(**{"train.eval_every": 2, "train.schedule": "plateau"}), tmp_path, progress=False)
+
+
+def test_a_run_stuck_at_chance_stops_as_did_not_learn(tmp_path):
+    # lr 0: the weights never move, so the training error stays at chance (75% on 4 classes) and the learn check
+    # at half the run (iteration 120 of 240) stops it; the same run with a working lr passes the check and finishes
+    over = {"train.epochs": 60, "train.learn_check": 0.5, "train.log_every": 10}
+    result = fit(sup.tiny_config(**over, **{"train.lr": 0.0}), tmp_path / "stuck", progress=False)
+    assert result.status == "did not learn" and "within 5 points of chance (75.0% for 4 classes)" in result.error
+    assert result.iterations == 120 and RunDir(tmp_path / "stuck").own_status() == "did not learn"
+    again = fit(sup.tiny_config(**over, **{"train.lr": 0.0}), tmp_path / "stuck", progress=False)
+    assert again.status == "did not learn" and again.iterations == 120  # finished: returned, not trained again
+    learns = fit(sup.tiny_config(**over), tmp_path / "learns", progress=False)
+    assert learns.status == "done" and learns.iterations == 240
+    # too short a run for the check (under 100 steps) is never stopped by it
+    short = fit(sup.tiny_config(**{"train.epochs": 4, "train.lr": 0.0, "train.learn_check": 0.5}), tmp_path / "s",
+                progress=False)
+    assert short.status == "done"

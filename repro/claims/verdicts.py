@@ -39,7 +39,8 @@ WEAKEST_FIRST = ("not run", UNTESTABLE, "opposite", "inconclusive", "not reprodu
                  "same direction, smaller", "same direction", "no paper number", "reproduced")
 
 RULES = [
-    ("not run", "no finished run (missing, failed, diverged or interrupted runs do not count)"),
+    ("not run", "no finished run (missing, failed, diverged, interrupted runs and runs that did not learn do not "
+                "count)"),
     (UNTESTABLE, "the data cannot show the effect (colour claims on greyscale data); the reason is given"),
     ("inconclusive", "one seed only (no interval), or the 95% interval spans zero"),
     ("opposite", "the 95% interval excludes zero on the other side from the paper's effect"),

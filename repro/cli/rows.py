@@ -38,7 +38,7 @@ def list_rows(runs_dir: Path | str, scale: str, experiments_dir=None) -> list[di
     return rows
 
 
-STATUS_COLOUR = {"done": "green", "diverged": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
+STATUS_COLOUR = {"done": "green", "diverged": "yellow", "did not learn": "yellow", "failed": "red", "interrupted": "yellow", "running": "cyan",
                  "stale": "magenta", "pending": "blue", "requeued": "blue", "cancelled": "red", "preempted": "yellow"}
 STATUS_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="num"), Column("scale", drop=1),
                   Column("hash"), Column("status", style=lambda s: STATUS_COLOUR.get(s, "white")),

@@ -45,6 +45,7 @@ class RunState:
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, errors, images (all ranks)
     epoch_seconds: float = 0.0
     curve_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # since the last curve point (rank 0)
+    curve_rows: list = field(default_factory=list)  # the training curve so far (rank 0: for the learn check)
     iters_to_target: int | None = None
     best_val: float = math.inf
     rows: list = field(default_factory=list)  # metrics.jsonl
@@ -138,7 +139,7 @@ def restore(state: RunState, parts: Parts) -> None:
         state.data_wait_s = saved.get("data_wait_s", 0.0)
     if state.is_main:
         state.rows = keep_jsonl(state.run_dir.metrics, "epoch", state.epoch)
-        keep_jsonl(state.run_dir.curve, "iteration", state.iteration)
+        state.curve_rows = keep_jsonl(state.run_dir.curve, "iteration", state.iteration)
 
 
 def keep_jsonl(path: Path, key: str, upto: int) -> list[dict]:

@@ -1,5 +1,5 @@
 """Training one run: the paper's SGD recipe (section 5), per-epoch metrics and checkpoints, exact resume, and a
-run record that says how the run ended: done, diverged, interrupted, preempted or failed.
+run record that says how the run ended: done, diverged, did not learn, interrupted, preempted or failed.
 
 Randomness is reseeded before every optimizer step from (seed, epoch, batch, rank), and the loaders shuffle by
 (seed, epoch) and can start an epoch at any batch, so a run resumed from a checkpoint, written at an epoch's end
@@ -35,6 +35,13 @@ class Diverged(Exception):
     """The training loss became NaN or infinite."""
 
 
+class DidNotLearn(Exception):
+    """The training error was still near chance at the learn check (`train.learn_check`)."""
+
+
+LEARN_CHECK_MIN_ITERS = 100  # before this many steps a training error near chance says nothing yet
+
+
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 def _progress_bar(enabled: bool):
@@ -57,6 +64,26 @@ def _curve_point(state: RunState, sums: torch.Tensor) -> None:
     if state.is_main:
         preempt.check_owned(state.run_dir.curve.name)
         io.append_jsonl(state.run_dir.curve, row)
+        state.curve_rows.append(row)
+
+
+def _check_learning(state: RunState, total: int) -> None:
+    """At the first curve point past `train.learn_check` of the `total` iterations (and past LEARN_CHECK_MIN_ITERS):
+    stop a run whose training error (the curve's mean over the second half of that span, as logged while training)
+    is within `train.learn_margin` points of chance. Every rank reaches the check at the same step; rank 0's curve
+    decides."""
+    t = state.cfg.train
+    at = max(math.ceil(t.learn_check * total), LEARN_CHECK_MIN_ITERS)
+    if not t.learn_check or not (state.iteration >= at > state.iteration - t.log_every):
+        return
+    window = [r["train_top1_err"] for r in state.curve_rows if r["iteration"] > at / 2]
+    err = float(np.mean(window)) if window else math.nan
+    chance = 100.0 * (1.0 - 1.0 / state.cfg.model.num_classes)
+    if parallel.any_true(state.is_main and err > chance - t.learn_margin):
+        raise DidNotLearn(f"training error {err:.1f}% over iterations {math.floor(at / 2) + 1}-{state.iteration} of "
+                          f"{total}, within {t.learn_margin:g} points of chance ({chance:.1f}% for "
+                          f"{state.cfg.model.num_classes} classes); stopped at the learn check "
+                          f"(train.learn_check = {t.learn_check:g})")
 
 
 def _check_inside_epoch(state: RunState, parts: Parts, sums: torch.Tensor, t_start: float, synced: bool) -> None:
@@ -96,6 +123,7 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
     """Train from batch `state.batch` to the end of epoch `state.epoch`; returns its loss, error and images."""
     t, device = state.cfg.train, parts.device
     steps = parts.loaders.batches_per_epoch
+    total = min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps
     sums = torch.tensor([state.epoch_sums, state.curve_sums], dtype=torch.float64).to(device)  # epoch; curve
     per_step = schedule.changes_within_epoch(t, state.epoch)
     parts.net.train()
@@ -123,6 +151,7 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
         if curve_point:
             _curve_point(state, sums[1])
             sums[1].zero_()
+            _check_learning(state, total)
         if bar is not None:
             images = (state.batch - first_batch) * labels.shape[0] * state.world
             bar.update(task, advance=1, ips=images / max(time.perf_counter() - t_here, 1e-9))
@@ -246,6 +275,8 @@ def fit(cfg: RunConfig, run_dir: Path | RunDir, *, progress: bool = True) -> Run
             raise
         except Diverged as e:
             return finish("diverged", _one_line(e))
+        except DidNotLearn as e:
+            return finish("did not learn", str(e))
         except preempt.Preempted as e:
             if preempt.reason() == "interrupted":
                 finish("interrupted", f"interrupted by a signal ({e}); run again to continue from there")
