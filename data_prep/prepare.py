@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import __version__
+from data_prep import __version__, classes
 from data_prep.manifest import FORMAT, content_hash, pixel_stats, read_existing, sha256_file
 from data_prep.sources import SourceData, Split, get_source, load_source
 from repro import io
@@ -32,7 +32,8 @@ MEAN_IMAGE_FILE = "mean_image.npy"  # float32 (res, res, 3), 0..255, beside the 
 class PrepareOptions:
     res: int | None = None
     max_side: bool = False
-    classes: str | None = None
+    classes: str | None = None  # a count N (`data_prep.classes` says which N)
+    class_list: str | None = None  # a file of class ids
     train_per_class: int | None = None
     val_per_class: int | None = None
     write_mode: str = "auto"  # auto | jpg | raw
@@ -47,43 +48,13 @@ def resolve_settings(source: str, opts: PrepareOptions) -> dict:
     spec = get_source(source)
     res = opts.res or spec.default_res
     write_mode = opts.write_mode if opts.write_mode != "auto" else "raw" if res <= RAW_MAX_SIDE else "jpg"
-    settings = {"res": res, "max_side": opts.max_side, "classes": opts.classes,
+    settings = {"res": res, "max_side": opts.max_side, "classes": classes.recorded(opts.classes, opts.class_list),
                 "train_per_class": opts.train_per_class, "val_per_class": opts.val_per_class,
                 "jpeg_quality": opts.jpeg_quality, "write_mode": write_mode,
                 "seed": opts.seed}
     if spec.settings is not None:
         settings.update(spec.settings(opts))
     return settings
-
-
-def read_class_file(path: Path) -> list[str]:
-    """The class ids in a --classes file: the first word of each line; blank lines and # comments skipped."""
-    return [s.split()[0] for s in path.read_text().splitlines() if s.strip() and not s.startswith("#")]
-
-
-def select_classes(data: SourceData, classes: str | None) -> list[int]:
-    """Indices into data.class_ids kept by --classes (a count N: the first N ids; or a file of ids)."""
-    ids = data.class_ids
-    if classes is None:
-        return list(range(len(ids)))
-    if classes.isdigit():
-        n = int(classes)
-        if not 1 <= n <= len(ids):
-            raise UserError(f"--classes {n}: the source has {len(ids)} classes; pass 1..{len(ids)} or a file of ids")
-        return list(range(n))
-    path = Path(classes)
-    try:
-        wanted = read_class_file(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--classes {classes}: neither a number nor a readable file of class ids ({e})") from None
-    index = {c: i for i, c in enumerate(ids)}
-    unknown = [c for c in wanted if c not in index]
-    if unknown or not wanted:
-        what = f"class id {unknown[0]!r} is not in the source" if unknown else "no class ids in it"
-        raise UserError(f"--classes {path}: {what}; list one id per line from: {', '.join(ids[:5])}, ...")
-    if len(set(wanted)) != len(wanted):
-        raise UserError(f"--classes {path}: a class id is listed twice; list each once")
-    return [index[c] for c in wanted]
 
 
 def restrict(split: Split, keep: list[int], cap: int | None, rng: np.random.Generator) -> Split:
@@ -124,14 +95,15 @@ def check_output(out: Path, estimate: int) -> None:
                         f"free; free some space or choose another --out")
 
 
-def _class_file_unchanged(classes: str | None, manifest: dict) -> bool:
-    """A --classes file may have been edited since the last run: compare its ids with the manifest's."""
-    if classes is None or classes.isdigit():
-        return True
-    try:
-        return read_class_file(Path(classes)) == manifest["classes"]["ids"]
-    except (OSError, UnicodeDecodeError):
-        return False
+def _classes_unchanged(opts: PrepareOptions, manifest: dict) -> bool:
+    """The kept classes still follow from the options: a --class-list file may have been edited since, and a
+    folder whose manifest says nothing of how its classes were chosen kept the first N ids (the old --classes N)."""
+    if opts.class_list is not None:
+        try:
+            return classes.read_class_file(Path(opts.class_list)) == manifest["classes"]["ids"]
+        except (OSError, UnicodeDecodeError):
+            return False
+    return opts.classes is None or "chosen_by" in manifest["classes"]
 
 
 def _resolve_root(source: str, root: Path | None) -> Path | None:
@@ -147,24 +119,26 @@ def _up_to_date(out: Path, source: str, root_str: str | None, settings: dict, op
     """The summary line when `out` already holds this conversion (mean image included), else None."""
     old = read_existing(out)
     if not old or opts.force or old.get("source") != source or old.get("root") != root_str \
-            or old.get("settings") != settings or not _class_file_unchanged(opts.classes, old) \
+            or old.get("settings") != settings or not _classes_unchanged(opts, old) \
             or "mean_image" not in old or not (out / old["mean_image"].get("file", MEAN_IMAGE_FILE)).is_file():
         return None
     total = sum(s["count"] for s in old["splits"].values())
     return f"{out} is up to date ({total:,} images, hash {old.get('hash')}); use --force to rebuild"
 
 
-def _select(data: SourceData, source: str, opts: PrepareOptions, root_str: str | None) -> tuple[list[int], dict]:
-    """The kept class indices and the train/val splits restricted to them and to the per-class caps."""
+def _select(data: SourceData, source: str, opts: PrepareOptions,
+            root_str: str | None) -> tuple[list[int], str, dict]:
+    """The kept class indices, how they were chosen, and the train/val splits restricted to them and to the
+    per-class caps."""
     rng = np.random.default_rng(opts.seed)
-    keep = select_classes(data, opts.classes)
+    keep, chosen_by = classes.select(data, source, opts.classes, opts.class_list, opts.seed)
     splits = {"train": restrict(data.train, keep, opts.train_per_class, rng),
               "val": restrict(data.val, keep, opts.val_per_class, rng)}
     for name, split in splits.items():
         if not len(split):
             raise UserError(f"{root_str or source}: the {name} split is empty after selecting classes; "
-                            f"check --root and --classes")
-    return keep, splits
+                            f"check --root and the classes chosen")
+    return keep, chosen_by, splits
 
 
 def _target(out: Path, name: str) -> Path:
@@ -225,7 +199,7 @@ def _write_splits(out: Path, splits: dict, settings: dict, opts: PrepareOptions,
 
 
 def _manifest(data: SourceData, source: str, root_str: str | None, settings: dict, opts: PrepareOptions,
-              keep: list[int], splits: dict, results: dict, tmp: dict, start: float) -> dict:
+              keep: list[int], chosen_by: str, splits: dict, results: dict, tmp: dict, start: float) -> dict:
     skipped = [{"path": d["path"], "reason": d["reason"]} for d in data.skipped]
     split_info = {}
     for name, split in splits.items():
@@ -239,7 +213,8 @@ def _manifest(data: SourceData, source: str, root_str: str | None, settings: dic
     return {
         "format": FORMAT, "source": source, "root": root_str, "settings": settings,
         "image": {"height": res, "width": res, "fixed_size": not opts.max_side},
-        "classes": {"ids": [data.class_ids[i] for i in keep], "names": [data.class_names[i] for i in keep]},
+        "classes": {"ids": [data.class_ids[i] for i in keep], "names": [data.class_names[i] for i in keep],
+                    "chosen_by": chosen_by},
         "splits": split_info,
         **pixel_stats(train["sums"]),
         # Section 2 of the paper: the mean over the training images of each pixel, at the stored resolution.
@@ -283,6 +258,7 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
     """Convert `source` at `root` into `out/{train,val}.beton`, `out/mean_image.npy` and `out/manifest.json`;
     return the summary line."""
     root = _resolve_root(source, root)
+    classes.check_options(source, opts.classes, opts.class_list)
     root_str = os.path.abspath(root) if root is not None else None
     out = Path(out)
     settings = resolve_settings(source, opts)
@@ -291,8 +267,8 @@ def prepare(source: str, root: Path | None, out: Path, opts: PrepareOptions, pro
     import data_prep.writer  # noqa: F401  ffcv takes seconds to import: not on the up-to-date path, nor in the rate
     start = time.time()
     data = load_source(source, root, opts)
-    keep, splits = _select(data, source, opts, root_str)
+    keep, chosen_by, splits = _select(data, source, opts, root_str)
     results, tmp = _write_splits(out, splits, settings, opts, source, progress)
-    manifest = _manifest(data, source, root_str, settings, opts, keep, splits, results, tmp, start)
+    manifest = _manifest(data, source, root_str, settings, opts, keep, chosen_by, splits, results, tmp, start)
     _publish(out, tmp, manifest)
     return _summary(out, manifest, time.time() - start)

@@ -50,6 +50,9 @@ def _from_manifest(manifest: dict) -> str | None:
     for key, flag, default in flags:
         value = settings.get(key)
         if value is not None and value != default:
+            # settings.classes holds a count or a class-list file (also a file from before --class-list existed)
+            if key == "classes" and not str(value).isdigit():
+                flag = "--class-list"
             args += [flag, str(value)]
     if settings.get("max_side"):
         args.append("--max-side")

@@ -141,6 +141,36 @@ def test_imagenet_manifest_gives_its_root_and_settings(tmp_path):
     parse(cmd, tmp_path)
 
 
+@pytest.mark.parametrize("recorded", ["/lists/my classes.txt", "ids.txt"])  # --class-list; an old --classes FILE
+def test_manifest_with_a_class_file_gives_class_list(tmp_path, recorded):
+    manifest = {"source": "imagenet", "root": "/datasets/ilsvrc",
+                "settings": {"res": 128, "max_side": False, "classes": recorded, "train_per_class": None,
+                             "val_per_class": None, "jpeg_quality": 90, "write_mode": "jpg", "seed": 0}}
+    cmd = prepare_command(tmp_path / "x", manifest)
+    assert f" --class-list {shlex.quote(recorded)} " in cmd and "--classes" not in cmd
+    parse(cmd, tmp_path)
+
+
+def test_class_list_and_seeded_classes_rebuild_from_their_hints(tmp_path):
+    """The hint from a real manifest, pasted, keeps the same classes: a file's, and a seeded sample's."""
+    from conftest_data import make_fashion
+
+    make_fashion(tmp_path / "fm", n_train=20, n_val=10)
+    (tmp_path / "ids.txt").write_text("7\n2\n")
+    for name, args in (("file", ["--class-list", str(tmp_path / "ids.txt")]),
+                       ("sample", ["--classes", "4", "--seed", "3"])):
+        out = tmp_path / name
+        first = CliRunner().invoke(app, ["prepare-data", "fashion-mnist", "--root", str(tmp_path / "fm"), "--out",
+                                         str(out), *args, "--quiet", "--workers", "1"])
+        assert first.exit_code == 0, first.output
+        made = json.loads((out / "manifest.json").read_text())
+        hint = prepare_command(out, force=True)
+        parse(hint, tmp_path)
+        res = CliRunner().invoke(app, shlex.split(hint)[1:] + ["--quiet", "--workers", "1"])
+        assert res.exit_code == 0 and "up to date" not in res.output, res.output
+        assert json.loads((out / "manifest.json").read_text())["classes"] == made["classes"]
+
+
 def test_dry_run_without_data_plans_from_nominal_sizes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["run", "ablation-lrn", "--scale", "subset", "--dry-run", "--format", "plain"])

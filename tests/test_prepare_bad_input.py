@@ -175,15 +175,31 @@ def test_cifar_garbage_batch(tmp_path):
                    out=tmp_path / "out")
 
 
-@pytest.mark.parametrize("classes, words", [("11", "10 classes"), ("missing.txt", "missing.txt"),
-                                            ("ids.txt", "'shirt'")])
-def test_bad_classes_option(tmp_path, classes, words):
+@pytest.mark.parametrize("args, words", [
+    (["--classes", "11"], ["10 classes"]),
+    (["--classes", "0"], ["--classes 0", "at least 1"]),
+    # the file form --classes had before --class-list existed: the error names the option to use
+    (["--classes", "{tmp}/ids.txt"], ["--classes", "expected a number", "--class-list {tmp}/ids.txt"]),
+    (["--class-list", "{tmp}/missing.txt"], ["--class-list {tmp}/missing.txt", "one class id per line"]),
+    (["--class-list", "{tmp}/ids.txt"], ["--class-list", "'shirt'"]),
+    (["--class-list", "{tmp}/twice.txt"], ["--class-list", "'3'", "twice"]),
+    (["--class-list", "{tmp}/empty.txt"], ["--class-list", "no class ids"]),
+    (["--classes", "2", "--class-list", "{tmp}/ids.txt"], ["--classes 2", "--class-list", "one of them"]),
+])
+def test_bad_classes_option(tmp_path, args, words):
     make_fashion(tmp_path / "fm")
     (tmp_path / "ids.txt").write_text("0\nshirt\n")
-    if classes != "11":
-        classes = str(tmp_path / classes)
-    assert_refused(run("fashion-mnist", "--root", tmp_path / "fm", "--out", tmp_path / "out", "--classes", classes),
-                   words, out=tmp_path / "out")
+    (tmp_path / "twice.txt").write_text("3\n1\n3\n")
+    (tmp_path / "empty.txt").write_text("# nothing here\n")
+    args, words = [a.format(tmp=tmp_path) for a in args], [w.format(tmp=tmp_path) for w in words]
+    assert_refused(run("fashion-mnist", "--root", tmp_path / "fm", "--out", tmp_path / "out", *args),
+                   *words, out=tmp_path / "out")
+
+
+def test_class_list_on_synthetic_is_refused(tmp_path):
+    (tmp_path / "ids.txt").write_text("0\n1\n")
+    assert_refused(run("synthetic", "--out", tmp_path / "out", "--class-list", tmp_path / "ids.txt"),
+                   "--class-list", "--classes N", out=tmp_path / "out")
 
 
 def test_worker_that_dies_fails_cleanly_instead_of_hanging(tmp_path, monkeypatch):

@@ -161,7 +161,7 @@ def test_edited_classes_file_rebuilds(tmp_path):
     make_fashion(tmp_path / "fm", n_train=20, n_val=10)
     ids = tmp_path / "ids.txt"
     ids.write_text("0\n1\n")
-    o = opts(classes=str(ids))
+    o = opts(class_list=str(ids))
     prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", o, progress=False)
     assert "up to date" in prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", o, progress=False)
     ids.write_text("0\n2\n")

@@ -88,22 +88,13 @@ def test_imagefolder_classes_file_and_caps(tmp_path):
     make_tree(tmp_path / "d" / "train", ["cat", "dog", "emu"], per_class=5)
     make_tree(tmp_path / "d" / "val", ["cat", "dog", "emu"], per_class=3, ext=".png")
     (tmp_path / "keep.txt").write_text("# subset\nemu\ncat\n")
-    o = opts(res=24, classes=str(tmp_path / "keep.txt"), train_per_class=2, val_per_class=1)
+    o = opts(res=24, class_list=str(tmp_path / "keep.txt"), train_per_class=2, val_per_class=1)
     prepare("imagefolder", tmp_path / "d", tmp_path / "out", o, progress=False)
     m = manifest(tmp_path / "out")
     assert m["classes"]["ids"] == ["emu", "cat"]  # the file's order gives the labels
     assert m["splits"]["train"]["per_class"] == [2, 2] and m["splits"]["val"]["per_class"] == [1, 1]
     images, labels = read_beton(tmp_path / "out" / "val.beton")
     assert labels.tolist() == [1, 0]  # source order: cat (label 1) before emu (label 0)
-
-
-def test_classes_count_takes_the_first_ids(tmp_path):
-    make_fashion(tmp_path / "fm", n_train=30, n_val=10)
-    prepare("fashion-mnist", tmp_path / "fm", tmp_path / "out", opts(classes="3"), progress=False)
-    m = manifest(tmp_path / "out")
-    assert m["classes"]["names"] == FM_NAMES[:3] and m["splits"]["train"]["per_class"] == [3, 3, 3]
-    _, labels = read_beton(tmp_path / "out" / "train.beton")
-    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 def test_synthetic_is_deterministic_and_learnable(tmp_path):

@@ -50,6 +50,8 @@ class Source:
     default_res: the stored side when --res is not given (native for the small sets, the paper's 256 for photos).
     needs_root: it reads a dataset folder (--root), which `default_root` names when the folder has a usual place.
     settings(opts) -> the manifest settings the source decides itself (synthetic: what it generates).
+    imagenet100: whether `--classes 100` takes CMC's ImageNet-100 list (`data_prep.classes`): "always" (the class
+    ids are ImageNet WNIDs), "when-present" (when all 100 are among the class ids) or "never".
     """
 
     name: str
@@ -60,6 +62,7 @@ class Source:
     needs_root: bool = True
     default_root: str | None = None
     settings: Callable[[Any], dict] | None = None
+    imagenet100: str = "never"
 
     @property
     def root_required(self) -> bool:
@@ -75,6 +78,8 @@ def register_source(source: Source) -> Source:
         raise ValueError(f"data source {source.name!r} is registered twice")
     if source.default_root is not None and not source.needs_root:
         raise ValueError(f"data source {source.name!r} has a default root but reads no folder")
+    if source.imagenet100 not in ("always", "when-present", "never"):
+        raise ValueError(f"data source {source.name!r}: imagenet100 must be always, when-present or never")
     SOURCES[source.name] = source
     return source
 

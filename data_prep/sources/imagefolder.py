@@ -30,4 +30,5 @@ def load(root: Path | None, opts) -> SourceData:
 
 
 register_source(Source("imagefolder", load, default_res=256, display_name="image folder",
+                       imagenet100="when-present",  # Imagenette's and ImageWoof's folders are WNIDs
                        help="any train/<class>/ and val/<class>/ tree of images, such as Imagenette"))

@@ -120,6 +120,6 @@ def load(root: Path | None, opts) -> SourceData:
     return SourceData(wnids, names, Split(train_labels, paths=train_paths), Split(val_labels, paths=val_paths))
 
 
-register_source(Source("imagenet", load, default_res=256, display_name="ImageNet",
+register_source(Source("imagenet", load, default_res=256, imagenet100="always", display_name="ImageNet",
                        help="ILSVRC-2012: train/<wnid>/, val/ in class folders or flat with the devkit's or "
                             "Kaggle's labels"))

@@ -99,8 +99,14 @@ def prepare_data(
     res: Optional[int] = typer.Option(None, min=8, help=RES_HELP),
     max_side: bool = typer.Option(False, "--max-side", help="Keep aspect ratio and cap the longer side at --res "
                                   "(as ffcv-imagenet's writer) instead of the paper's centre crop."),
-    classes: Optional[str] = typer.Option(None, help="Keep only some classes: a count N (the first N class ids "
-                                          "in sorted order) or a file with one class id per line."),
+    classes: Optional[str] = typer.Option(None, metavar="<N>", help="Keep N classes. N = 100 on imagenet keeps "
+                                          "CMC's ImageNet-100 (Tian et al. 2019; the list ships with repro), and "
+                                          "on imagefolder when all 100 of its WNIDs are class folders there; "
+                                          "otherwise a random sample of N class ids drawn with --seed, kept in "
+                                          "class-id order. synthetic: how many classes to generate."),
+    class_list: Optional[Path] = typer.Option(None, metavar="<file>", help="Keep the classes listed in this file: "
+                                              "one class id per line (WNIDs for imagenet, 0-9 for cifar10 and "
+                                              "fashion-mnist), # comments allowed; labels follow the file's order."),
     train_per_class: Optional[int] = typer.Option(None, min=1, help="Cap training images per class."),
     val_per_class: Optional[int] = typer.Option(None, min=1, help="Cap validation images per class."),
     write_mode: WriteMode = typer.Option(WriteMode.auto, help="How images are stored: jpg (small files, decoded "
@@ -108,12 +114,14 @@ def prepare_data(
                                          "the fastest loader), auto: raw up to 64 px, jpg above."),
     jpeg_quality: int = typer.Option(90, min=1, max=100, help="JPEG quality where images are stored as jpg."),
     workers: int = typer.Option(0, min=0, help="Worker processes; 0 = all cores."),
-    seed: int = typer.Option(0, help="Seed for per-class sampling and synthetic data."),
+    seed: int = typer.Option(0, help="Seed for the --classes sample, per-class caps, train order and synthetic "
+                             "data."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the output is up to date."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Convert a dataset into FFCV .beton files plus a manifest (counts, classes, mean, RGB PCA, hashes)."""
-    opts = PrepareOptions(res=res, max_side=max_side, classes=classes, train_per_class=train_per_class,
+    opts = PrepareOptions(res=res, max_side=max_side, classes=classes,
+                          class_list=None if class_list is None else str(class_list), train_per_class=train_per_class,
                           val_per_class=val_per_class, write_mode=write_mode.value, jpeg_quality=jpeg_quality,
                           workers=workers, seed=seed, force=force)
     summary = prepare(source.value, root, out or Path("data") / source.value, opts, progress=not quiet)
