@@ -239,3 +239,32 @@ def test_beton_not_matching_its_manifest_is_one_line(synthetic_data, tmp_path, m
     res = CliRunner().invoke(app, ["run", "baseline", "--scale", "smoke", "--data", str(data), "--runs", "r"])
     assert res.exit_code == 2 and "val.beton" in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output and not (tmp_path / "r" / "store").exists()
+
+
+@pytest.mark.parametrize("scale", scale_names())
+def test_ablation_lrn_trains_its_fixed_gain_control_at_every_scale(fake_manifest, scale):
+    e = ex.load_registry()["ablation-lrn"]
+    runs = resolve(e, scale)
+    by_variant = {v: [r for r in runs if r.variant == v] for v in ("lrn", "no-lrn", "lrn-gain")}
+    assert {r.variant for r in runs} == set(by_variant)
+    assert len(by_variant["lrn-gain"]) == len(by_variant["lrn"]) >= 1  # as many seeds as the claim's own arms
+    for lrn, gain in zip(by_variant["lrn"], by_variant["lrn-gain"]):
+        # the same net at the same seed, LRN replaced by its gain: nothing else differs
+        assert gain.cfg.model.lrn and gain.cfg.model.lrn_form == "gain" and lrn.cfg.model.lrn_form == "full"
+        assert gain.seed == lrn.seed and apply_overrides(lrn.cfg, {"model.lrn_form": "gain"}) == gain.cfg
+    assert e.judge["contrasts"] == ("lrn - lrn-gain",)
+
+
+def test_contrasts_name_variants_and_read_a_minus_b(exp_dir):
+    from repro.claims.effect import contrast_arms
+
+    for e in ex.load_registry().values():  # every real file's contrasts name its own variants
+        for c in e.judge.get("contrasts", ()):
+            assert all(arm in e.groups for arm in contrast_arms(e, c, e.groups)), (e.name, c)
+    for bad in ('["a minus b"]', '["a - b - a"]', '"b - a"', '[" - b"]'):
+        path = _write(exp_dir, "broken", GOOD + f"[judge]\ncontrasts = {bad}\n")
+        with pytest.raises(UserError, match=r"broken.toml: \[judge\] contrasts = .* must be a list of"):
+            ex.parse_experiment(path)
+    e = ex.parse_experiment(_write(exp_dir, "typo", GOOD + '[judge]\ncontrasts = ["b - c"]\n'))
+    with pytest.raises(UserError, match=r"typo.toml: \[judge\] contrasts 'b - c' names 'c', which is not a"):
+        contrast_arms(e, "b - c", e.groups)

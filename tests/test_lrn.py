@@ -1,11 +1,12 @@
-"""LRN (section 3.3) against the paper's formula written out by hand in numpy, in both alpha modes."""
+"""LRN (section 3.3) against the paper's formula written out by hand in numpy, in both alpha modes; its fixed-gain
+control (model.lrn_form "gain") against a division by k^beta."""
 
 import numpy as np
 import pytest
 import torch
 
 from repro.errors import UserError
-from repro.models.layers import LRN
+from repro.models.layers import LRN, LRNGain, lrn_layer
 
 
 def lrn_by_hand(a: np.ndarray, n: int, alpha: float, beta: float, k: float) -> np.ndarray:
@@ -124,12 +125,56 @@ def test_bf16_autocast_computes_in_float32_and_returns_bf16(towers):
     assert err < 2.0**-8
 
 
-def test_compiles_as_one_graph_under_bf16_autocast():
-    """torch.compile traces LRN whole (no graph break), forward and backward, under autocast."""
-    lrn = LRN(towers=2)
+@pytest.mark.parametrize("form", ["full", "gain"])
+def test_compiles_as_one_graph_under_bf16_autocast(form):
+    """torch.compile traces LRN and its gain control whole (no graph break), forward and backward, under autocast."""
+    lrn = lrn_layer(form, towers=2)
     x = torch.relu(torch.randn(2, 16, 8, 8)).to(torch.bfloat16).requires_grad_(True)
     compiled = torch.compile(lrn, fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = compiled(x)
     y.float().sum().backward()
     assert y.dtype == x.grad.dtype == torch.bfloat16
+
+
+GAIN = 2.0 ** 0.75  # k^beta with the paper's k = 2, beta = 0.75
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_gain_form_divides_by_k_to_the_beta_exactly(towers):
+    x = torch.from_numpy(np.random.default_rng(2).normal(0, 40, size=(2, 12, 4, 5)).astype(np.float32))
+    gain = lrn_layer("gain", alpha_mode="paper", towers=towers)
+    assert isinstance(gain, LRNGain) and not isinstance(gain, LRN)  # not measured as a normalisation
+    out = gain(x)
+    assert out.dtype == torch.float32 and torch.equal(out, x / GAIN)
+    # and within float32's rounding of the exact quotient, whatever the channel (no window, no towers)
+    np.testing.assert_allclose(out.numpy(), x.double().numpy() / GAIN, rtol=2**-23)
+
+
+def test_gain_form_returns_the_inputs_dtype_under_autocast():
+    # as LRN: bf16 in, bf16 out and bf16 gradients, each the float32 quotient rounded once
+    a = torch.relu(torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(5)) * 100).to(torch.bfloat16)
+    x = a.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LRNGain()(x)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    assert torch.equal(out, (a.float() / GAIN).to(torch.bfloat16))
+    assert torch.equal(x.grad, torch.full_like(a, 1 / GAIN, dtype=torch.float32).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_full_lrn_is_its_gain_only_when_activations_are_tiny(towers):
+    """b = a / (k + alpha * sum a^2)^beta tends to a / k^beta as alpha * sum a^2 / k -> 0 (demo scale: about 3e-5)
+    and departs from it when the sum is comparable with k."""
+    rng = np.random.default_rng(3)
+    gain = lrn_layer("gain", towers=towers)
+    for sd, close in ((0.05, True), (40.0, False)):
+        a = rng.normal(0, sd, size=(2, 12, 4, 5))
+        by_hand = np.concatenate([lrn_by_hand(h, 5, 1e-4, 0.75, 2.0) for h in np.split(a, towers, axis=1)], axis=1)
+        full, fixed = run(LRN(alpha_mode="paper", towers=towers), a), run(gain, a)
+        np.testing.assert_allclose(full, by_hand, rtol=1e-10)
+        np.testing.assert_allclose(fixed, a / GAIN, rtol=1e-15)
+        departure = np.max(np.abs(full - fixed) / np.abs(fixed))
+        # tiny: alpha * sum a^2 <= 1e-4 * 5 * 0.05^2 * (a few) ~ 1e-5 of k, so the two agree to ~1e-5
+        assert (departure < 1e-4) if close else (departure > 0.05), (sd, departure)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from repro.config import ModelConfig
+from repro.config import ModelConfig, RunConfig, apply_overrides, config_hash
 from repro.errors import UserError
 from repro.models import build_model, default_config
-from repro.models.layers import LRN
+from repro.models.layers import LRN, LRNGain
 
 SMALL = dict(input_size=32, stem="tiny", width=0.25, num_classes=10)
 
@@ -60,6 +60,35 @@ def test_lrn_switch_and_mode(name):
         lrns = of_type(build_model(ModelConfig(**base, lrn=True, lrn_alpha_mode=mode)), LRN)
         assert len(lrns) == 2 and {m.alpha_mode for m in lrns} == {mode}
     assert [m.size for m in lrns] == ([3, 3] if name == "cifar4" else [5, 5])
+
+
+@pytest.mark.parametrize("name", ["alexnet-paper", "alexnet-owt", "cifar4"])
+def test_gain_form_takes_each_lrns_place_and_divides_by_k_to_the_beta(name):
+    base = {**SMALL, "name": name, "lrn": True}
+    full, gain = build_model(ModelConfig(**base)), build_model(ModelConfig(**base, lrn_form="gain"))
+
+    def at(model, cls):
+        return [i for i, m in enumerate(model.features) if isinstance(m, cls)]
+
+    assert len(at(full, LRN)) == 2 and at(gain, LRNGain) == at(full, LRN) and at(gain, LRN) == []
+    assert gain.layer_paths == full.layer_paths and gain.state_dict().keys() == full.state_dict().keys()
+    seen = []
+    for i in at(gain, LRNGain):  # in place, on the activations of a two-tower (alexnet-paper) or one-tower net
+        gain.features[i].register_forward_hook(lambda m, inp, out: seen.append(torch.equal(out, inp[0] / 2 ** 0.75)))
+    assert forwards(gain) and seen == [True, True]
+
+
+def test_gain_form_without_lrn_is_refused_however_the_config_is_layered():
+    cfg = apply_overrides(RunConfig(), {"model.lrn_form": "gain"})
+    assert cfg.model.lrn and config_hash(cfg) != config_hash(RunConfig())
+    for attempt in (lambda: apply_overrides(cfg, {"model.lrn": "false"}),  # a --set on top of a gain variant
+                    lambda: apply_overrides(apply_overrides(RunConfig(), {"model.lrn": False}),
+                                            {"model.lrn_form": "gain"}),
+                    lambda: default_config("alexnet-owt", lrn_form="gain")):  # torchvision's net has no LRN
+        with pytest.raises(UserError, match=r"model.lrn_form = 'gain' needs model.lrn = true") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+    assert of_type(build_model(default_config("alexnet-owt", lrn=True, lrn_form="gain")), LRNGain)
 
 
 def test_lrn_follows_relu_in_conv1_and_conv2():
@@ -176,6 +205,8 @@ def test_cifar4_paper_init_uses_layers_18pct_scales():
     ("cifar4", {"towers": "one-half"}, "model.towers"),
     ("cifar4", {"remove_layer": "conv4"}, "model.remove_layer"),
     ("cifar4", {"input_size": 8}, "model.input_size"),
+    ("cifar4", {"lrn_form": "none"}, "model.lrn_form"),
+    ("alexnet-paper", {"lrn": False, "lrn_form": "gain"}, "model.lrn_form"),
 ])
 def test_bad_values_are_user_errors(name, cfg, match):
     with pytest.raises(UserError, match=match) as e:

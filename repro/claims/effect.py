@@ -4,7 +4,9 @@
 `[judge.expect]` (`top1_err = "lower"`, `gap = "lower"`: validation minus training error), judged on that sign.
 `[judge] converge_train_err` adds the paper's second kind of evidence for dropout: the ratio of iterations to reach
 that training error (first point of the run's training curve at or below it), treatment over control, against
-`[paper] iters_ratio`. Variants outside control and treatments are shown beside the claim as context.
+`[paper] iters_ratio`. Variants outside control and treatments are shown beside the claim as context, against the
+control; `[judge] contrasts = ["a - b"]` adds context rows between any two variants (groups), in every metric the
+claim is judged on (ablation-lrn's "lrn - lrn-gain": LRN against its own fixed gain).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from repro.claims.common import (ERROR_METRICS, best_variant, by_seed, groups_of
                                  paper_numbers, stack)
 from repro.claims.convergence import iteration_ratios
 from repro.claims.registry import Evidence, Kind, register_kind
+from repro.errors import UserError
 
 SIGN = {"lower": -1.0, "higher": 1.0}
 
@@ -63,17 +66,40 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
         comps += iteration_ratios(exp, rows, best, iters, inverse=True, paper=paper.get("iters_ratio"),
                                   what=f"{float(target):g}% training error", metric="iters_to_converge", scale=scale,
                                   context=False)
-    # variants outside control/treatments (two-gpu-split's one-full) are reported beside the claim
-    for g in groups:
-        if g in best:
-            continue
-        best[g] = best_variant(rows, groups[g], exp.metric)
-        iv, per_seed = V.diff_ci(by_seed(rows, [best[g]], exp.metric), by_seed(rows, [best[exp.control]], exp.metric))
-        verdict, reason = V.signed_verdict(None, iv, scale)
-        comps.append(V.Comparison(f"{g} - {exp.control}", exp.metric, "points", None, iv, verdict,
-                                  "context: " + reason, per_seed, context=True))
+    comps += _context_rows(exp, rows, best, groups, metrics, scale)
     return comps, best
 
 
+def _contrast(rows: pd.DataFrame, label: str, a: str, b: str, metric: str, scale: str) -> V.Comparison:
+    """Variant a minus variant b in `metric`, paired by seed, shown beside the claim (no paper number)."""
+    iv, per_seed = V.diff_ci(by_seed(rows, [a], metric), by_seed(rows, [b], metric))
+    verdict, reason = V.signed_verdict(None, iv, scale)
+    return V.Comparison(label, metric, "points", None, iv, verdict, "context: " + reason, per_seed, context=True)
+
+
+def contrast_arms(exp, contrast: str, groups: dict) -> tuple[str, str]:
+    """The two groups of a `[judge] contrasts` entry "a - b" (the schema has checked its form)."""
+    arms = tuple(part.strip() for part in contrast.split(" - "))
+    for arm in arms:
+        if arm not in groups:
+            raise UserError(f"{exp.file}: [judge] contrasts {contrast!r} names {arm!r}, which is not a "
+                            f"[variants.<name>] table; variants: {', '.join(groups)}")
+    return arms
+
+
+def _context_rows(exp, rows, best: dict, groups: dict, metrics: list[str], scale: str) -> list[V.Comparison]:
+    """Rows beside the claim: each variant outside control and treatments minus the control in the headline metric
+    (two-gpu-split's one-full), then each contrast in every judged metric. Adds the groups it chose to `best`."""
+    comps = []
+    for g in groups:
+        if g not in best:
+            best[g] = best_variant(rows, groups[g], exp.metric)
+            comps.append(_contrast(rows, f"{g} - {exp.control}", best[g], best[exp.control], exp.metric, scale))
+    for contrast in judge_setting(exp, "contrasts") or ():
+        a, b = contrast_arms(exp, contrast, groups)
+        comps += [_contrast(rows, f"{a} - {b}", best[a], best[b], m, scale) for m in metrics]
+    return comps
+
+
 KIND = register_kind(Kind("effect", judge, needs_arms=True, signed_paper=True, figure="learning-curves",
-                          judge_keys=("expect", "converge_train_err")))
+                          judge_keys=("expect", "converge_train_err", "contrasts")))

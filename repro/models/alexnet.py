@@ -8,6 +8,9 @@ state-dict keys. The two GPUs of
 the paper become groups=2 convolutions in conv2, conv4, conv5 (within a tower); conv3 and the FC layers see both
 towers. conv1 is one ordinary convolution whose first half of kernels is tower 1 (each tower sees the image).
 
+LRN (section 3.3) follows the ReLU of conv1 and conv2 when `lrn` is set; with `lrn_form = "gain"` a division by
+k^beta (LRNGain) takes each LRN's place, so the layer indices and state-dict keys are the same in both forms.
+
 Layer removal (section 7) takes a conv layer out and keeps every pool, so the maps keep their sizes: without
 conv2 (and its LRN), conv1's pooled maps are pooled again and conv3 sees conv1's channels; without conv5, fc6 sees
 conv4's 384 maps (13,824 inputs at full size instead of 9,216).
@@ -26,7 +29,7 @@ from torch import nn
 
 from repro.config import ModelConfig
 from repro.errors import UserError
-from repro.models.layers import LRN, activation, dropout, init_weights, max_pool, pool_out
+from repro.models.layers import activation, dropout, init_weights, lrn_layer, max_pool, pool_out
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PAPER_WIDTHS = (96, 256, 384, 384, 256)
@@ -141,7 +144,7 @@ def build_alexnet(cfg: ModelConfig, base_widths: tuple[int, ...], conv1_padding:
             paths[name] = f"features.{len(layers)}"
             layers += [conv, activation(cfg.activation)]
             if name in POOLED and cfg.lrn:
-                layers.append(LRN(alpha_mode=cfg.lrn_alpha_mode, towers=towers))
+                layers.append(lrn_layer(cfg.lrn_form, alpha_mode=cfg.lrn_alpha_mode, towers=towers))
             in_ch = out
         if name in POOLED:  # kept when the layer is removed, so later maps keep their sizes
             layers.append(max_pool(cfg.pooling))

@@ -5,9 +5,9 @@ conv 32 5x5 -> max-pool 3/2 -> act -> LRN(3) -> conv 32 5x5 -> act -> avg-pool 3
 sees 64 * 4 * 4 = 1024 values.
 
 The LRN is the paper's across-channel form (the same switch as in AlexNet) with layer-params-18pct's constants:
-size 3, scale 5e-5, pow 0.75; k = 2 as section 3.3. Honoured switches: activation, lrn, lrn_alpha_mode, pooling
-(all three pools), dropout (before the FC layer; layers-18pct has none, so the published config sets 0), width,
-input_size, num_classes, init. The net has no towers and no conv4/conv5, so `towers` and `remove_layer` other
+size 3, scale 5e-5, pow 0.75; k = 2 as section 3.3. Honoured switches: activation, lrn, lrn_alpha_mode, lrn_form,
+pooling (all three pools), dropout (before the FC layer; layers-18pct has none, so the published config sets 0),
+width, input_size, num_classes, init. The net has no towers and no conv4/conv5, so `towers` and `remove_layer` other
 than their defaults are refused; its conv1 is already 5x5 stride 1, so `stem` does not change it.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from repro.config import ModelConfig
 from repro.errors import UserError
-from repro.models.layers import LRN, activation, avg_pool, dropout, init_weights, max_pool, pool_out
+from repro.models.layers import activation, avg_pool, dropout, init_weights, lrn_layer, max_pool, pool_out
 
 WIDTHS = (32, 32, 64)
 LRN_SIZE, LRN_ALPHA = 3, 5e-5
@@ -31,7 +31,7 @@ class Cifar4(nn.Module):
         c1, c2, c3 = (max(1, round(c * cfg.width)) for c in WIDTHS)
 
         def lrn() -> list[nn.Module]:
-            return [LRN(LRN_SIZE, LRN_ALPHA, alpha_mode=cfg.lrn_alpha_mode)] if cfg.lrn else []
+            return [lrn_layer(cfg.lrn_form, LRN_SIZE, LRN_ALPHA, alpha_mode=cfg.lrn_alpha_mode)] if cfg.lrn else []
 
         act = cfg.activation
         self.features = nn.Sequential(

@@ -1,4 +1,5 @@
-"""Building blocks shared by the AlexNet family and the four-layer CIFAR net: LRN, activations, pooling, sizes.
+"""Building blocks shared by the AlexNet family and the four-layer CIFAR net: LRN and its fixed-gain control,
+activations, pooling, sizes.
 
 Pooling follows cuda-convnet's output rule, `1 + ceil((n - z) / s)`: an overlapping 3/2 pool then gives
 `n // 2` for every n, which is exactly what a non-overlapping 2/2 pool (floor rule) gives, so the two
@@ -102,6 +103,37 @@ class LRN(nn.Module):
     def extra_repr(self) -> str:
         return (f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, "
                 f"alpha_mode={self.alpha_mode}, towers={self.towers}")
+
+
+class LRNGain(nn.Module):
+    """The control for LRN (model.lrn_form "gain"): `b = a / k^beta`, the fixed gain LRN reduces to when
+    `alpha' * sum(a^2) << k`, with no normalisation. Put where LRN would be, it keeps the scale the next layer sees
+    (k^-beta = 0.59 at k = 2), so LRN minus this control is what the normalisation itself does, and this control
+    minus no LRN at all is what the change of scale does. Like LRN, it computes in float32 (at least) with autocast
+    off and returns the input's dtype; plain tensor operations, so torch.compile traces it whole."""
+
+    def __init__(self, k: float = LRN_K, beta: float = LRN_BETA):
+        super().__init__()
+        self.k, self.beta = k, beta
+        self.divisor = k ** beta  # a Python float: a constant in the traced graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _autocast_off(x.device):
+            a = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            return (a / self.divisor).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, beta={self.beta} (divides by k^beta = {self.divisor:.6g})"
+
+
+def lrn_layer(form: str, size: int = LRN_SIZE, alpha: float = LRN_ALPHA, alpha_mode: str = "per-size",
+              towers: int = 1) -> nn.Module:
+    """The module at an LRN place for model.lrn_form: "full" LRN, or "gain", its fixed gain only (`LRNGain`; the
+    window, alpha and towers do not enter it)."""
+    check_value("model.lrn_form", form)
+    if form == "gain":
+        return LRNGain()
+    return LRN(size, alpha, alpha_mode=alpha_mode, towers=towers)
 
 
 def activation(name: str) -> nn.Module:
