@@ -177,8 +177,8 @@ def test_dry_run_without_data_plans_from_nominal_sizes(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     lines = [line.split("\t") for line in res.stdout.splitlines()]
     assert lines[0] == ["experiment", "variant", "seed", "hash", "status", "images", "est_time"]
-    # 126,689 nominal training images x 30 epochs per run; no hash, since a run's hash covers the data
-    assert [row[3:6] for row in lines[1:]] == [["", "no data", "3,800,670"]] * 6  # 2 variants x 3 seeds
+    # 126,689 nominal training images x 40 epochs per run; no hash, since a run's hash covers the data
+    assert [row[3:6] for row in lines[1:]] == [["", "no data", "5,067,560"]] * 9  # 3 variants x 3 seeds
     assert "nominal dataset sizes (126,689 training images, 100 classes)" in " ".join(res.stderr.split())
     hint = _suggested(res.stderr)[0]
     assert hint == "repro prepare-data imagenet --root ... --classes 100 --res 128 --out data/imagenet-100"
