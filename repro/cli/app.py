@@ -250,6 +250,37 @@ def report(
     console.print(f"wrote {path}")
 
 
+@app.command("evaluate")
+@friendly
+def evaluate_weights(
+    weights: Path = typer.Option(..., "--weights", help="torchvision's AlexNet state dict (e.g. "
+                                 "alexnet-owt-7be5be79.pth, which you download), a repro checkpoint (config.json "
+                                 "beside it) or a run folder."),
+    data: Optional[Path] = typer.Option(None, help="Folder made by `repro prepare-data` whose val split is scored. "
+                                        "Default: the run's data folder; data/imagenet for torchvision's weights."),
+    output: Optional[Path] = typer.Option(None, "--out", help="Also write the numbers as JSON to this file."),
+    ten_crop: bool = typer.Option(True, "--ten-crop/--no-ten-crop", help="Also score ten crops (corners, centre "
+                                  "and their mirror images, softmax averaged): ten times the forward passes."),
+    batch_size: int = typer.Option(128, min=1, help="Images per batch."),
+    device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."),
+    backend: str = typer.Option("auto", help="Loader: auto, ffcv, torch or nvjpeg (as data.backend)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Score weights on a prepared val split: centre-crop and ten-crop top-1/top-5 error, through the harness's own
+    evaluation path (torchvision's weights with torchvision's preprocessing; published 56.522 / 79.066 accuracy)."""
+    from repro.engine.weights import COLUMNS, check_output, read_weights, result_rows, result_title, score, \
+        write_result
+
+    check_output(output)
+    result = score(read_weights(weights), data, ten_crop=ten_crop, batch_size=batch_size, device=device,
+                   backend=backend, progress=not quiet)
+    show(console, result_rows(result), COLUMNS, "table", title=result_title(result))
+    for note in result["notes"]:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    if output is not None:
+        console.print(f"wrote {write_result(output, result)}", markup=False)
+
+
 @app.command("models")
 @friendly
 def models():
