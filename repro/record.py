@@ -20,7 +20,7 @@ STATUSES = ("done", "diverged", "did not learn", "failed", "interrupted", "preem
 # Fields of an epoch's metrics line that measure the machine, not the run: resumed and straight runs differ in them.
 TIMING_KEYS = ("seconds", "images_per_s", "data_wait_s")
 METRICS = ("top1_err", "top5_err", "top1_err_10crop", "top5_err_10crop", "train_loss", "train_top1_err",
-           "best_val_top1_err", "iters_to_target")
+           "train_eval_top1_err", "best_val_top1_err", "iters_to_target")
 
 
 def finite(x: Any) -> bool:

@@ -102,7 +102,9 @@ def make_loaders(cfg, *, device, distributed=False):
     return types.SimpleNamespace(train=train, val=ValLoader(xva, yva, 16), train_eval=ValLoader(xtr, ytr, 16),
                                  manifest={"hash": "stand-in"}, backend="torch", num_train=n_train, num_val=32,
                                  batches_per_epoch=len(train),
-                                 order_digest=lambda epoch: f"stand-in-{cfg.train.seed}-{epoch}")
+                                 order_digest=lambda epoch: f"stand-in-{cfg.train.seed}-{epoch}",
+                                 train_score=ValLoader(xtr[:32], ytr[:32], 16) if cfg.train.score_train else None,
+                                 num_train_score=32)
 
 
 def build_model(mcfg):

@@ -51,6 +51,22 @@ def test_every_epoch_records_the_digest_of_its_order_and_crops(tmp_path, small_b
     assert len(set(digests.values())) == 4  # seed 1's epoch 0 is not seed 0's epoch 1
 
 
+def test_training_error_in_evaluation_mode_on_a_fixed_sample(tmp_path, small_betons):
+    torch.set_num_threads(1)
+    cfg = real_config(small_betons, **{"train.score_train": True, "model.dropout": 0.5})
+    record = fit(cfg, tmp_path / "r", progress=False)
+    rows = RunDir(tmp_path / "r").metric_rows()
+    assert all(r["train_eval_top1_err"] is not None for r in rows)
+    # the final value is the final model, in eval mode, on a fixed sample as large as the validation set
+    loaders = make_loaders(cfg, device="cpu")
+    model, _ = load_model(tmp_path / "r")
+    again, _ = evaluate(model, loaders.train_score, BatchTransform(loaders.manifest, cfg, train=False), crop=28)
+    assert loaders.num_train_score == loaders.num_val and record.metrics["train_eval_top1_err"] == again["top1_err"]
+    assert rows[-1]["train_eval_top1_err"] == again["top1_err"]
+    # not the running error with dropout and crops on, which the curve logs
+    assert record.metrics["train_eval_top1_err"] != record.metrics["train_top1_err"]
+
+
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
 def test_resume_matches_a_straight_run(tmp_path, small_betons, monkeypatch, backend):
     torch.set_num_threads(1)

@@ -254,8 +254,8 @@ def report(
 @friendly
 def evaluate_weights(
     weights: Path = typer.Option(..., "--weights", help="torchvision's AlexNet state dict (e.g. "
-                                 "alexnet-owt-7be5be79.pth, which you download), a repro checkpoint (config.json "
-                                 "beside it) or a run folder."),
+                                 "alexnet-owt-7be5be79.pth, which you download), a repro checkpoint (inside its "
+                                 "run folder) or a run folder."),
     data: Optional[Path] = typer.Option(None, help="Folder made by `repro prepare-data` whose val split is scored. "
                                         "Default: the run's data folder; data/imagenet for torchvision's weights."),
     output: Optional[Path] = typer.Option(None, "--out", help="Also write the numbers as JSON to this file."),

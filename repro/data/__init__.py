@@ -40,6 +40,8 @@ class Loaders:
     batches_per_epoch: int
     mean_image: torch.Tensor | None = None  # (3, res, res) float32, subtracted by the loaders ("mean-image")
     train_ids: np.ndarray | None = None     # the training sample ids an epoch permutes (repro.data.order)
+    train_score: Any = None                 # `train.score_train`: a fixed sample of them, uncropped, in stored order
+    num_train_score: int = 0
     seed: int = 0
     step: int = 0                           # samples per optimizer step over all processes
 
@@ -134,8 +136,13 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
     train = make(train_path, indices=train_ids, train=True, **common)
     val = make(val_path, indices=val_ids, train=False, **common)
     train_eval = make(train_path, indices=train_ids, train=False, **common)
+    # training error in evaluation mode: a fixed sample as large as the validation set, so both errors are as precise
+    score_ids = subset_indices(len(train_ids), len(val_ids))
+    train_score = make(train_path, indices=train_ids[score_ids.astype(np.int64)], train=False, **common) \
+        if cfg.train.score_train else None
     world = rank_world()[1] if distributed else 1
     return Loaders(train=train, val=val, train_eval=train_eval, manifest=manifest, backend=backend,
                    num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train),
                    mean_image=mean_image, train_ids=train_ids, seed=cfg.train.seed,
-                   step=cfg.train.batch_size * world)
+                   step=cfg.train.batch_size * world, train_score=train_score,
+                   num_train_score=len(score_ids) if train_score is not None else 0)

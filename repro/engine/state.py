@@ -172,6 +172,7 @@ def make_record(state: RunState, status: str, error: str | None) -> RunRecord:
         "top5_err": final.get("top5_err", last.get("val_top5_err")),
         "top1_err_10crop": final.get("top1_err_10crop"), "top5_err_10crop": final.get("top5_err_10crop"),
         "train_loss": last.get("train_loss"), "train_top1_err": last.get("train_top1_err"),
+        "train_eval_top1_err": last.get("train_eval_top1_err"),
         "best_val_top1_err": state.best_val, "iters_to_target": state.iters_to_target,
     }
     prov = dict(state.prov)

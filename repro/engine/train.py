@@ -172,13 +172,24 @@ def _score(state: RunState, parts: Parts, ten_crop: bool) -> tuple[dict, torch.T
                     dtype=parts.dtype, count=parts.val_count, ten_crop=ten_crop)
 
 
+def _score_train(state: RunState, parts: Parts) -> float | None:
+    """`train.score_train`: top-1 error on the fixed training sample, in evaluation mode (no dropout, centre crop)."""
+    if parts.loaders.train_score is None:
+        return None
+    count = parts.loaders.num_train_score if state.world > 1 else None
+    metrics, _ = evaluate(parts.model, parts.loaders.train_score, parts.val_tf, crop=state.cfg.model.input_size,
+                          dtype=parts.dtype, count=count)
+    return metrics["top1_err"]
+
+
 def _end_epoch(state: RunState, parts: Parts, stats: dict, lr: float) -> None:
     """Score the epoch, log it, move the schedule on and checkpoint."""
     t = state.cfg.train
     final = state.epoch == t.epochs - 1 or bool(t.max_iters and state.iteration >= t.max_iters)
-    val = {"top1_err": None, "top5_err": None}
+    val, train_eval = {"top1_err": None, "top5_err": None}, None
     if final or (state.epoch + 1) % t.eval_every == 0:
         val, logits = _score(state, parts, ten_crop=t.ten_crop and final)  # the last epoch's scoring is the final one
+        train_eval = _score_train(state, parts)
         if final:
             state.final, state.logits = val, logits
         state.lr_state = schedule.after_epoch(t, state.lr_state, val["top1_err"])
@@ -190,6 +201,8 @@ def _end_epoch(state: RunState, parts: Parts, stats: dict, lr: float) -> None:
            "val_top5_err": val["top5_err"], "lr": lr,
            "images_per_s": stats["images"] / max(state.epoch_seconds, 1e-9), "seconds": state.epoch_seconds,
            "data_wait_s": stats["data_wait_s"], "data_order_digest": parts.loaders.order_digest(state.epoch)}
+    if t.score_train:
+        row["train_eval_top1_err"] = train_eval
     state.rows.append(row)
     state.epoch, state.batch, state.epoch_sums, state.epoch_seconds = state.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
     if state.is_main:

@@ -3,7 +3,7 @@
 
 Three kinds of file are read, with `torch.load(weights_only=True)` only and nothing downloaded: torchvision's AlexNet
 state dict (`AlexNet_Weights.IMAGENET1K_V1`, alexnet-owt-7be5be79.pth, which the user fetches), one of our checkpoints
-(a dict with "model" and "epoch", its run's config.json beside it) or a run folder.
+(a dict with "model" and "epoch", inside its run folder) or a run folder.
 
 torchvision's weights go into the registry's `alexnet-owt` (one tower, no LRN), whose state-dict keys and shapes are
 torchvision's one for one, and are scored as torchvision scores them: pixels / 255, its ImageNet mean/std (no mean
@@ -44,8 +44,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = 224 / 256  # torchvision's CenterCrop(224) after Resize(256)
 PUBLISHED = {"top1_acc": 56.522, "top5_acc": 79.066}  # AlexNet_Weights.IMAGENET1K_V1, ILSVRC-2012 val, 1 crop
 ACCEPTED = ("--weights takes torchvision's AlexNet state dict (keys features.0.weight ... classifier.6.weight, "
-            "e.g. alexnet-owt-7be5be79.pth), a repro checkpoint (a dict with 'model' and 'epoch', its run's "
-            "config.json beside it) or a run folder")
+            "e.g. alexnet-owt-7be5be79.pth), a repro checkpoint (a dict with 'model' and 'epoch', inside its run "
+            "folder) or a run folder")
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
                AttributeError, TypeError, ImportError)
 
@@ -86,7 +86,7 @@ def read_weights(path: Path | str) -> Weights:
     path = Path(path)
     if path.is_dir():
         if not RunDir(path).config.is_file():
-            raise _refuse(path, "a folder without a run's config.json")
+            raise _refuse(path, "a folder without a trained run's config")
         model, cfg = load_model(path)
         return Weights("run", path, model, cfg, cfg.model.num_classes)
     if not path.is_file():
@@ -125,7 +125,7 @@ def _from_checkpoint(path: Path, state: dict) -> Weights:
         cfg = from_dict(json.loads(config.read_text())["config"], source=str(config))
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path} is a repro checkpoint but {config} is missing or unreadable; pass the run folder, "
-                        f"or keep the run's config.json beside the checkpoint") from None
+                        f"or keep the checkpoint inside its run folder") from None
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
