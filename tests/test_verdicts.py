@@ -79,7 +79,9 @@ def test_one_seed_each_gives_a_difference_but_no_interval():
     (-1.4, -0.7, -1.2, -0.2, 3, "reproduced"),             # exactly half the paper's magnitude
     (-1.4, -0.5, -1.2, -0.1, 3, "same direction, smaller"),  # the interval's end reaches 1.2, the estimate does not
     (2.0, 0.3, 0.1, 0.5, 3, "same direction, smaller"),
-    (2.0, 4.2, 3.5, 5.0, 3, "reproduced"),                 # larger than the paper is still reproduced
+    (2.0, 4.0, 3.5, 4.5, 3, "reproduced"),                 # exactly twice the paper's magnitude
+    (2.0, 4.2, 3.5, 5.0, 3, "same direction, larger"),     # more than twice: not the paper's effect
+    (-1.4, -2.9, -3.5, -2.3, 3, "same direction, larger"),
     (None, -2.0, -3.0, -1.0, 3, "no paper number"),
 ])
 def test_every_branch_of_the_signed_rule(paper, mean, lo, hi, n, expected):
@@ -111,11 +113,19 @@ def test_a_stated_direction_is_judged_on_its_sign():
 def test_absolute_numbers_are_only_compared_at_full_scale_within_the_tolerance_given():
     iv = V.Interval(41.2, 40.9, 41.5, 3)
     assert V.absolute_verdict(40.7, iv, "demo", 1.0)[0] == "not comparable"
-    assert V.absolute_verdict(40.7, iv, "full", 1.0)[0] == "reproduced"        # 40.7 within 1 point of [40.9, 41.5]
+    assert V.absolute_verdict(40.7, iv, "full", 1.0)[0] == "reproduced"        # the mean is 0.5 from 40.7
     far = V.Interval(43.0, 42.8, 43.2, 3)
     assert V.absolute_verdict(40.7, far, "full", 1.0)[0] == "not reproduced"
-    assert V.absolute_verdict(40.7, far, "full", 2.5)[0] == "reproduced"       # 42.8 - 2.5 <= 40.7
+    assert V.absolute_verdict(40.7, far, "full", 2.5)[0] == "reproduced"       # 43.0 - 40.7 = 2.3 <= 2.5
     assert V.absolute_verdict(40.7, V.Interval(), "full", 1.0)[0] == "not run"
+
+
+@pytest.mark.parametrize("runs, expected", [([45.0, 46.0], "not reproduced"), ([41.0, 42.0], "reproduced")])
+def test_absolute_error_is_judged_on_the_mean_not_the_far_end_of_its_interval(runs, expected):
+    iv = V.mean_ci(runs)
+    # two runs: the interval is mean +- 12.71 * 0.5, so 45.0 and 46.0 reach down to 39.1, past 40.7
+    assert iv.lo == pytest.approx(np.mean(runs) - stats.t.ppf(0.975, 1) * 0.5)
+    assert V.absolute_verdict(40.7, iv, "full", 2.0)[0] == expected
 
 
 def test_speedup_is_judged_on_the_log_scale():
@@ -132,6 +142,22 @@ def test_speedup_is_judged_on_the_log_scale():
     slower = V.log_ratio_comparison("r", "i", 6.0, pd.Series({0: 0.5, 1: 0.6, 2: 0.55}), "full")
     assert V.log_ratio_comparison("r", "i", 6.0, ratios, "demo").verdict == "same direction"
     assert slower.verdict == "opposite"
+    # more than twice the paper's magnitude on the log scale: a geometric mean above 6^2 = 36x
+    large = V.log_ratio_comparison("r", "i", 6.0, pd.Series({0: 40.0, 1: 38.0, 2: 42.0}), "full")
+    assert large.verdict == "same direction, larger" and "36x" in large.reason
+    below = V.log_ratio_comparison("r", "i", 6.0, pd.Series({0: 34.0, 1: 35.0, 2: 33.0}), "full")
+    assert below.measured.mean < 36 and below.verdict == "reproduced"
+    # the bound is on the log: 12x is twice 6x but well within 36x
+    assert V.log_ratio_comparison("r", "i", 6.0, pd.Series({0: 12.0, 1: 13.0, 2: 11.0}), "full").verdict \
+        == "reproduced"
+    assert V.log_ratio_comparison("r", "i", 6.0, pd.Series({0: 40.0, 1: 38.0, 2: 42.0}), "demo").verdict \
+        == "same direction"
+
+
+def test_every_verdict_is_ranked_and_explained():
+    assert {v for v, _ in V.RULES} == set(V.WEAKEST_FIRST)
+    assert V.WEAKEST_FIRST.index("same direction, larger") < V.WEAKEST_FIRST.index("reproduced")
+    assert "twice" in dict(V.RULES)["same direction, larger"]
 
 
 def test_retrieval_is_paired_over_queries_against_scipy():

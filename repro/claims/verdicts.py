@@ -10,14 +10,17 @@ Verdict rule for a signed effect with the paper's number P, the mean m and the i
   lo <= 0 <= hi                                -> "inconclusive"          (the interval spans zero)
   the interval's sign differs from P's         -> "opposite"
   smoke and demo scale                         -> "same direction"        (only the direction is judged there)
+  subset and full scale, |m| > 2 |P|           -> "same direction, larger"
   subset and full scale, |m| >= |P| / 2        -> "reproduced"            (the point estimate, not the interval's end)
   otherwise                                    -> "same direction, smaller"
 A claim that states only a direction (`[judge.expect]`, e.g. dropout lowers the error) is "reproduced" at subset and
-full scale once the interval excludes zero on the stated side. Effects are in error points (treatment - control;
-negative = the treatment lowers the error). Speed-ups are tested on the log of the per-seed ratio, so "zero" is a
-ratio of 1 and half the paper's magnitude is sqrt(P). Absolute numbers (the baseline) are compared at full scale
-only: "reproduced" when the interval comes within the claim's tolerance (`[judge] tolerance` in its TOML) of the
-paper's value, else "not reproduced"; at smaller scales they are "not comparable".
+full scale once the interval excludes zero on the stated side (no bound on its size). Effects are in error points
+(treatment - control; negative = the treatment lowers the error). Speed-ups are tested on the log of the per-seed
+ratio r, so "zero" is a ratio of 1 and the bounds apply to log r: "reproduced" needs sqrt(P) <= geometric mean <= P^2
+(for the paper's 6x: 2.45x to 36x), above P^2 is "same direction, larger". Absolute numbers (the baseline) are
+compared at full scale only: "reproduced" when the mean over every finished run of the config lies within the claim's
+tolerance (`[judge] tolerance` in its TOML) of the paper's value, else "not reproduced"; at smaller scales they are
+"not comparable". `repro.claims.judge` makes top-5 comparisons on fewer than 100 classes "not judged" (context).
 """
 
 from __future__ import annotations
@@ -33,10 +36,17 @@ from repro.scales import find_scale
 
 CONFIDENCE = 0.95
 UNTESTABLE = "not testable on this data"
+NOT_JUDGED = "not judged"
+LARGER = "same direction, larger"
+SMALLER = "same direction, smaller"
+UPPER = 2.0  # an estimate above UPPER x the paper's magnitude is "larger"; below 1 / UPPER, "smaller"
 
 # weakest first: a claim with several treatments (layer removal) shows the weakest verdict of its headline rows
 WEAKEST_FIRST = ("not run", UNTESTABLE, "opposite", "inconclusive", "not reproduced", "not comparable",
-                 "same direction, smaller", "same direction", "no paper number", "reproduced")
+                 SMALLER, LARGER, "same direction", "no paper number", NOT_JUDGED, "reproduced")
+# verdicts that rest on a measured interval or mean: what the page counts as judgements made
+JUDGED = ("opposite", "inconclusive", "not reproduced", SMALLER, LARGER, "same direction", "no paper number",
+          "reproduced")
 
 RULES = [
     ("not run", "no finished run (missing, failed, diverged, interrupted runs and runs that did not learn do not "
@@ -47,14 +57,18 @@ RULES = [
     ("same direction", "smoke and demo scale: the interval excludes zero on the paper's side; magnitudes are not "
                        "judged at these scales"),
     ("reproduced", "subset and full scale: the interval excludes zero on the paper's side and the point estimate "
-                   "reaches at least half the paper's magnitude (speed-ups on the log scale: half of 6x is 2.45x); "
-                   "a claim that states only a direction needs the interval on its side"),
-    ("same direction, smaller", "subset and full scale: the interval excludes zero on the paper's side, the point "
-                                "estimate stays below half its magnitude"),
+                   "lies between half and twice the paper's magnitude (speed-ups on the log scale: for 6x, between "
+                   "sqrt(6) = 2.45x and 6^2 = 36x); a claim that states only a direction needs the interval on its "
+                   "side"),
+    (SMALLER, "subset and full scale: the interval excludes zero on the paper's side, the point estimate stays below "
+              "half its magnitude"),
+    (LARGER, "subset and full scale: the interval excludes zero on the paper's side, the point estimate is more "
+             "than twice its magnitude (speed-ups: above the square of the paper's ratio)"),
     ("not comparable", "an absolute error measured below full scale: a different dataset and task"),
-    ("not reproduced", "an absolute error at full scale whose interval stays farther from the paper's than the "
-                       "claim's tolerance"),
+    ("not reproduced", "an absolute error at full scale whose mean over every finished run of the config is "
+                       "farther from the paper's than the claim's tolerance"),
     ("no paper number", "a comparison shown for context: the paper gives no number for it"),
+    (NOT_JUDGED, "a top-5 comparison on data with fewer than 100 classes: shown for context only"),
 ]
 
 
@@ -149,23 +163,29 @@ def signed_verdict(paper: float | None, iv: Interval, scale: str, magnitude: boo
                                  "is judged"
     if not magnitude:
         return "reproduced", "the interval excludes zero on the claim's stated side"
-    if abs(iv.mean) >= abs(paper) / 2:
-        return "reproduced", "same sign as the paper, the estimate reaches half its magnitude"
-    return "same direction, smaller", "same sign as the paper, the estimate is below half its magnitude"
+    if abs(iv.mean) > UPPER * abs(paper):
+        return LARGER, f"same sign as the paper, the estimate is more than {UPPER:g} times its magnitude"
+    if abs(iv.mean) >= abs(paper) / UPPER:
+        return "reproduced", f"same sign as the paper, the estimate lies between 1/{UPPER:g} and {UPPER:g} times " \
+                             "its magnitude"
+    return SMALLER, f"same sign as the paper, the estimate is below 1/{UPPER:g} of its magnitude"
 
 
 def absolute_verdict(paper: float | None, iv: Interval, scale: str, tolerance: float) -> tuple[str, str]:
-    """An absolute error against the paper's: only at full scale, within `tolerance` points (the claim's TOML)."""
+    """An absolute error against the paper's: only at full scale, the mean within `tolerance` points (the TOML's).
+
+    The mean, not the interval's far end: a wide interval from few runs must not bring a distant mean within reach.
+    """
     if iv.n == 0:
         return "not run", "no finished run"
     if paper is None:
         return "no paper number", ""
     if not absolute_comparable(scale):
         return "not comparable", f"measured at {scale} scale, not on ILSVRC-2012 at the paper's size"
-    lo, hi = (iv.mean, iv.mean) if math.isnan(iv.lo) else (iv.lo, iv.hi)
-    if lo - tolerance <= paper <= hi + tolerance:
-        return "reproduced", f"the interval comes within {tolerance:g} points of the paper's"
-    return "not reproduced", f"the interval stays more than {tolerance:g} points from the paper's"
+    gap = abs(iv.mean - paper)
+    if gap <= tolerance:
+        return "reproduced", f"the mean is {gap:.2f} points from the paper's, within the tolerance of {tolerance:g}"
+    return "not reproduced", f"the mean is {gap:.2f} points from the paper's, more than the tolerance of {tolerance:g}"
 
 
 def log_ratio_comparison(label: str, metric: str, paper: float | None, ratios: pd.Series, scale: str,
@@ -176,6 +196,8 @@ def log_ratio_comparison(label: str, metric: str, paper: float | None, ratios: p
     liv = mean_ci(np.log(r.to_numpy()))
     lpaper = math.log(paper) if paper and paper > 0 else None
     verdict, reason = signed_verdict(lpaper, liv, scale)
+    if lpaper is not None and verdict in ("reproduced", SMALLER, LARGER):
+        reason += f" on the log scale (reproduced from {paper ** (1 / UPPER):.2f}x to {paper ** UPPER:.3g}x)"
     # report the geometric mean and the interval back on the ratio scale
     iv = Interval(*(math.exp(v) if math.isfinite(v) else math.nan for v in (liv.mean, liv.lo, liv.hi)),
                   n=liv.n, paired=True, method="paired by seed, log scale")
