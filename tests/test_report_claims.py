@@ -120,3 +120,99 @@ def test_layer_removal_states_parameters_and_fc6_inputs(tmp_path):
     n_full, n_no5 = (int(line.split(":")[1].split("parameters")[0].replace(",", "")) for line in (full, no5))
     # conv5 (3x3x192 -> 256 per tower, 2 towers: 442,624 weights and biases) out; fc6 grows by 4,608 x 4,096 weights
     assert n_no5 - n_full == 4608 * 4096 - (3 * 3 * 192 * 256 + 256)
+
+
+def test_the_baseline_is_judged_on_the_mean_of_every_run_of_its_config_each_once(tmp_path):
+    """The ensemble's members are runs of the baseline's config: seeds 0 and 1 are linked under baseline, ensemble
+    and ablation-lrn (one store folder each), seeds 2 and 3 under ensemble only. Missing those two (mean 41.5) or
+    counting the shared ones once per link (mean 42.6) would both read as reproduced; the four runs give 43.5."""
+    exp = load_registry()["baseline"]
+    runs = tmp_path / "runs"
+    ten_crop = {0: 41.0, 1: 42.0, 2: 45.0, 3: 46.0}
+    for s, err in ten_crop.items():
+        m = {"top1_err": err + 1.5, "top5_err": 20.0, "top1_err_10crop": err, "top5_err_10crop": 18.5}
+        links = ["ensemble"] + (["baseline"] if s < 2 else [])
+        for name in links:
+            make_run(runs, name, "baseline", s, scale="full", metrics=m)
+        if s == 0:
+            make_run(runs, "ablation-lrn", "lrn", s, scale="full", metrics=m)
+    make_run(runs, "ablation-lrn", "no-lrn", 0, scale="full", metrics={"top1_err": 50.0},
+             overrides={"model.lrn": False})  # another config: never part of the baseline
+    df = collect(runs)
+    r = judge_claim(exp, df, None, runs)
+    head = r.headline
+    assert head.metric == "top1_err_10crop" and head.measured.n == 4
+    assert sorted(head.values.values()) == [41.0, 42.0, 45.0, 46.0]
+    assert head.measured.mean == pytest.approx(43.5) and head.verdict == "not reproduced"
+    assert "2 of them linked under ensemble only" in head.reason
+    assert r.summary.seeds == 4 and r.summary.status_counts == {"done": 4}
+    # the baseline's own two runs alone: 41.5 is within 2 points of 40.7
+    own = df[~((df["experiment"] == "ensemble") & (df["seed"] >= 2))]
+    assert judge_claim(exp, own, None, runs).verdict == "reproduced"
+
+
+def baseline_demo_runs(runs: Path, data: Path, seeds: int = 5) -> dict[int, str]:
+    """Demo-scale baseline runs scored on the centre crop only (train.ten_crop = false), each linked under baseline
+    and ten-crop; returns their config hashes by seed."""
+    hashes = {}
+    for s in range(seeds):
+        m = {"top1_err": 21.0 + 0.2 * s, "top5_err": 0.5}
+        for name in ("baseline", "ten-crop"):
+            d = make_run(runs, name, "baseline", s, scale="demo", metrics=m,
+                         overrides={"train.ten_crop": False, "data.dir": str(data)})
+        hashes[s] = d.name
+    return hashes
+
+
+def test_the_baseline_shows_the_ten_crop_analysis_where_its_runs_were_not_scored_on_ten_crops(tmp_path):
+    from fakes import write_analysis
+
+    exp = load_registry()["baseline"]
+    runs, data = tmp_path / "runs", manifest(tmp_path / "fm", [0.37, 0.0, 0.0])
+    hashes = baseline_demo_runs(runs, data)
+    r = judge_claim(exp, collect(runs), None, runs)
+    assert r.headline.measured.n == 0 and "repro run ten-crop --scale demo" in r.headline.reason
+    write_analysis(runs, "ten-crop", {"scale": "demo", "runs": [
+        {"variant": "baseline", "seed": s, "config_hash": h, "top1_err": 21.0 + 0.2 * s,
+         "top1_err_10crop": 20.0 + 0.2 * s, "top5_err": 0.5, "top5_err_10crop": 0.4} for s, h in hashes.items()]})
+    r = judge_claim(exp, collect(runs), None, runs)
+    by_metric = {c.metric: c for c in r.comparisons}
+    head, centre = by_metric["top1_err_10crop"], by_metric["top1_err"]
+    assert r.headline is head and head.verdict == "not comparable"
+    assert head.measured.n == 5 and head.measured.mean == pytest.approx(20.4)
+    assert head.measured.lo < 20.4 < head.measured.hi and head.measured.method == "t interval over runs"
+    assert "5 scored on ten crops by the analysis" in head.reason
+    assert centre.context and centre.measured.n == 5 and centre.measured.mean == pytest.approx(21.4)
+
+
+def manifest_classes(folder: Path, classes: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "source": "imagefolder", "image": {"height": 32, "width": 32}, "pca": {"eigval": [0.05, 0.01, 0.002]},
+        "splits": {"train": {"count": 1000}}, "classes": {"ids": list(range(classes))}}))
+    return folder
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_top5_is_judged_only_on_100_classes_or_more_whatever_the_kind(tmp_path, classes):
+    reg = load_registry()
+    runs, data = tmp_path / "runs", manifest_classes(tmp_path / "d", classes)
+    for s in range(3):  # LRN lowers top-1 by 1.5 and raises top-5 by a steady 0.03 (the demo page's)
+        for v, ov, top1, top5 in (("no-lrn", {"model.lrn": False}, 29.5, 0.40), ("lrn", {}, 28.0, 0.43)):
+            m = {"top1_err": top1 + 0.1 * s, "top5_err": top5 + 0.01 * s}
+            make_run(runs, "ablation-lrn", v, s, scale="subset", overrides={**ov, "data.dir": str(data)}, metrics=m)
+        # the ensemble's members are the baseline's runs, which are also LRN's `lrn` runs (one config)
+        make_run(runs, "ensemble", "baseline", s, scale="subset", overrides={"data.dir": str(data)}, metrics=m)
+    df = collect(runs)
+    lrn = judge_claim(reg["ablation-lrn"], df, None, runs)
+    ens = judge_claim(reg["ensemble"], df, {"scale": "subset", "ensemble": {"top1_err": 25.0, "top5_err": 0.5},
+                                            "members": [{"top1_err": 28.0 + s, "top5_err": 0.3 + 0.01 * s}
+                                                        for s in range(3)]}, runs)
+    for r in (lrn, ens):
+        top5 = [c for c in r.comparisons if c.metric == "top5_err" and c.paper is not None]
+        assert len(top5) == 1 and r.headline.metric == "top1_err"
+        if classes < 100:
+            assert all(c.context and c.verdict == "not judged" and "10 classes" in c.reason for c in top5)
+        else:
+            assert all(not c.context and c.verdict == "opposite" for c in top5)
+    assert lrn.verdict == "reproduced"

@@ -4,6 +4,8 @@ Scales are evidence side by side, not overrides: each scale with runs gets its o
 is the largest scale with at least two seeds (else the largest with a finished run). What each kind compares is its
 module's `judge` (repro.claims.<kind>); analyses are per experiment and judged at the scale they were made at.
 A claim whose TOML says `[judge] needs_colour = true` is `not testable on this data` when the data is greyscale.
+Top-5 comparisons on fewer than 100 classes are context (`not judged`), whatever the kind. A claim of a kind that
+measures one config (`absolute`) is judged on every finished run of that config, wherever the run store links it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import pandas as pd
 from repro.claims import verdicts as V
 from repro.claims.facts import rows_data_facts
 from repro.claims.registry import Evidence, get_kind
+from repro.config import all_keys
 from repro.scales import largest_first
+
+TOP5_MIN_CLASSES = 100  # below this, top-5 error is near zero and says little (5 of 10 classes is half of them)
+# Kinds that measure one config rather than a difference between arms: every finished run of the config is evidence
+# (the ensemble's members are the baseline's runs, seeds beyond the baseline's linked under `ensemble` only).
+POOLED_KINDS = ("absolute",)
 
 
 @dataclass
@@ -99,10 +107,66 @@ def _untestable(exp, data: dict | None) -> str:
     return ""
 
 
-def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs_dir) -> ScaleResult:
+def _classes(rows: pd.DataFrame, data: dict | None) -> int | None:
+    """The data's class count: its manifest's, else the runs' model.num_classes (set from the manifest)."""
+    if data and data.get("classes"):
+        return int(data["classes"])
+    n = pd.to_numeric(rows.get("model.num_classes", pd.Series(dtype=float)), errors="coerce").dropna()
+    return int(n.mode().iloc[0]) if len(n) else None
+
+
+def top5_as_context(comps: list[V.Comparison], classes: int | None) -> None:
+    """Top-5 comparisons on fewer than TOP5_MIN_CLASSES classes become context: shown, never a verdict."""
+    if classes is None or classes >= TOP5_MIN_CLASSES:
+        return
+    for c in comps:
+        if c.metric.startswith("top5"):
+            c.context, c.verdict = True, V.NOT_JUDGED
+            c.reason = (f"context: top-5 error on {classes} classes is not judged (top-5 picks {5 / classes:.0%} "
+                        f"of the classes; judged from {TOP5_MIN_CLASSES} classes up)")
+
+
+def _config_columns(table: pd.DataFrame) -> list[str]:
+    """The run table's config columns that enter the config hash, but the seed: what makes two runs one config."""
+    keys = all_keys()
+    return sorted(c for c in table.columns
+                  if c in keys and keys[c].metadata.get("hash", True) and c != "train.seed")
+
+
+def pooled_rows(rows: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """`rows` (one claim's, at one scale) and every other finished run in `table` (all experiments at that scale) of
+    the same config as one of them but another seed, each run (config hash) once, named by the claim's variant;
+    `linked_from` says which experiment's link it came through."""
+    cols = _config_columns(table)
+    if not cols or rows.empty or "config_hash" not in table:
+        return rows
+
+    def signature(df: pd.DataFrame) -> pd.Series:
+        return pd.Series([tuple(None if pd.isna(v) else v for v in r) for r in df[cols].itertuples(index=False)],
+                         index=df.index, dtype=object)
+
+    variant_of = dict(zip(signature(rows), rows["variant"]))
+    others = table[(table["status"] == "done") & ~table["config_hash"].isin(set(rows["config_hash"]))]
+    if others.empty:
+        return rows
+    sig = signature(others)
+    others = others[sig.isin(variant_of)].drop_duplicates("config_hash")
+    if others.empty:
+        return rows
+    others = others.assign(linked_from=others["experiment"], experiment=rows["experiment"].iloc[0],
+                           variant=signature(others).map(variant_of))
+    return pd.concat([rows, others], ignore_index=True)
+
+
+def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs_dir,
+                table: pd.DataFrame | None = None) -> ScaleResult:
+    """`rows`: the claim's rows at `scale`; `table`: every experiment's rows there (for pooled kinds)."""
+    if exp.kind in POOLED_KINDS and table is not None:
+        rows = pooled_rows(rows, table)
     data = rows_data_facts(rows)
     ev = Evidence(scale=scale, rows=rows, analysis=analysis, runs_dir=runs_dir, data=data)
     comps, best = get_kind(exp.kind).judge(exp, ev)
+    top5_as_context(comps, _classes(rows, data))
     why = _untestable(exp, data)
     if why:
         for c in comps:
@@ -126,7 +190,8 @@ def judge_claim(exp, df: pd.DataFrame, analysis: dict | list | None = None, runs
     results = []
     for s in scales:
         rows = all_rows[all_rows["scale"].astype(str) == s] if "scale" in all_rows else all_rows
-        results.append(judge_scale(exp, s, rows, by_scale.get(s), runs_dir))
+        table = df[df["scale"].astype(str) == s] if "scale" in df else df
+        results.append(judge_scale(exp, s, rows, by_scale.get(s), runs_dir, table))
     return ClaimResult(
         name=exp.name, title=exp.title, section=exp.section, claim=exp.claim, kind=exp.kind, scales=results,
         summary=summary_scale(results), note=str((exp.paper or {}).get("note", "")),
