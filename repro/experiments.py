@@ -83,6 +83,9 @@ class JudgeTable:
     tolerance: float = spec(None, valid=_NON_NEGATIVE, help="absolute: points from the paper that still count")
     expect: dict = spec(None, factory=dict, help='effect: metric = "lower" | "higher", for direction-only claims')
     converge_train_err: float = spec(None, valid=_NON_NEGATIVE, help="effect: training error for the iterations")
+    select_seeds: int = spec(0, valid=(lambda n: n >= 0, "must be a whole number >= 0"),
+                             help="convergence: the first N seeds choose each group's learning rate; the rest are "
+                                  "judged (0: the judged seeds choose too)")
     contrasts: tuple = spec((), valid=(lambda c: len(c.split(" - ")) == 2 and all(a.strip() for a in c.split(" - ")),
                                        'must be a list of "<variant> - <variant>", e.g. ["lrn - lrn-gain"]'),
                             help='effect: context rows between two variants (groups) other than treatment - control, '

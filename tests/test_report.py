@@ -294,25 +294,22 @@ def test_provenance_and_published_reproductions_on_the_page(rendered):
     assert f"{100 - 56.522:.2f}" in text and f"{100 - 57.45:.2f}" in text
 
 
-def test_convergence_never_reached_falls_back_to_the_relative_threshold(tmp_path):
-    runs = tmp_path / "runs"
+def test_convergence_judges_only_the_seeds_that_did_not_choose_the_rates():
+    # seed 0 chose the learning rates (the analysis's select_seeds); seeds 1 and 2 alone are judged
+    iters = {"relu-lr0.02": [10, 20, 30], "tanh-lr0.02": [100, 120, 90]}
+    rows = [("relu-vs-tanh", v, s, "demo", "done", 30.0, 10.0, it, 500) for v, its in iters.items()
+            for s, it in enumerate(its)]
     exp = experiment("relu-vs-tanh", kind="convergence", control="tanh", treatments=("relu",),
-                     paper={"speedup": 6.0}, variants={"relu": {}, "tanh": {}})
-    # neither reaches 25%; relu falls below 60% at iteration 20 and 30, tanh at 60 and 60
-    shapes = {"relu": ([70, 55, 50, 45, 40, 40], [70, 65, 58, 50, 45, 40]),
-              "tanh": ([80, 78, 75, 70, 65, 59], [80, 79, 76, 72, 66, 58])}
-    for v, per_seed in shapes.items():
-        for s, errs in enumerate(per_seed):
-            curve = [{"iteration": 10 * (i + 1), "epoch": 0, "train_loss": 1.0, "train_top1_err": e}
-                     for i, e in enumerate(errs)]
-            make_run(runs, exp.name, v, s, scale="demo", metrics={"top1_err": 50.0, "iters_to_target": None},
-                     overrides={"model.activation": v}, curve=curve)
-    analysis = {"scale": "demo", "best": {"relu": "relu", "tanh": "tanh"}, "relative_train_err": 60.0}
-    r = judge_claim(exp, collect(runs), analysis, runs)
-    at25, rel = r.comparisons
-    assert at25.context and at25.verdict == "inconclusive" and at25.measured.n == 0
-    assert not rel.context and rel.values == {0: pytest.approx(3.0), 1: pytest.approx(2.0)}
-    assert r.headline is rel and r.verdict == "inconclusive"  # two seeds: 3x and 2x, interval spans 1x
+                     paper={"speedup": 6.0}, variants={v: {} for v in iters},
+                     groups={"relu": ("relu-lr0.02",), "tanh": ("tanh-lr0.02",)})
+    analysis = {"scale": "demo", "best": {"relu": "relu-lr0.02", "tanh": "tanh-lr0.02"}, "select_seeds": [0],
+                "judged_seeds": [1, 2], "edge": {"relu": True, "tanh": False}}
+    c = judge_claim(exp, table(rows), analysis).comparisons[0]
+    assert c.values == {1: pytest.approx(6.0), 2: pytest.approx(3.0)}  # seed 0's 10x is not evidence
+    assert "chosen on seed(s) 0, not judged" in c.reason and "rate chosen for relu is at the edge" in c.reason
+    # without a selection, the note says the judged seeds chose the rates themselves
+    plain = judge_claim(exp, table(rows), {**analysis, "select_seeds": [0, 1, 2], "judged_seeds": [0, 1, 2]})
+    assert set(plain.comparisons[0].values) == {0, 1, 2}
 
 
 def test_cli_report_without_runs_exits_2_with_one_line(tmp_path):

@@ -13,7 +13,7 @@ from repro import runs
 from repro.rundir import store_dir
 from repro.claims import ten_crop
 from repro.cli import app
-from repro.experiments import load_registry
+from repro.experiments import load_registry, scale_settings
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,11 @@ def test_every_experiment_runs_at_smoke_scale(smoke_runs):
     df = runs.collect(runs_dir)
     registry = load_registry()
     assert set(df.experiment) == set(registry)
-    # one row per (experiment, variant, seed): ensemble has 2 seeds at smoke, everything else 1
-    expected = sum(len(e.variants) * (2 if name == "ensemble" else 1) for name, e in registry.items())
+    # one row per (experiment, variant, seed), at each experiment's own smoke seed count (ensemble and relu-vs-tanh:
+    # 2, everything else the scale's 1)
+    expected = sum(len(e.variants) * scale_settings(e, "smoke").seeds for e in registry.values())
+    assert expected == sum(len(e.variants) * (2 if name in ("ensemble", "relu-vs-tanh") else 1)
+                           for name, e in registry.items())
     assert len(df) == expected
     assert set(df.status) <= {"done", "diverged"} and (df.status == "done").sum() >= expected - 3, df.status
     assert df.config_hash.nunique() == len(list((runs_dir / "store").iterdir()))
