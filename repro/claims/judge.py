@@ -154,15 +154,11 @@ def pooled_rows(rows: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     if others.empty:
         return rows
     others = others.assign(linked_from=others["experiment"], experiment=rows["experiment"].iloc[0],
-                           variant=signature(others).map(variant_of))
+                           variant=sig.loc[others.index].map(variant_of))
     return pd.concat([rows, others], ignore_index=True)
 
 
-def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs_dir,
-                table: pd.DataFrame | None = None) -> ScaleResult:
-    """`rows`: the claim's rows at `scale`; `table`: every experiment's rows there (for pooled kinds)."""
-    if exp.kind in POOLED_KINDS and table is not None:
-        rows = pooled_rows(rows, table)
+def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs_dir) -> ScaleResult:
     data = rows_data_facts(rows)
     ev = Evidence(scale=scale, rows=rows, analysis=analysis, runs_dir=runs_dir, data=data)
     comps, best = get_kind(exp.kind).judge(exp, ev)
@@ -182,6 +178,11 @@ def judge_claim(exp, df: pd.DataFrame, analysis: dict | list | None = None, runs
     """Judge `exp` from the run table `df` (all experiments) and its analyses (one dict, or one per scale, each
     with its "scale"), at every scale with runs or an analysis."""
     all_rows = df[df["experiment"] == exp.name] if "experiment" in df else df.iloc[0:0]
+    if exp.kind in POOLED_KINDS and len(all_rows) and "scale" in df:
+        # pooled scale by scale: the page judges each scale's runs on their own
+        parts = [pooled_rows(g, df[df["scale"] == s]) for s, g in all_rows.groupby("scale", sort=False)]
+        all_rows = pd.concat(parts + ([all_rows[all_rows["scale"].isna()]] if all_rows["scale"].isna().any() else []),
+                             ignore_index=True)
     present = set(all_rows["scale"].dropna().astype(str)) if "scale" in all_rows else set()
     analyses = analysis if isinstance(analysis, list) else [analysis] if analysis else []
     by_scale = {str(a["scale"]): a for a in analyses if a.get("scale")}
@@ -190,8 +191,7 @@ def judge_claim(exp, df: pd.DataFrame, analysis: dict | list | None = None, runs
     results = []
     for s in scales:
         rows = all_rows[all_rows["scale"].astype(str) == s] if "scale" in all_rows else all_rows
-        table = df[df["scale"].astype(str) == s] if "scale" in df else df
-        results.append(judge_scale(exp, s, rows, by_scale.get(s), runs_dir, table))
+        results.append(judge_scale(exp, s, rows, by_scale.get(s), runs_dir))
     return ClaimResult(
         name=exp.name, title=exp.title, section=exp.section, claim=exp.claim, kind=exp.kind, scales=results,
         summary=summary_scale(results), note=str((exp.paper or {}).get("note", "")),
