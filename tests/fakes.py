@@ -115,3 +115,15 @@ def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None 
     if arrays:
         np.savez(npz_path, **arrays)
 
+
+
+def write_manifest(folder: Path, *, source: str = "fashion-mnist", px: int = 28, classes: int = 10,
+                   colour: bool = False, train: int = 60000) -> Path:
+    """A prepared data folder's manifest.json only (what repro.claims.facts.data_facts reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    eigval = [0.05, 0.01, 0.002] if colour else [0.37, 0.0, 0.0]
+    (folder / "manifest.json").write_text(json.dumps({
+        "source": source, "image": {"height": px, "width": px}, "pca": {"eigval": eigval},
+        "splits": {"train": {"count": train}}, "classes": {"ids": list(range(classes)),
+                                                         "names": [f"class {i}" for i in range(classes)]}}))
+    return folder

@@ -349,6 +349,117 @@ def test_paper_tables_show_the_ensemble_and_ten_crop_analyses_of_the_largest_sca
         {"variant": "baseline", "seed": 1, "top1_err": 30.5, "top1_err_10crop": 28.75, "top5_err_10crop": 9.75}]})
     text = report.build_report(runs, tmp_path / "index.html", registry=registry).read_text()
     cell = r"\s*<td[^>]*>([^<]*)</td>"
-    cells = lambda model: re.search(rf"{re.escape(model)}</td>{cell}{cell}", text)  # noqa: E731
-    assert cells("CNNs averaged (this harness)").groups() == ("28.0", "9.0")  # fabricate_all's demo analysis
-    assert cells("CNN, ten-crop (this harness)").groups() == ("28.5", "9.6")
+    cells = lambda model: re.search(rf"<td>{re.escape(model)}</td>{cell}{cell}{cell}", text)  # noqa: E731
+    assert cells("2 CNNs averaged (this harness)").groups()[:2] == ("28.0", "9.0")  # fabricate_all's demo analysis
+    assert cells("CNN, ten-crop (this harness)").groups()[:2] == ("28.5", "9.6")
+    # Table 2's single CNN: the baseline's judged numbers, both crops, with n and the interval's method
+    one = cells("1 CNN, ten-crop (this harness)").groups()[2]
+    assert "demo scale, mean of 2 run(s); 95% t interval over runs: top-1 [" in one
+    assert "mean of 2 run(s)" in cells("1 CNN, centre crop (this harness)").groups()[2]
+
+
+def summary_cells(text: str) -> dict[str, list[str]]:
+    """The summary table's cells per claim, tags stripped, `<br>` kept as a newline."""
+    out = {}
+    for name, row in re.findall(r'<tr class="claim-row" data-claim="([^"]+)">(.*?)</tr>', text, re.S):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        out[name] = [re.sub(r"<[^>]+>", "", c.replace("<br>", "\n")).strip() for c in cells]
+    return out
+
+
+SUMMARY_COLUMNS = ["claim", "section", "quantity", "paper", "mean", "ci", "n", "method", "verdict", "scale", "runs"]
+
+
+def test_the_baseline_row_shows_ten_crop_and_centre_crop_errors_with_intervals_at_demo(tmp_path):
+    """Demo runs are not scored on ten crops (train.ten_crop = false): the ten-crop analysis's scores of the same
+    runs head the row, the centre crop beside them, each with its interval, n and method; never a bare dash."""
+    from fakes import write_manifest
+
+    registry = {k: v for k, v in load_registry().items() if k in ("baseline", "ten-crop")}
+    runs, data = tmp_path / "runs", write_manifest(tmp_path / "fm")
+    scored = []
+    for s in range(5):
+        for name in ("baseline", "ten-crop"):
+            d = make_run(runs, name, "baseline", s, scale="demo", metrics={"top1_err": 21.0 + 0.2 * s, "top5_err": 0.5},
+                         overrides={"train.ten_crop": False, "data.dir": str(data)})
+        scored.append({"variant": "baseline", "seed": s, "config_hash": d.name, "top1_err": 21.0 + 0.2 * s,
+                       "top1_err_10crop": 20.0 + 0.2 * s, "top5_err": 0.5, "top5_err_10crop": 0.4})
+    write_analysis(runs, "ten-crop", {"kind": "ten_crop", "scale": "demo", "runs": scored})
+    text = report.build_report(runs, tmp_path / "index.html", registry=registry).read_text()
+    row = dict(zip(SUMMARY_COLUMNS, summary_cells(text)["baseline"]))
+    assert row["quantity"].splitlines() == ["baseline (top1_err_10crop)", "centre crop (top1_err)"]
+    assert row["mean"].splitlines() == ["20.40", "21.40"]
+    assert row["n"].splitlines() == ["5", "5"] and row["runs"] == "5 done"
+    assert row["method"].splitlines() == ["t interval over runs"] * 2
+    lo, hi = (float(v) for v in re.findall(r"[\d.]+", row["ci"].splitlines()[0]))
+    assert lo < 20.4 < hi and row["verdict"] == "not comparable"
+
+
+def test_every_measured_cell_shows_n_and_the_intervals_method(rendered):
+    _, _, out = rendered
+    text = out.read_text()
+    rows = summary_cells(text)
+    measured = {k: dict(zip(SUMMARY_COLUMNS, v)) for k, v in rows.items()}
+    assert len(measured) == len(rows) and all(len(v) == len(SUMMARY_COLUMNS) for v in rows.values())
+    for name, row in measured.items():
+        for n, method in zip(row["n"].splitlines(), row["method"].splitlines() or [""]):
+            assert (n != "0") == bool(method.strip()), (name, n, method)  # an interval says how it was made
+    assert measured["ablation-lrn"]["method"] == "paired by seed"
+    assert measured["relu-vs-tanh"]["method"] == "paired by seed, log scale"
+    # each claim's own table of scales too: one method cell per row with a measurement
+    scale_rows = re.findall(r'<table class="scales">.*?</table>', text, re.S)
+    assert scale_rows and all('class="method"' in t for t in scale_rows)
+
+
+def test_the_page_counts_its_verdicts_made_without_a_multiple_comparison_correction(rendered):
+    from repro.claims import verdicts as V
+
+    _, _, out = rendered
+    text = out.read_text()
+    verdicts = [dict(zip(SUMMARY_COLUMNS, v))["verdict"] for v in summary_cells(text).values()]
+    judged = sum(v in V.JUDGED for v in verdicts)
+    assert 5 < judged < len(verdicts)  # not run / not comparable / not testable rows are not judgements
+    line = re.search(r'<p id="multiplicity">(.*?)</p>', text, re.S).group(1)
+    assert line.startswith(f"{judged} of the verdicts above") and "no correction for multiple comparisons" in line
+    assert f"about {judged * 0.05:.1f} of them" in " ".join(line.split())
+
+
+def test_differences_from_the_paper_are_generated_per_scale_from_the_runs_configs(tmp_path):
+    from fakes import write_manifest
+
+    from repro.report.differences import differences
+    from repro.scales import get_scale
+
+    runs, data = tmp_path / "runs", write_manifest(tmp_path / "fm")
+    demo = {**get_scale("demo").overrides, "data.dir": str(data)}
+    for s in range(2):
+        make_run(runs, "ablation-lrn", "lrn", s, scale="demo", metrics={"top1_err": 20.0}, overrides=demo)
+        make_run(runs, "dropout", "dropout", s, scale="demo", metrics={"top1_err": 20.0},
+                 overrides={**demo, "train.epochs": 30})
+        make_run(runs, "ablation-lrn", "lrn", s, scale="full", metrics={"top1_err": 40.0})
+    tables = {d["scale"]: d for d in differences(collect(runs))}
+    assert list(tables) == ["full", "demo"] and tables["demo"]["runs"] == 4
+    rows = {r["field"]: r for r in tables["demo"]["rows"]}
+    assert rows["model.init"]["paper"].startswith("N(0, 0.01)") and rows["model.init"]["used"] == "He normal"
+    assert (rows["model.input_size"]["paper"], rows["model.input_size"]["used"]) == ("224", "24")
+    assert (rows["train.warmup_epochs"]["paper"], rows["train.warmup_epochs"]["used"]) == ("0", "0.3")
+    assert rows["train.epochs"]["used"] == "1 (ablation-lrn); 30 (dropout)"
+    assert rows["manifest: source"]["used"] == "Fashion-MNIST" and rows["manifest: classes"]["used"] == "10"
+    assert "train.plateau_patience" not in rows and "train.momentum" not in rows  # the paper's values
+    assert rows["model.lrn_alpha_mode"]["paper"] == "alpha as written"
+    # full scale keeps the paper's recipe, but for LRN's alpha (the author's code divides it by n) and precision:
+    # bf16 autocast where the run's record names a GPU, fp32 (the paper's) on a CPU
+    full = collect(runs)
+    full = full[full["scale"] == "full"]
+    assert [r["field"] for r in differences(full)[0]["rows"]] == ["model.lrn_alpha_mode"]  # fabricated on "cpu"
+    gpu = [r for r in differences(full.assign(**{"prov.device": "NVIDIA H200"}))[0]["rows"]
+           if r["field"] == "train.precision"]
+    assert gpu == [dict(field="train.precision", what="precision", paper="fp32", used="bf16 autocast")]
+
+
+def test_the_page_shows_the_differences_and_the_rules_with_their_upper_bound(rendered):
+    _, _, out = rendered
+    text = out.read_text()
+    assert '<h2 id="differences">Differences from the paper</h2>' in text
+    assert "<h3>At demo scale" in text.split('id="differences"')[1].split("<h2")[0]
+    assert "same direction, larger" in text and "not judged" in text

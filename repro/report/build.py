@@ -18,7 +18,7 @@ from repro.claims import judge_claim
 from repro.claims import verdicts as V
 from repro.errors import UserError
 from repro.experiments import load_registry
-from repro.report import figures, sections, tables
+from repro.report import differences, figures, sections, tables
 from repro.runs import collect, load_analyses, load_analysis_arrays
 from repro.scales import largest_first
 
@@ -75,14 +75,17 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
             analysis=json.dumps(analysis, indent=1, sort_keys=True, default=str)[:4000] if analysis else ""))
     unregistered = sorted(set(df["experiment"].dropna().astype(str)) - set(registry)) if len(df) else []
     caveats = {r.summary.scale: r.summary.caveat for r in results if r.summary and r.summary.caveat}
+    summary = [sections.summary_row(r) for r in results]
+    baseline = next((r.summary for r in results if r.kind == "absolute" and r.summary), None)
 
     context = dict(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), runs_dir=str(runs_dir),
-        summary=[sections.summary_row(r) for r in results], sections=claim_sections, rules=V.RULES,
+        summary=summary, judged=sections.judged_count(summary), sections=claim_sections, rules=V.RULES,
         caveats=[caveats[s] for s in reversed(largest_first(caveats))],
         deltas=figures.deltas_chart(sections.delta_rows(results)),
+        differences=differences.differences(df),
         table1=tables.table1(largest_scale(analyses.get("ten-crop"))),
-        table2=tables.table2(df, largest_scale(analyses.get("ensemble"))), unregistered=unregistered,
+        table2=tables.table2(df, largest_scale(analyses.get("ensemble")), baseline), unregistered=unregistered,
         n_runs=len(df), status_counts=df["status"].value_counts().to_dict() if len(df) else {})
     html = render(context)
 

@@ -23,6 +23,7 @@ from scipy import stats  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
 VERDICT_COLOURS = {"reproduced": "#2e7d32", "same direction": "#558b2f", "same direction, smaller": "#9e9d24",
+                   "same direction, larger": "#9e9d24",
                    "opposite": "#c62828", "not testable on this data": "#bdbdbd",
                    "inconclusive": "#757575", "no paper number": "#5c6bc0"}
 

@@ -50,35 +50,63 @@ def comparison_rows(s: ScaleResult) -> list[dict]:
     return out
 
 
-def scale_rows(r: ClaimResult) -> list[dict]:
-    """One row per scale with runs: its headline, verdict and comparisons."""
+def crop_of(metric: str) -> str:
+    return "ten-crop" if metric.endswith("_10crop") else "centre crop"
+
+
+def beside(s: ScaleResult | None) -> list[dict]:
+    """What a row shows under its headline: the same quantity on the other crop (the baseline's centre crop beside
+    its ten-crop error), each with its interval, n and method."""
+    head = s.headline if s else None
+    if head is None:
+        return []
+    base = head.metric.replace("_10crop", "")
     out = []
-    for s in r.scales:
-        head = s.headline
-        mean, ci = fmt_effect(head.measured, head.unit) if head else (DASH, "")
-        out.append(dict(scale=s.scale, seeds=s.seeds, verdict=s.verdict, label=head.label if head else "",
-                        metric=head.metric if head else "", paper=paper_text(head) if head else DASH, mean=mean,
-                        ci=ci, n=head.measured.n if head else 0, caveat=s.caveat, summary=s is r.summary,
-                        comparisons=comparison_rows(s), best_variants=s.best_variants))
+    for c in s.comparisons:
+        if c is not head and c.label == head.label and c.unit == head.unit and c.metric != head.metric \
+                and c.metric.replace("_10crop", "") == base:
+            mean, ci = fmt_effect(c.measured, c.unit)
+            out.append(dict(what=crop_of(c.metric), metric=c.metric, mean=mean, ci=ci, n=c.measured.n,
+                            method=c.measured.method if c.measured.n else ""))
     return out
 
 
+def _headline(s: ScaleResult | None) -> dict:
+    """The headline's cells: what, paper, mean, interval, n and the interval's method ('' when nothing measured)."""
+    head = s.headline if s else None
+    if head is None:
+        return dict(label="", metric="", paper=DASH, mean=DASH, ci="", n=0, method="", beside=[])
+    mean, ci = fmt_effect(head.measured, head.unit)
+    others = beside(s)
+    if head.measured.n == 0 and any(b["n"] for b in others):
+        mean = f"not scored ({crop_of(head.metric)})"
+    return dict(label=head.label, metric=head.metric, paper=paper_text(head), mean=mean, ci=ci, n=head.measured.n,
+                method=head.measured.method if head.measured.n else "", beside=others)
+
+
+def scale_rows(r: ClaimResult) -> list[dict]:
+    """One row per scale with runs: its headline, verdict and comparisons."""
+    return [dict(scale=s.scale, seeds=s.seeds, verdict=s.verdict, caveat=s.caveat, summary=s is r.summary,
+                 comparisons=comparison_rows(s), best_variants=s.best_variants, **_headline(s)) for s in r.scales]
+
+
 def summary_row(r: ClaimResult) -> dict:
-    head = r.headline
-    mean, ci = fmt_effect(head.measured, head.unit) if head else (DASH, "")
     counts = r.summary.status_counts if r.summary else {}
     failed = {k: v for k, v in counts.items() if k != "done"}
     return dict(name=r.name, title=r.title, section=r.section, kind=r.kind, scale=r.scale or DASH,
-                paper=paper_text(head) if head else DASH, metric=head.metric if head else "",
-                label=head.label if head else "", mean=mean, ci=ci, n=head.measured.n if head else 0,
                 verdict=r.verdict, done=counts.get("done", 0),
-                problems=", ".join(f"{v} {k}" for k, v in sorted(failed.items())))
+                problems=", ".join(f"{v} {k}" for k, v in sorted(failed.items())), **_headline(r.summary))
+
+
+def judged_count(summary: list[dict]) -> int:
+    """How many summary rows carry a verdict made from measurements (the page's multiple-comparison count)."""
+    return sum(1 for s in summary if s["verdict"] in V.JUDGED)
 
 
 def delta_rows(results: list[ClaimResult]) -> pd.DataFrame:
     rows = [dict(label=f"{r.name}: {c.label} ({c.metric})", paper=c.paper, mean=c.measured.mean,
                  lo=c.measured.lo, hi=c.measured.hi, verdict=c.verdict)
-            for r in results for c in r.comparisons if c.unit == "points" and c.paper is not None]
+            for r in results for c in r.comparisons if c.unit == "points" and c.paper is not None and not c.context]
     return pd.DataFrame(rows, columns=["label", "paper", "mean", "lo", "hi", "verdict"])
 
 

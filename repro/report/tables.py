@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from repro.claims import verdicts as V
 from repro.scales import largest_first
 
 # (model, top-1 err, top-5 err, source) -- the paper's Table 2, ILSVRC-2012 validation unless noted
@@ -66,18 +67,45 @@ def _measured(df: pd.DataFrame, experiment: str, metric: str) -> tuple[str, str]
     return fmt(vals.mean()), f"measured, {scale} scale, mean of {len(vals)} run(s)"
 
 
-def table2(df: pd.DataFrame, ensemble_analysis: dict | None) -> list[dict]:
-    """Rows like the paper's Table 2, with this harness's single-model and ensemble numbers and reproductions."""
+def _interval(iv: V.Interval) -> str:
+    return f"[{iv.lo:.1f}, {iv.hi:.1f}]" if iv.n >= 2 and math.isfinite(iv.lo) else "no interval"
+
+
+def _judged_rows(baseline) -> list[dict]:
+    """The single-CNN rows from the baseline's judged comparisons at its summary scale (centre crop, ten-crop):
+    every run of its config, with n and the interval's method."""
+    by_metric = {c.metric: c for c in baseline.comparisons}
+    out = []
+    for suffix, crop in (("", "centre crop"), ("_10crop", "ten-crop")):
+        top1, top5 = by_metric.get("top1_err" + suffix), by_metric.get("top5_err" + suffix)
+        if top1 is None or top1.measured.n == 0:
+            continue
+        iv = top1.measured
+        five = top5.measured if top5 is not None else V.Interval()
+        src = (f"measured, {baseline.scale} scale, mean of {iv.n} run(s); 95% {iv.method}: top-1 "
+               f"{_interval(iv)}, top-5 {_interval(five)}")
+        out.append(dict(model=f"1 CNN, {crop} (this harness)", top1=fmt(iv.mean), top5=fmt(five.mean), source=src,
+                        kind="measured"))
+    return out
+
+
+def table2(df: pd.DataFrame, ensemble_analysis: dict | None, baseline=None) -> list[dict]:
+    """Rows like the paper's Table 2, with this harness's single-model and ensemble numbers and reproductions.
+
+    `baseline`: the baseline claim's judged result at its summary scale (repro.claims.ScaleResult), when judged."""
     rows = [dict(model=m, top1=fmt(a), top5=fmt(b), source=s, kind="paper") for m, a, b, s in TABLE2_PAPER]
-    t1, src = _measured(df, "baseline", "top1_err")
-    t5, _ = _measured(df, "baseline", "top5_err")
-    rows.append(dict(model="1 CNN, centre crop (this harness)", top1=t1, top5=t5, source=src, kind="measured"))
+    measured = _judged_rows(baseline) if baseline is not None else []
+    if not measured:
+        t1, src = _measured(df, "baseline", "top1_err")
+        t5, _ = _measured(df, "baseline", "top5_err")
+        measured = [dict(model="1 CNN, centre crop (this harness)", top1=t1, top5=t5, source=src, kind="measured")]
+    rows += measured
     ens = (ensemble_analysis or {}).get("ensemble", {})
     n = len((ensemble_analysis or {}).get("members", []))
     rows.append(dict(model=f"{n or 5} CNNs averaged (this harness)", top1=fmt(ens.get("top1_err")),
                      top5=fmt(ens.get("top5_err")),
-                     source=(f"measured, {ensemble_analysis.get('scale', '?')} scale" if ens else "not run"),
-                     kind="measured"))
+                     source=(f"measured, {ensemble_analysis.get('scale', '?')} scale, one ensemble of {n} run(s)"
+                             if ens else "not run"), kind="measured"))
     rows += [dict(model=m, top1=fmt(a, 2), top5=fmt(b, 2), source=s, kind="reproduction")
              for m, a, b, s in REPRODUCTIONS]
     return rows
@@ -87,11 +115,11 @@ def table1(ten_crop_analysis: dict | None) -> list[dict]:
     """Rows like the paper's Table 1 (ILSVRC-2010 test), with this harness's ten-crop numbers (its analysis)."""
     rows = [dict(model=m, top1=fmt(a), top5=fmt(b), source=s, kind="paper") for m, a, b, s in TABLE1_PAPER]
     runs = [r for r in (ten_crop_analysis or {}).get("runs", []) if isinstance(r, dict)]
-    mean = lambda k: sum(float(r[k]) for r in runs) / len(runs) if runs else None  # noqa: E731
-    src = (f"measured, {ten_crop_analysis.get('scale', '?')} scale, mean of {len(runs)} run(s)" if runs
-           else "not run")
-    rows.append(dict(model="CNN, ten-crop (this harness)", top1=fmt(mean("top1_err_10crop")),
-                     top5=fmt(mean("top5_err_10crop")), source=src, kind="measured"))
+    top1, top5 = (V.mean_ci([r.get(k) for r in runs]) for k in ("top1_err_10crop", "top5_err_10crop"))
+    src = (f"measured, {ten_crop_analysis.get('scale', '?')} scale, mean of {top1.n} run(s); 95% t interval over "
+           f"runs: top-1 {_interval(top1)}, top-5 {_interval(top5)}" if runs else "not run")
+    rows.append(dict(model="CNN, ten-crop (this harness)", top1=fmt(top1.mean if top1.n else None),
+                     top5=fmt(top5.mean if top5.n else None), source=src, kind="measured"))
     return rows
 
 
