@@ -2,10 +2,16 @@
 
 `fcntl.flock` is not to be trusted over NFS and similar shared filesystems, so the claim that keeps two launchers
 off one run is a lease file created with O_CREAT|O_EXCL (atomic on every POSIX filesystem, NFSv3 and later
-included). It holds the owner (host, pid, Slurm job id, a random token) and a heartbeat time that the owner
-refreshes while it trains. A lease whose heartbeat is older than `stale_after` seconds, or whose owner process is
-gone (same host only), is stale and may be taken over: the taker renames it aside (only one rename can win) and
-checks that what it moved is the stale lease it read before creating its own.
+included). It holds the owner (host, pid, Slurm job id, a random token). The heartbeat is the file's modification
+time, which the owner touches through the descriptor it created the file with: a heartbeat can never rewrite a
+lease another process has put in its place. Staleness is judged by the shared filesystem's own clock (the
+modification time of a file touched just before, beside the lease), never by comparing two hosts' clocks.
+
+A lease is stale, and may be taken over, when its file has not been touched for `stale_after` seconds, when its
+owner process is gone (same host only), or when the taker is a requeued run of the owner's own Slurm job (the same
+job id on another process: Slurm requeued the job, so its old process is dead, wherever it ran). The taker renames
+it aside (only one rename can win) and checks that what it moved is the stale lease it read before creating its
+own.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -44,28 +49,55 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(lease: dict[str, Any] | None, *, stale_after: float = STALE_AFTER_S, now: float | None = None) -> bool:
-    """A lease nobody keeps alive: no heartbeat for `stale_after` s, or its process on this host has ended."""
-    if lease is None:
-        return False  # being written this instant (or unreadable: judged by its age in `claim`)
-    now = time.time() if now is None else now
-    if now - float(lease.get("heartbeat", 0)) > stale_after:
+def filesystem_now(path: Path) -> float:
+    """The time on the clock of the filesystem that holds `path`: the modification time of a file touched now beside
+    it (on NFS the server stamps it), so that hosts with skewed clocks judge a heartbeat alike."""
+    probe = Path(path).with_name(Path(path).name + ".clock")
+    fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.utime(fd)
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+
+
+def is_stale(lease: dict[str, Any], age: float, *, stale_after: float = STALE_AFTER_S,
+             job_id: str | None = None) -> bool:
+    """A lease nobody keeps alive: untouched for `stale_after` s (`age`, on the filesystem's clock), its process on
+    this host gone, or held for `job_id` by another process (that job was requeued: its old process is dead)."""
+    if age > stale_after:
         return True
-    return lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", 0)))
+    here = lease.get("host") == socket.gethostname()
+    if here and not _pid_alive(int(lease.get("pid", 0))):
+        return True
+    own = here and int(lease.get("pid", 0)) == os.getpid()
+    return job_id is not None and lease.get("job_id") == job_id and not own
+
+
+def _age(path: Path) -> float:
+    return filesystem_now(path) - path.stat().st_mtime
 
 
 def holder(path: Path, *, stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
-    """The live lease in the file `path` (owner and heartbeat), or None when nobody holds it."""
-    lease = _read(Path(path))
-    return None if lease is None or is_stale(lease, stale_after=stale_after) else lease
+    """The live lease in the file `path` (its owner, and its last heartbeat as `heartbeat`: the file's modification
+    time), or None when nobody holds it."""
+    path = Path(path)
+    lease = _read(path)
+    try:
+        if lease is None or is_stale(lease, _age(path), stale_after=stale_after):
+            return None
+        return {**lease, "heartbeat": path.stat().st_mtime}
+    except FileNotFoundError:  # released this instant
+        return None
 
 
 class Lease:
     """A held lease; `refresh()` renews the heartbeat, `release()` gives it up, `keep_alive()` renews on a thread."""
 
-    def __init__(self, path: Path, owner: dict[str, Any]):
+    def __init__(self, path: Path, owner: dict[str, Any], fd: int):
         self.path = Path(path)
         self.owner = owner
+        self._fd = fd  # the file we created: touching it never touches a lease that replaced ours
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,8 +105,7 @@ class Lease:
         current = _read(self.path)
         if current is None or current.get("token") != self.owner["token"]:
             raise LeaseLost(f"{self.path}: taken over by {current and current.get('host')}:{current and current.get('pid')}")
-        self.owner["heartbeat"] = time.time()
-        io.write_json(self.path, self.owner)
+        os.utime(self._fd)
 
     def release(self) -> None:
         self.stop()
@@ -84,6 +115,9 @@ class Lease:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keep_alive(self, interval: float = HEARTBEAT_S, on_lost=None) -> "Lease":
         """Refresh the heartbeat every `interval` s on a thread; call `on_lost()` (once) if the lease was taken
@@ -109,36 +143,36 @@ class Lease:
             self._thread.join(timeout=5)
 
 
-def _create(path: Path, owner: dict[str, Any]) -> bool:
+def _create(path: Path, owner: dict[str, Any]) -> int | None:
+    """The descriptor of a new lease file holding `owner`, or None when one exists."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(owner))
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+        return None
+    os.write(fd, json.dumps(owner).encode())
+    os.fsync(fd)
+    return fd
 
 
 def claim(path: Path, *, job_id: str | None = None, stale_after: float = STALE_AFTER_S,
           **extra: Any) -> Lease | None:
     """Take the lease in the file `path`, or return None when another live owner holds it."""
     path = Path(path)
-    now = time.time()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id, "token": uuid.uuid4().hex,
-             "since": now, "heartbeat": now, **extra}
+             "since": filesystem_now(path), **extra}
     for _ in range(2):
-        if _create(path, owner):
-            return Lease(path, owner)
+        fd = _create(path, owner)
+        if fd is not None:
+            return Lease(path, owner, fd)
         seen = _read(path)
+        try:
+            age = _age(path)
+        except FileNotFoundError:
+            continue  # released this instant: try to create ours
         if seen is None:  # unreadable: half-written this instant, or left so by a crash long ago
-            try:
-                if now - path.stat().st_mtime <= stale_after:
-                    return None
-            except FileNotFoundError:
-                continue
-        elif not is_stale(seen, stale_after=stale_after, now=now):
+            if age <= stale_after:
+                return None
+        elif not is_stale(seen, age, stale_after=stale_after, job_id=job_id):
             return None
         aside = path.with_name(f"{path.name}.{owner['token']}.stale")
         try:

@@ -84,7 +84,8 @@ class RunDir:
         self.result = p / "result.json"            # the run record (repro.record), once it ended
         self.checkpoint = p / "checkpoint.pt"      # the latest checkpoint
         self.checkpoint_prev = p / "checkpoint.prev.pt"  # the one before, while a new one is renamed in
-        self.lease_file = p / ".lease"             # who holds the run (repro.lease)
+        self.lease_file = p / ".lease"             # who holds the run (repro.lease; it touches ".lease.clock" to
+        #                                            read the filesystem's clock)
         self.lock_file = p / LOCK                  # flock: the fast path on one machine
         self.train_log = p / "train.log"           # a local-pool worker's output
         self.error_log = p / "error.log"           # the traceback of a failed run

@@ -26,19 +26,23 @@ def test_only_one_claim_while_held_and_another_after_release(tmp_path):
     assert lease.claim(tmp_path / ".lease") is not None
 
 
-def _write_lease(path: Path, **fields) -> None:
-    owner = {"host": "other-host", "pid": 1, "job_id": None, "token": "t0", "since": 0.0, "heartbeat": time.time()}
+def _write_lease(path: Path, age: float = 0.0, **fields) -> None:
+    """A lease of another owner whose last heartbeat (the file's modification time) is `age` s old on the
+    filesystem's clock."""
+    owner = {"host": "other-host", "pid": 1, "job_id": None, "token": "t0", "since": 0.0}
     owner.update(fields)
     (path / ".lease").write_text(json.dumps(owner))
+    t = lease.filesystem_now(path / ".lease") - age
+    os.utime(path / ".lease", (t, t))
 
 
 def test_a_lease_from_another_host_is_kept_until_its_heartbeat_stops(tmp_path):
-    _write_lease(tmp_path, heartbeat=time.time() - 10)
+    _write_lease(tmp_path, age=10)
     assert lease.claim(tmp_path / ".lease", stale_after=60) is None  # alive: its heartbeat is 10 s old
-    _write_lease(tmp_path, heartbeat=time.time() - 120)
+    _write_lease(tmp_path, age=120)
     taken = lease.claim(tmp_path / ".lease", stale_after=60)
     assert taken is not None and lease.holder(tmp_path / ".lease")["token"] == taken.owner["token"]
-    assert not list(tmp_path.glob(".lease.*"))  # the stale lease moved aside is gone
+    assert not list(tmp_path.glob(".lease.*.stale"))  # the stale lease moved aside is gone
 
 
 def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
@@ -47,6 +51,39 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     proc.join()
     _write_lease(tmp_path, host=socket.gethostname(), pid=proc.pid)
     assert lease.claim(tmp_path / ".lease") is not None
+
+
+def test_staleness_is_judged_by_the_filesystem_clock_not_the_writers(tmp_path):
+    # a host whose clock runs 10 minutes behind wrote its own times into the lease: they are not read
+    behind = time.time() - 600
+    _write_lease(tmp_path, age=5, since=behind, heartbeat=behind)
+    assert lease.claim(tmp_path / ".lease", stale_after=60) is None  # touched 5 s ago by the filesystem's clock
+    # and one whose clock runs ahead cannot keep a dead lease alive: the file was last touched 10 minutes ago
+    ahead = time.time() + 600
+    _write_lease(tmp_path, age=600, since=ahead, heartbeat=ahead)
+    assert lease.claim(tmp_path / ".lease", stale_after=60) is not None
+
+
+def test_a_requeued_job_takes_over_its_own_lease_at_once(tmp_path):
+    # the lease names another host (a lost node) whose process cannot be checked, and it is fresh: another job waits,
+    # but the same Slurm job, requeued, takes it over without waiting for the stale timeout
+    _write_lease(tmp_path, age=1, host="lost-node", pid=4242, job_id="77")
+    assert lease.claim(tmp_path / ".lease", job_id="78") is None
+    assert lease.claim(tmp_path / ".lease") is None
+    again = lease.claim(tmp_path / ".lease", job_id="77")
+    assert again is not None and lease.holder(tmp_path / ".lease")["pid"] == os.getpid()
+    # a second claim by the same job from this very process is not a takeover of its own live lease
+    assert lease.claim(tmp_path / ".lease", job_id="77") is None
+
+
+def test_the_heartbeat_never_rewrites_a_lease_another_process_put_in_its_place(tmp_path):
+    held = lease.claim(tmp_path / ".lease")
+    os.rename(tmp_path / ".lease", tmp_path / "aside")  # as a taker does before creating its own
+    _write_lease(tmp_path, age=200, token="taker")
+    with pytest.raises(lease.LeaseLost):
+        held.refresh()
+    assert json.loads((tmp_path / ".lease").read_text())["token"] == "taker"
+    assert lease.filesystem_now(tmp_path / ".lease") - (tmp_path / ".lease").stat().st_mtime >= 199  # untouched
 
 
 def test_heartbeat_refreshes_and_a_taken_over_lease_is_noticed(tmp_path):
@@ -81,7 +118,7 @@ def _race(run_dir: str, ready, done, out) -> None:
 @pytest.mark.parametrize("stale", [False, True])
 def test_racing_processes_one_wins(tmp_path, stale):
     if stale:  # everyone sees the same stale lease and tries to take it over
-        _write_lease(tmp_path, heartbeat=time.time() - 600)
+        _write_lease(tmp_path, age=600)
     ctx = mp.get_context("spawn")
     out, ready, done = ctx.Queue(), ctx.Barrier(6), ctx.Event()
     procs = [ctx.Process(target=_race, args=(str(tmp_path), ready, done, out)) for _ in range(6)]
