@@ -5,11 +5,12 @@ convergence speed-ups, conv1's colour specificity, nearest-neighbour retrieval, 
 weights. This module runs it on the experiment's finished runs under a lock and writes
 the experiment's analysis files at that scale (numbers, and arrays for figures; repro.rundir says where,
 `repro.runs.load_analyses` reads them). An analysis is skipped when its inputs (the runs' config hashes and finish times) have not
-changed.
+changed and it is stored in the format its kind writes now (the kind module's `ANALYSIS_VERSION`, where it has one).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,19 @@ def analyse(exp: Experiment, runs: list[PlannedRun], runs_dir: Path) -> str | No
         return None
     done = finished(runs, Path(runs_dir))
     inputs = _inputs(done)
+    # an analysis stored in an older format is redone, not shown as if it were of the current one
+    version = getattr(inspect.getmodule(kind.analyse), "ANALYSIS_VERSION", None)
     scale = runs[0].scale if runs else None  # one analysis per scale: each scale is evidence of its own
     json_path, npz_path = analysis_paths(runs_dir, exp.name, scale)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(json_path.parent, wait=True):  # two processes never write one analysis
         old = io.read_json(json_path) or {}
-        if old.get("inputs") == inputs and old.get("kind") == exp.kind:
+        if old.get("inputs") == inputs and old.get("kind") == exp.kind and old.get("version") == version:
             return None
         data, arrays = kind.analyse(exp, done)
         data.update({"kind": exp.kind, "experiment": exp.name, "inputs": inputs, "scale": scale})
+        if version is not None:
+            data["version"] = version
         _write(json_path, npz_path, data, arrays)
     return summary_line(exp.kind, data)
 

@@ -16,6 +16,7 @@ from repro.plan import PlannedRun
 from repro import analysis, runs
 from repro.rundir import analysis_paths, create
 from repro.claims import convergence, ensemble, filters, retrieval, ten_crop
+from repro.claims.registry import Evidence
 from repro.config import RunConfig, apply_overrides, config_hash
 
 from conftest import fake_fit
@@ -31,10 +32,17 @@ def _done(tmp_path, exp_name, variant_cfgs):
     return out
 
 
+def _no_ten_crop(run_dir):
+    raise AssertionError(f"{run_dir}: scored on ten crops although its runs do not score them")
+
+
 def test_ensemble_against_scipy(tmp_path):
-    done = _done(tmp_path, "ensemble", [("baseline", s, {}) for s in range(3)])
+    done = _done(tmp_path, "ensemble", [("baseline", s, {"train.ten_crop": False}) for s in range(3)])
     labels = np.random.default_rng(7).integers(0, 4, size=20)
-    res, _ = ensemble.analyse(None, done, labels=labels)
+    res, _ = ensemble.analyse(None, done, labels=labels, score=_no_ten_crop)
+    assert res["crops"] == "centre" and "centre crop only" in res["note"]
+    assert res["judged_keys"] == {"top1_err": "top1_err", "top5_err": "top5_err"}
+    assert not any(k.endswith("_10crop") for k in res["ensemble"])
     logits = [np.load(d / "val_logits.npy").astype(np.float64) for _, d, _ in done]
     probs = [softmax(l, axis=1) for l in logits]
     avg = np.mean(probs, axis=0)
@@ -47,6 +55,66 @@ def test_ensemble_against_scipy(tmp_path):
     mean1 = np.mean([100 * np.mean(p.argmax(1) != labels) for p in probs])
     assert res["effect"]["top1_err"] == pytest.approx(want_top1 - mean1)
     assert ensemble.analyse(None, done[:1], labels=labels)[0]["members"] == 1  # one member: nothing to average
+
+
+def test_ensemble_averages_the_members_ten_crop_outputs_where_the_runs_score_ten_crops(tmp_path):
+    e = ex.load_registry()["ensemble"]
+    done = _done(tmp_path, e.name, [("baseline", s, {}) for s in range(3)])  # train.ten_crop: on by default
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=20)
+    # ten-crop outputs unlike the centre crop's: each member right on its own third of the images
+    ten = {}
+    for i, (_, d, _) in enumerate(done):
+        p = softmax(rng.normal(size=(20, 4)), axis=1)
+        p[i::3] = softmax(3.0 * np.eye(4)[labels[i::3]], axis=1)
+        ten[str(d)] = p
+    res, _ = ensemble.analyse(e, done, labels=labels, score=lambda d: (ten[str(d)], labels))
+    assert res["crops"] == "ten" and "Table 2" in res["note"]
+    assert res["judged_keys"] == {"top1_err": "top1_err_10crop", "top5_err": "top5_err_10crop"}
+    avg = np.mean(list(ten.values()), axis=0)
+    want = 100 * np.mean(avg.argmax(1) != labels)
+    assert res["ensemble"]["top1_err_10crop"] == pytest.approx(want)
+    members = [100 * np.mean(p.argmax(1) != labels) for p in ten.values()]
+    assert [m["top1_err_10crop"] for m in res["members"]] == pytest.approx(members)
+    centre = [100 * np.mean(softmax(np.load(d / "val_logits.npy").astype(np.float64), 1).argmax(1) != labels)
+              for _, d, _ in done]
+    assert [m["top1_err"] for m in res["members"]] == pytest.approx(centre)  # kept beside them
+    assert members != pytest.approx(centre)
+    # the judgement takes the ten-crop numbers and says so
+    c = ensemble.judge(e, Evidence("smoke", None, res))[0][0]
+    assert c.values == {i: pytest.approx(want - m) for i, m in enumerate(members)}
+    assert c.label.endswith("ten-crop") and c.metric == "top1_err"
+    with pytest.raises(ValueError, match="another order"):
+        ensemble.analyse(e, done, labels=labels, score=lambda d: (ten[str(d)], labels[::-1]))
+
+
+def test_ensemble_judgement_says_centre_crop_and_flags_an_analysis_that_does_not_say(tmp_path):
+    e = ex.load_registry()["ensemble"]
+    done = _done(tmp_path, e.name, [("baseline", s, {"train.ten_crop": False}) for s in range(3)])
+    labels = np.random.default_rng(7).integers(0, 4, size=20)
+    res, _ = ensemble.analyse(e, done, labels=labels, score=_no_ten_crop)
+    c = ensemble.judge(e, Evidence("demo", None, res))[0][0]
+    assert c.label.endswith("centre crop") and "Table 2's numbers are ten-crop" in c.reason
+    old = {k: v for k, v in res.items() if k not in ("version", "crops", "note", "judged_keys")}
+    c_old = ensemble.judge(e, Evidence("demo", None, old))[0][0]
+    assert "older format" in c_old.reason and c_old.values == c.values
+
+
+def test_an_analysis_stored_in_an_older_format_is_redone(tmp_path, monkeypatch):
+    e = ex.load_registry()["ensemble"]
+    done = _done(tmp_path, e.name, [("baseline", s, {"train.ten_crop": False}) for s in range(2)])
+    labels = np.random.default_rng(7).integers(0, 4, size=20)
+    monkeypatch.setattr(ensemble, "val_labels", lambda cfg: labels)
+    planned = [r for r, _, _ in done]
+    path = analysis_paths(tmp_path, e.name, "smoke")[0]
+    assert analysis.analyse(e, planned, tmp_path) is not None
+    stored = json.loads(path.read_text())
+    assert stored["version"] == ensemble.ANALYSIS_VERSION and stored["crops"] == "centre"
+    assert analysis.analyse(e, planned, tmp_path) is None  # same inputs, same format: kept
+    old = {k: v for k, v in stored.items() if k not in ("version", "crops", "note", "judged_keys")}
+    path.write_text(json.dumps(old))  # as the previous format stored it, with the same inputs
+    assert analysis.analyse(e, planned, tmp_path) is not None
+    assert json.loads(path.read_text())["version"] == ensemble.ANALYSIS_VERSION
 
 
 def test_colour_specificity_by_hand():
