@@ -97,7 +97,7 @@ class TrainConfig:
     warmup_epochs: float = spec(0.0, help="linear lr warm-up over this many epochs (not in the paper; 0 = none)")
     max_iters: int = spec(0, help="stop after this many iterations; 0 = run all epochs")
     target_train_err: float = spec(25.0, help="record the first iteration where train top-1 error falls below this")
-    score_train: bool = spec(False, help="at every scoring, also score a fixed sample of training images (as many as "
+    score_train: bool = spec(True, help="at every scoring, also score a fixed sample of training images (as many as "
                                          "the validation images) in evaluation mode: train_eval_top1_err, the "
                                          "training error without dropout or augmentation (dropout's gap)")
     learn_check: float = spec(0.05, valid=(lambda x: 0.0 <= x <= 1.0, "must be in [0, 1]; 0 turns the check off"),

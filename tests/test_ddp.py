@@ -26,8 +26,8 @@ def test_two_process_gloo_run(tmp_path):
 
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "done"
-    # 64 training images, batch 16 per process, 2 processes: 2 steps per epoch
-    assert result["iterations"] == 4 and result["epochs_done"] == 2
+    # 64 training images, a global batch of 16 (8 per process): 4 steps per epoch, as in one process
+    assert result["iterations"] == 8 and result["epochs_done"] == 2
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
     rank0 = (tmp_path / "writes-rank0.txt").read_text().split()

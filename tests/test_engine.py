@@ -8,6 +8,7 @@ import time
 import logging
 import math
 import subprocess
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from repro.engine import state as state_mod
 from repro.engine.recipe import autocast_dtype
 from repro.record import TIMING_KEYS
 from repro.engine.scoring import topk_errors
+from repro.errors import UserError
 from repro.rundir import RunDir
 
 
@@ -66,7 +68,8 @@ def test_fit_writes_the_run_files_and_record(tmp_path):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["iteration"] for r in rows] == [4, 8, 12]
     assert set(rows[0]) == {"epoch", "iteration", "train_loss", "train_top1_err", "val_top1_err", "val_top5_err",
-                            "lr", "images_per_s", "seconds", "data_wait_s", "data_order_digest"}
+                            "lr", "images_per_s", "seconds", "data_wait_s", "data_order_digest",
+                            "train_eval_top1_err"}
     assert [r["data_order_digest"] for r in rows] == [f"stand-in-0-{e}" for e in range(3)]  # the loaders' own
     assert all(0 <= r["data_wait_s"] <= r["seconds"] for r in rows)
     curve = read_jsonl(tmp_path / "curve.jsonl")
@@ -369,3 +372,16 @@ def test_a_run_stuck_at_chance_stops_as_did_not_learn(tmp_path):
     short = fit(sup.tiny_config(**{"train.epochs": 4, "train.lr": 0.0, "train.learn_check": 0.5}), tmp_path / "s",
                 progress=False)
     assert short.status == "done"
+
+
+def test_a_checkpoint_counts_samples_so_another_world_size_continues_at_the_same_one(tmp_path):
+    # the batch is global: step k is samples [k B, (k + 1) B) of the epoch at any world size
+    state = types.SimpleNamespace(cfg=sup.tiny_config(**{"train.batch_size": 16}), run_dir=RunDir(tmp_path))
+    assert state_mod._batch_at(state, {"epoch": 0, "batch": 3, "samples": 48, "world": 2}) == 3
+    assert state_mod._batch_at(state, {"epoch": 0, "batch": 5}) == 5  # a checkpoint from before samples were kept
+    with pytest.raises(UserError, match="not at a step of train.batch_size = 16"):
+        state_mod._batch_at(state, {"epoch": 0, "batch": 3, "samples": 40, "world": 1})
+    cfg = sup.tiny_config(**{"train.epochs": 1})
+    fit(cfg, tmp_path / "r", progress=False)
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert saved["world"] == 1 and saved["samples"] == saved["batch"] * 16

@@ -215,7 +215,8 @@ def test_bad_values_are_user_errors(name, cfg, match):
 
 
 def _layout(model) -> list[str]:
-    return [type(m).__name__ for m in model.classifier]
+    """The classifier's layers by kind (every dropout layer is a torch Dropout, whatever draws its mask)."""
+    return ["Dropout" if isinstance(m, torch.nn.Dropout) else type(m).__name__ for m in model.classifier]
 
 
 def test_paper_drops_the_outputs_of_fc6_and_fc7_owt_their_inputs():
@@ -261,3 +262,25 @@ def test_dropout_masks_land_where_each_layout_puts_them(name):
         assert 0.4 < dropped(s["pool5"], s["fc6_in"]) < 0.6
         assert 0.4 < dropped(s["fc6_act"], s["fc7_in"]) < 0.6
         torch.testing.assert_close(s["fc8_in"], s["fc7_act"])  # torchvision never drops fc7's output
+
+
+def test_dropout_masks_are_drawn_for_the_global_batch_and_cut_per_process():
+    # one process with the whole batch, and each of two processes with its half, seeded alike before the step:
+    # every sample gets the same mask (torch's own dropout would draw each process's half anew)
+    from repro.models.layers import GlobalBatchDropout
+
+    x = torch.randn(8, 32)
+    whole = GlobalBatchDropout(0.5).train()
+    torch.manual_seed(3)
+    full = whole(x)
+    halves = []
+    for rank in (0, 1):
+        layer = GlobalBatchDropout(0.5).train()
+        layer.rank, layer.world = rank, 2
+        torch.manual_seed(3)
+        halves.append(layer(x[4 * rank:4 * (rank + 1)]))
+    assert torch.equal(torch.cat(halves), full)
+    assert ((full == 0).float().mean() - 0.5).abs() < 0.15 and torch.equal(full[full != 0], 2 * x[full != 0])
+    assert torch.equal(whole.eval()(x), x)
+    torch.manual_seed(3)
+    assert not torch.equal(torch.nn.functional.dropout(x[4:], 0.5), halves[1])  # the per-process draw differs

@@ -138,11 +138,15 @@ def test_tanh_with_a_huge_learning_rate_diverges_quietly(tmp_path, small_betons)
     assert result.metrics["top1_err_10crop"] is None  # never scored as if it had finished
 
 
-def test_torchrun_two_processes_on_gloo(tmp_path, small_betons):
+def test_torchrun_two_processes_on_gloo_is_the_one_process_run(tmp_path, small_betons):
+    """train.batch_size is the global batch and the order, crops, dropout and lighting draws are global: two
+    processes train the run one process trains, up to the order of floating-point sums."""
     from repro.config import to_dict
 
-    run_dir = tmp_path / "run"
+    torch.set_num_threads(1)
     cfg = real_config(small_betons, **{"train.ten_crop": False})
+    one = fit(cfg, tmp_path / "one", progress=False)
+    run_dir = tmp_path / "run"
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(cfg)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            "-m", "repro.engine.distributed", str(run_dir), "--config", str(tmp_path / "cfg.json"), "--quiet",
@@ -151,14 +155,19 @@ def test_torchrun_two_processes_on_gloo(tmp_path, small_betons):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: top-1 err") == 1  # rank 0 alone reports
 
-    result = RunDir(run_dir).read_record()
-    assert result.status == "done" and result.epochs_done == 2
-    assert result.iterations == 2 * 2  # 64 images over 2 processes of batch 16: 2 steps per epoch
+    two = RunDir(run_dir).read_record()
+    assert two.status == "done" and two.epochs_done == 2
+    assert two.iterations == one.iterations == 2 * 4  # 64 images, a global batch of 16: 4 steps per epoch
+    rows = [RunDir(d).metric_rows() for d in (tmp_path / "one", run_dir)]
+    assert [r["data_order_digest"] for r in rows[0]] == [r["data_order_digest"] for r in rows[1]]
+    for a, b in zip(*rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_top1_err"] == pytest.approx(b["val_top1_err"], abs=100 / 16 + 1e-9)  # at most one image
     # Scored again in one process, the final weights give the error the two processes recorded together.
     model, cfg2 = load_model(run_dir)
     loaders = make_loaders(cfg2, device="cpu")
     metrics, logits = evaluate(model, loaders.val, BatchTransform(loaders.manifest, cfg2, train=False), crop=28)
-    assert metrics["top1_err"] == result.metrics["top1_err"]
+    assert metrics["top1_err"] == two.metrics["top1_err"]
     np.testing.assert_allclose(np.load(run_dir / "val_logits.npy").astype(np.float32), logits.numpy(),
                                rtol=1e-2, atol=1e-2)
 

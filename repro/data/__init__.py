@@ -129,7 +129,12 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
         if tuple(mean_image.shape) != (3, res, res):
             raise UserError(f"{folder}: the mean image is {tuple(mean_image.shape)[1:]}, the loaders show {res}x{res} "
                             f"images; rebuild with `{prepare_command(Path(folder), manifest, force=True)}`")
-    common = dict(batch_size=cfg.train.batch_size, crop=crop, res=res, fixed_size=fixed, flip=cfg.data.flip,
+    world = rank_world()[1] if distributed else 1
+    if cfg.train.batch_size % world:
+        raise UserError(f"train.batch_size = {cfg.train.batch_size} does not split over {world} processes: the batch "
+                        f"is global (each process trains batch / processes); use a world size that divides it")
+    # train.batch_size is the global batch: each of the world's processes trains its share of every step
+    common = dict(batch_size=cfg.train.batch_size // world, crop=crop, res=res, fixed_size=fixed, flip=cfg.data.flip,
                   seed=cfg.train.seed, workers=cfg.data.workers or usable_cores(), device=device,
                   distributed=distributed, mean_image=mean_image)
     train_path, val_path = beton_path(folder, manifest, "train"), beton_path(folder, manifest, "val")
@@ -140,9 +145,8 @@ def make_loaders(cfg: RunConfig, *, device: torch.device | str, distributed: boo
     score_ids = subset_indices(len(train_ids), len(val_ids))
     train_score = make(train_path, indices=train_ids[score_ids.astype(np.int64)], train=False, **common) \
         if cfg.train.score_train else None
-    world = rank_world()[1] if distributed else 1
     return Loaders(train=train, val=val, train_eval=train_eval, manifest=manifest, backend=backend,
                    num_train=len(train_ids), num_val=len(val_ids), batches_per_epoch=len(train),
                    mean_image=mean_image, train_ids=train_ids, seed=cfg.train.seed,
-                   step=cfg.train.batch_size * world, train_score=train_score,
+                   step=cfg.train.batch_size, train_score=train_score,
                    num_train_score=len(score_ids) if train_score is not None else 0)

@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from repro.config import RunConfig
+from repro.data.order import rank_world
 
 
 def subtract_mean_image(images: torch.Tensor, mean_image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
@@ -74,11 +75,13 @@ class BatchTransform:
         self.eigval = torch.tensor(manifest["pca"]["eigval"], dtype=torch.float32)
         self.eigvec = torch.tensor(manifest["pca"]["eigvec"], dtype=torch.float32)  # columns are eigenvectors
         self.channels_last = cfg.train.channels_last
+        self.rank, self.world = rank_world()
 
     def lighting(self, n: int, device: torch.device, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-image RGB offsets (n, 3, 1, 1) on the 0..255 scale; `alpha` (n, 3) ~ N(0, sigma) unless given."""
+        """Per-image RGB offsets (n, 3, 1, 1) on the 0..255 scale; `alpha` (n, 3) ~ N(0, sigma) unless given, drawn
+        for the whole global batch and cut to this process's share (as dropout: the same at any world size)."""
         if alpha is None:
-            alpha = torch.randn(n, 3, device=device) * self.sigma
+            alpha = torch.randn(n * self.world, 3, device=device)[self.rank * n:(self.rank + 1) * n] * self.sigma
         offset = (alpha.to(device) * self.eigval.to(device)) @ self.eigvec.to(device).T  # row i: V @ (a_i * l)
         return (offset * 255.0).view(n, 3, 1, 1)
 

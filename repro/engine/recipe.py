@@ -27,9 +27,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
-    """The torch seed of one optimizer step: dropout and augmentation noise repeat wherever a run resumes."""
-    return int(np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1)[0])
+def step_seed(seed: int, epoch: int, batch: int) -> int:
+    """The torch seed of one optimizer step, the same on every rank: dropout and lighting noise repeat wherever a run
+    resumes, and, drawn for the whole global batch (repro.models.layers.GlobalBatchDropout), at any world size."""
+    return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1)[0])
 
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.SGD:

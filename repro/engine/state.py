@@ -44,7 +44,7 @@ class RunState:
     lr_state: dict = field(default_factory=dict)  # repro.engine.schedule's state
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, errors, images (all ranks)
     epoch_seconds: float = 0.0
-    curve_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # since the last curve point (rank 0)
+    curve_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # since the last curve point (all ranks)
     curve_rows: list = field(default_factory=list)  # the training curve so far (rank 0: for the learn check)
     iters_to_target: int | None = None
     best_val: float = math.inf
@@ -130,8 +130,10 @@ def restore(state: RunState, parts: Parts) -> None:
             raise UserError(f"{state.run_dir.checkpoint} belongs to another config; train this run in a new folder")
         parts.model.load_state_dict(saved["model"])
         parts.optimizer.load_state_dict(saved["optimizer"])
-        state.epoch, state.batch, state.iteration = saved["epoch"], saved["batch"], saved["iteration"]
-        state.lr_state, state.curve_sums = dict(saved["lr_state"]), list(saved["curve_sums"])
+        state.epoch, state.batch, state.iteration = saved["epoch"], _batch_at(state, saved), saved["iteration"]
+        # summed over ranks when saved: rank 0 carries them on, the others start from zero
+        state.lr_state = dict(saved["lr_state"])
+        state.curve_sums = list(saved["curve_sums"]) if state.is_main else [0.0, 0.0, 0.0]
         state.epoch_sums = list(saved["epoch_sums"]) if state.is_main else [0.0, 0.0, 0.0]  # summed over ranks
         state.epoch_seconds, state.iters_to_target = saved["epoch_seconds"], saved["iters_to_target"]
         state.best_val, state.train_images, state.train_seconds = (saved["best_val"], saved["train_images"],
@@ -149,6 +151,18 @@ def keep_jsonl(path: Path, key: str, upto: int) -> list[dict]:
     return rows
 
 
+def _batch_at(state: RunState, saved: dict) -> int:
+    """The step to continue from: where the checkpoint stood in samples of its epoch, over the global batch. A step
+    is the same global batch at any world size, so a run resumed on another number of processes continues at the
+    same sample; a checkpoint that stood between steps of this batch size cannot be continued exactly."""
+    batch = state.cfg.train.batch_size
+    samples = saved.get("samples", saved["batch"] * batch)
+    if samples % batch:
+        raise UserError(f"{state.run_dir.checkpoint} stopped after sample {samples} of epoch {saved['epoch'] + 1}, "
+                        f"not at a step of train.batch_size = {batch}; resume it with the batch size it trained with")
+    return samples // batch
+
+
 def save(state: RunState, parts: Parts) -> None:
     """A checkpoint of everything the run needs to continue from here (at an epoch's end or inside it)."""
     if state.is_main:
@@ -156,6 +170,7 @@ def save(state: RunState, parts: Parts) -> None:
         checkpoint.save(state.run_dir, {
             "model": parallel.unwrap(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
             "epoch": state.epoch, "batch": state.batch, "iteration": state.iteration, "lr_state": state.lr_state,
+            "samples": state.batch * state.cfg.train.batch_size, "world": state.world,
             "epoch_sums": state.epoch_sums, "epoch_seconds": state.epoch_seconds, "curve_sums": state.curve_sums,
             "iters_to_target": state.iters_to_target, "best_val": state.best_val,
             "train_images": state.train_images, "train_seconds": state.train_seconds,

@@ -97,7 +97,7 @@ def _check_inside_epoch(state: RunState, parts: Parts, sums: torch.Tensor, t_sta
     stop = parallel.any_true(preempt.requested())
     due = minutes > 0 and parallel.any_true(time.monotonic() - state.last_save >= 60.0 * minutes)
     if stop or due:
-        state.epoch_sums, state.curve_sums = parallel.all_sum(sums[0]).tolist(), sums[1].tolist()
+        state.epoch_sums, state.curve_sums = parallel.all_sum(sums[0]).tolist(), parallel.all_sum(sums[1]).tolist()
         state.epoch_seconds = time.perf_counter() - t_start
         save(state, parts)
     if stop:
@@ -131,7 +131,7 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
     t_start, t_here, first_batch = time.perf_counter() - state.epoch_seconds, time.perf_counter(), state.batch
     wait_before = state.data_wait_s
     for images, labels in _waited(parts.loaders.train, state):
-        torch.manual_seed(step_seed(t.seed, state.epoch, state.batch, state.rank))
+        torch.manual_seed(step_seed(t.seed, state.epoch, state.batch))
         if per_step:
             for group in parts.optimizer.param_groups:
                 group["lr"] = schedule.lr_at(t, state.lr_state, state.epoch, state.batch, steps)
@@ -149,7 +149,7 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
         state.batch += 1
         curve_point = state.iteration % t.log_every == 0
         if curve_point:
-            _curve_point(state, sums[1])
+            _curve_point(state, parallel.all_sum(sums[1]))  # the whole global batch, at any world size
             sums[1].zero_()
             _check_learning(state, total)
         if bar is not None:
@@ -158,7 +158,8 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
         if state.batch >= steps or (t.max_iters and state.iteration >= t.max_iters):
             break
         _check_inside_epoch(state, parts, sums, t_start, curve_point)
-    state.curve_sums = sums[1].tolist()
+    curve = parallel.all_sum(sums[1]).tolist()  # the next epoch adds to it on rank 0 only: it is every rank's
+    state.curve_sums = curve if state.is_main else [0.0, 0.0, 0.0]
     state.epoch_seconds = time.perf_counter() - t_start
     loss_sum, errors, n = parallel.all_sum(sums[0]).tolist()
     if not math.isfinite(loss_sum):

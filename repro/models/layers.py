@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repro.config import check_value
+from repro.data.order import rank_world
 from repro.errors import UserError
 
 # Section 3.3: "k = 2, n = 5, alpha = 1e-4, and beta = 0.75".
@@ -164,10 +165,29 @@ def pool_out(n: int) -> int:
     return n // 2
 
 
+class GlobalBatchDropout(nn.Dropout):
+    """Dropout whose mask is drawn for the whole global batch, then cut to this process's share of it.
+
+    Every rank is seeded alike before a step (repro.engine.recipe.step_seed), so each draws the same global mask:
+    a sample's mask is the same whether 1 or 8 processes share the batch (torch's dropout would draw each rank's
+    own). The process group is read when the layer is built: models are built after it is joined."""
+
+    def __init__(self, p: float):
+        super().__init__(p)
+        self.rank, self.world = rank_world()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.shape[0]
+        keep = torch.empty((n * self.world, *x.shape[1:]), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep[self.rank * n:(self.rank + 1) * n] / (1 - self.p)
+
+
 def dropout(p: float) -> nn.Module:
     """Dropout, or an Identity in its place so state-dict indices stay those of torchvision's AlexNet."""
     check_value("model.dropout", p)
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    return GlobalBatchDropout(p) if p > 0 else nn.Identity()
 
 
 def init_weights(layers: dict[str, nn.Module], scheme: str, act: str, *,
