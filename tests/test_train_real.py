@@ -222,3 +222,22 @@ def test_evaluation_keeps_every_batchs_labels(small_betons, backend):
     stored = BetonReader(small_betons / "val.beton").labels
     assert len(set(stored.tolist())) > 1 and len(stored) > 4 * 4  # several batches, several classes
     np.testing.assert_array_equal(labels.numpy(), stored)
+
+
+def test_torchrun_refuses_a_run_another_live_process_holds(tmp_path, small_betons):
+    from repro.config import to_dict
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    held = run.claim(job_id="4711")  # this test process holds it, as a live Slurm job would
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(real_config(small_betons))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           "-m", "repro.engine.distributed", str(run), "--config", str(tmp_path / "cfg.json"), "--quiet"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        held.release()
+    assert proc.returncode != 0 and "is held by another live process" in proc.stderr
+    assert f"pid {os.getpid()}, Slurm job 4711" in proc.stderr
+    assert not run.result.exists() and not run.config.exists()  # nothing trained, nothing written

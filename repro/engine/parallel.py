@@ -5,6 +5,7 @@ unchanged in a single process (no process group), where the collectives return t
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 import torch
@@ -67,13 +68,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+# How long a collective may wait for a rank before it fails: when one rank dies (OOM, a full disk, a lost lease)
+# the others stop within this bound with an error instead of waiting out NCCL's default of ten minutes or more.
+TIMEOUT_S = float(os.environ.get("REPRO_DDP_TIMEOUT_S", "300"))
+
+
 def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes in RANK/WORLD_SIZE/MASTER_ADDR/...: nccl on CUDA, gloo on CPU."""
+    """Join the process group torchrun describes in RANK/WORLD_SIZE/MASTER_ADDR/...: nccl on CUDA, gloo on CPU,
+    with collectives that fail after REPRO_DDP_TIMEOUT_S seconds (TIMEOUT_S) of waiting for a rank."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("run this under torchrun, e.g. torchrun --nproc_per_node 2 -m repro.engine.distributed RUN_DIR")
+    timeout = dt.timedelta(seconds=TIMEOUT_S)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective ends the process
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
