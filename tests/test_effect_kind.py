@@ -15,6 +15,7 @@ from fakes import make_run  # noqa: E402
 
 from repro.claims import judge_claim  # noqa: E402
 from repro.experiments import load_registry  # noqa: E402
+from repro.report.sections import fmt_effect  # noqa: E402
 from repro.runs import collect  # noqa: E402
 
 
@@ -52,6 +53,8 @@ def test_a_dropout_run_that_never_converges_counts_as_a_bound(tmp_path):
     runs_with_eval_mode(tmp_path / "runs", dropout_reaches=None)
     it = next(c for c in judge_claim(exp, collect(tmp_path / "runs"), None, tmp_path / "runs").comparisons
               if c.metric == "iters_to_converge")
-    # dropout never reached 30%: it counts at its total iterations, so the ratio is a bound, and the row says so
+    # dropout never reached 30%: it counts at its total iterations, so the ratio is a lower bound, shown as one
     assert "did not reach" in it.reason and "bound" in it.reason
-    assert math.isfinite(it.measured.mean)
+    assert it.measured.bound == ">" and math.isfinite(it.measured.mean)
+    assert fmt_effect(it.measured, it.unit)[0] == f"> {it.measured.mean:.2f}x"
+    assert it.verdict == "same direction"  # at demo scale only the sign is judged, and a lower bound keeps it

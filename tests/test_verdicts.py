@@ -177,6 +177,8 @@ def test_retrieval_is_paired_over_queries_against_scipy():
     ({"a": 0.5, "b": 0.3}, "reproduced"),
     ({"a": 0.5, "b": 0.05}, "inconclusive"),
     ({"a": 0.02, "b": 0.05}, "opposite"),
+    ({"a": 0.5}, "inconclusive"),   # one run says nothing about "on every run", either way
+    ({"a": 0.02}, "inconclusive"),
     ({}, "not run"),
 ])
 def test_filter_rule(gaps, expected):

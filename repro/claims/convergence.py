@@ -85,8 +85,9 @@ def iteration_ratios(exp, rows, best, iters: dict, *, inverse: bool, paper, what
                      context: bool) -> list[V.Comparison]:
     """Per-seed ratio of iterations (`iters[arm]`: Series by seed), judged on the log scale.
 
-    A run that never reached the threshold counts with its total iterations, so its ratio is a bound (the reason
-    says so); a seed where neither arm reached it says nothing and is left out.
+    A run that never reached the threshold counts with its total iterations, so its ratio is a bound: the mean is
+    shown as "> x" or "< x" (`Interval.bound`), and a verdict on its size only where the bound supports it; a seed
+    where neither arm reached it says nothing and is left out.
     """
     comps = []
     for t in exp.treatments:
@@ -109,11 +110,30 @@ def iteration_ratios(exp, rows, best, iters: dict, *, inverse: bool, paper, what
         ratio = (tr.loc[common] / c.loc[common]) if inverse else (c.loc[common] / tr.loc[common])
         label = (f"{t} / {exp.control}" if inverse else f"{exp.control} / {t}") + f" iterations to {what}"
         comp = V.log_ratio_comparison(label, metric, paper, ratio, scale, "; ".join(notes))
+        _as_bound(comp, censored[t].reindex(common, fill_value=False).any(),
+                  censored[exp.control].reindex(common, fill_value=False).any(), inverse)
         if comp.measured.n == 0 and neither:
             comp.verdict, comp.reason = "inconclusive", f"neither arm reached {what} in any run"
         comp.context = context
         comps.append(comp)
     return comps
+
+
+def _as_bound(comp: V.Comparison, treatment_censored: bool, control_censored: bool, inverse: bool) -> None:
+    """Mark a ratio with censored runs as the bound it is, and keep its verdict to what the bound can show."""
+    if not (treatment_censored or control_censored):
+        return
+    # counted at its total, a censored arm's iterations are too few: its side of the ratio is too small
+    up = treatment_censored if inverse else control_censored       # the true ratio is larger
+    down = control_censored if inverse else treatment_censored     # the true ratio is smaller
+    if up and down:
+        comp.verdict, comp.reason = "inconclusive", comp.reason + "; censored on both sides: bounded neither way"
+        return
+    comp.measured.bound = ">" if up else "<"
+    sized = {">": ("same direction, smaller",), "<": ("reproduced", "same direction, larger")}[comp.measured.bound]
+    if comp.verdict in sized:  # the true size may lie on the other side of the paper's: only the direction stands
+        comp.verdict = "same direction"
+        comp.reason += f"; a {'lower' if up else 'upper'} bound, so its size is not judged"
 
 
 def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:

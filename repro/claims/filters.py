@@ -61,6 +61,9 @@ def gap_comparison(gaps: dict, scale: str) -> V.Comparison:
     iv.method = "t interval over runs"
     if len(vals) == 0:
         verdict, reason = "not run", "no filter analysis"
+    elif len(vals) == 1:  # as for effects: one run says nothing either way about "on every run"
+        shows = "shows" if vals[0] >= FILTER_GAP else "does not show"
+        verdict, reason = "inconclusive", f"one run only, which {shows} a tower gap of {FILTER_GAP:g} or more"
     elif (vals >= FILTER_GAP).all():
         verdict = "same direction" if V.direction_only(scale) else "reproduced"
         reason = f"every run ({len(vals)}) has one tower more colour-specific by >= {FILTER_GAP:g}"

@@ -82,6 +82,7 @@ class Interval:
     n: int = 0
     paired: bool = False
     method: str = "t interval over seeds"
+    bound: str = ""  # ">" or "<": some values were censored, so the true mean lies beyond this one that way
 
 
 @dataclass

@@ -31,7 +31,8 @@ def fmt_effect(iv: V.Interval, unit: str) -> tuple[str, str]:
     else:
         f = lambda v: f"{v:+.2f}"  # noqa: E731
     ci = f"[{f(iv.lo)}, {f(iv.hi)}]" if math.isfinite(iv.lo) else "no interval (one value)"
-    return f(iv.mean), ci
+    bound = getattr(iv, "bound", "")  # a censored measurement is shown as the bound it is, never as the value
+    return (f"{bound} {f(iv.mean)}" if bound else f(iv.mean)), ci
 
 
 def paper_text(c: V.Comparison) -> str:
