@@ -192,3 +192,16 @@ def test_caveats_name_the_data_from_its_manifest():
     demo = V.data_caveat("demo", grey)
     assert "Fashion-MNIST" in demo and "greyscale" in demo and "28 px" in demo and "direction" in demo
     assert "colour, 32 px" in V.data_caveat("subset", {**grey, "name": "x", "colour": True, "px": 32})
+
+
+@pytest.mark.parametrize("lo, hi, unit, near", [
+    (-0.69, -0.03, "points", True),    # the README's ten-crop: 0.03 from zero, half-width 0.33
+    (-1.30, -0.13, "points", True),    # overlapping pooling on an AMD EPYC: 0.13 < 0.146
+    (-0.87, +0.15, "points", False),   # the same on an Intel Xeon: 0.15 > 0.1275
+    (-2.94, -1.08, "points", False),
+    (1.05, 3.0, "x", True),            # log: 0.049 from zero, half-width 0.525
+    (0.79, 1.38, "x", False),
+])
+def test_near_boundary_by_hand(lo, hi, unit, near):
+    assert V.near_boundary(V.Interval(mean=(lo + hi) / 2, lo=lo, hi=hi, n=5), unit) is near
+    assert not V.near_boundary(V.Interval(mean=lo, n=1), unit)  # no interval, no boundary to be near
