@@ -95,7 +95,7 @@ def summary_row(r: ClaimResult) -> dict:
     counts = r.summary.status_counts if r.summary else {}
     failed = {k: v for k, v in counts.items() if k != "done"}
     return dict(name=r.name, title=r.title, section=r.section, kind=r.kind, scale=r.scale or DASH,
-                verdict=r.verdict, near=bool(head and head.near), done=counts.get("done", 0),
+                verdict=r.verdict, near=bool(r.headline and r.headline.near), done=counts.get("done", 0),
                 problems=", ".join(f"{v} {k}" for k, v in sorted(failed.items())), **_headline(r.summary))
 
 
