@@ -16,19 +16,32 @@ from repro.config import RunConfig
 from repro.data.order import rank_world
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without making the host wait: a host tensor goes to a GPU from pinned memory (pinned here if
+    it is not already, as FFCV's and the DataLoader's buffers are) with a non-blocking copy. A blocking copy from
+    pageable memory waits for every kernel queued before it: a sync with the GPU in the training thread per batch."""
+    device = torch.device(device)
+    if t.device == device or device.type != "cuda":
+        return t.to(device)
+    if t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def subtract_mean_image(images: torch.Tensor, mean_image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
-                        out_size: int, gather: bool = False) -> torch.Tensor:
+                        out_size: int, gather: bool = False, same_size: bool | None = None) -> torch.Tensor:
     """`images` (N, C, S, S), uint8 or float, as float, minus for each image the window `boxes[i]` = (top, left,
     height, width) of `mean_image` (C, H, W), resized to out_size x out_size when the window is of another size, and
     mirrored left to right where `flips[i]`: the same crop and flip as the image's. Any device; boxes and flips (N,)
-    may be on any.
+    may be on any (host ones go to a GPU without a sync). `same_size`: whether every window is out_size square, when
+    the caller knows (else read from `boxes`: a sync when they are on a GPU).
     `gather` takes the GPU's path for same-size windows on a CPU too (tests).
     """
-    # decided where the boxes are (the loaders draw them on the host): no device-to-host sync per batch
-    same_size = bool(((boxes[:, 2] == out_size) & (boxes[:, 3] == out_size)).all())
+    if same_size is None:  # decided where the boxes are (the loaders draw them on the host)
+        same_size = bool(((boxes[:, 2] == out_size) & (boxes[:, 3] == out_size)).all())
     mean = mean_image.to(device=images.device, dtype=torch.promote_types(images.dtype, torch.float32))
-    boxes = boxes.to(images.device, torch.long)
-    flips = flips.to(images.device, torch.bool)
+    boxes = to_device(boxes, images.device).long()
+    flips = to_device(flips, images.device).bool()
     if same_size and (images.device.type != "cpu" or gather):  # one gather for the whole batch
         ar = torch.arange(out_size, device=images.device)
         rows = boxes[:, :1] + ar
@@ -54,10 +67,15 @@ def subtract_mean_image(images: torch.Tensor, mean_image: torch.Tensor, boxes: t
 def subtract_loader_mean(images: torch.Tensor, mean_image: torch.Tensor, crops: torch.Tensor | None,
                          out_size: int) -> torch.Tensor:
     """What the loaders yield for "mean-image": float32 images minus the mean image (C, H, W), cut by `crops`
-    (N, 5) = (top, left, height, width, flip) for train crops, or whole for stored-size images (crops None)."""
+    (N, 5) = (top, left, height, width, flip) for train crops, or whole for stored-size images (crops None).
+    Host crops go to a GPU in one non-blocking copy."""
     if crops is None:
         return images.float() - mean_image.to(images.device)
-    return subtract_mean_image(images, mean_image, crops[:, :4], crops[:, 4], out_size)
+    # the mean image's windows are crop-sized by construction (repro.data.crops.mean_image_box); checked on the
+    # host, where the loaders draw them, so that a GPU's copy is never read back
+    same_size = bool((crops[:, 2:4] == out_size).all()) if crops.device.type == "cpu" else None
+    crops = to_device(crops, images.device)
+    return subtract_mean_image(images, mean_image, crops[:, :4], crops[:, 4], out_size, same_size=same_size)
 
 
 class BatchTransform:

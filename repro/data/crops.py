@@ -103,3 +103,19 @@ def mean_image_crops(batch_indices, key, heights, widths, crop, res, do_flip):
         out[k, 0], out[k, 1], out[k, 2], out[k, 3] = top, left, side, side
         out[k, 4] = 1 if do_flip and flip_bit(words[k]) else 0
     return out
+
+
+@_jit
+def train_crops(batch_indices, key, heights, widths, crop, res, do_flip):
+    """Everything a training batch's crops need, in one call: (n, 8) int64 rows (top, left, side, mean-image top,
+    mean-image left, mean-image height, mean-image width, flip), the columns of `crop_window`, then those of
+    `mean_image_crops` (columns 3-7 are its rows). `heights`/`widths` (n,) are the images' stored sizes."""
+    words = draw_words(batch_indices, key)
+    out = np.empty((len(batch_indices), 8), dtype=np.int64)
+    for k in range(len(batch_indices)):
+        out[k, 0], out[k, 1], out[k, 2] = crop_window(words[k], heights[k], widths[k], crop, res)
+        top, left, side = mean_image_box(words[k], heights[k], widths[k], crop, res)
+        out[k, 3], out[k, 4], out[k, 5], out[k, 6] = top, left, side, side
+        out[k, 7] = 1 if do_flip and flip_bit(words[k]) else 0
+    return out
+
