@@ -33,7 +33,9 @@ from repro.errors import UserError
 
 STORE = "store"
 LOCK = ".lock"
-LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)$")
+# seed<k>-<hash>, or seed<k>-<hash>@<tag> for a run of the same config with other results kept beside it by
+# `repro import` (store/<hash>@<tag>; repro.bundle_merge); group 2 is the config hash either way
+LINK_RE = re.compile(r"^seed(\d+)-([0-9a-f]+)(?:@[0-9a-f]+)?$")
 REUSED = ("done", "diverged", "did not learn")  # a run that ended so is never trained again (it would end so again)
 
 
@@ -91,6 +93,7 @@ class RunDir:
         self.error_log = p / "error.log"           # the traceback of a failed run
         self.placement = p / "placement.json"      # where it trained: launcher, host, GPUs, job id, log
         self.launch = p / "launch.json"            # how it was submitted: launcher, job id, log, earlier job ids
+        self.origin = p / "origin.json"            # an imported run: its bundle, digest, origin host, import date
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
