@@ -1,12 +1,16 @@
 """The runs folder read back as pandas: one row per (experiment, variant, seed) with its status, final metrics,
-config, placement and provenance; the per-run curves and metrics; the experiments' analyses.
+config, placement, provenance and, for an imported run, its origin; the per-run curves and metrics; the experiments'
+analyses.
 
-Where each file lies is repro.rundir's; this module only reads.
+Where each file lies is repro.rundir's; this module only reads. A run `repro import` kept beside a local run of its
+config (repro.bundle_merge) is a row of status `conflict`, with its numbers, unless no folder before it holds a
+finished run: one seed of one config never counts twice.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,8 @@ BASE_COLUMNS = ["experiment", "variant", "seed", "scale", "status", "error", "ru
                 "epochs_done", "iterations"]
 METRIC_COLUMNS = list(METRICS)  # the record's final metrics, one column each
 PLACEMENT_KEYS = ("launcher", "host", "gpus", "slurm_job_id", "log", "tasks", "threads")
+ORIGIN_KEYS = ("bundle", "bundle_sha256", "host", "created", "imported", "beside")  # an imported run's origin record
+ORIGIN_COLUMNS = [f"origin.{key}" for key in ORIGIN_KEYS]
 
 
 def _config_columns(config: Any) -> dict[str, Any]:
@@ -69,14 +75,41 @@ def _row(experiment: str, variant: str, seed: int, config_hash: str, link: Path,
     prov = result.get("provenance") if isinstance(result.get("provenance"), dict) else {}
     for key, value in prov.items():
         row[f"prov.{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+    _origin_columns(real, row)
     return row
+
+
+def _judged_instead(real: RunDir, main_hash: str) -> RunDir | None:
+    """For a run kept beside others of its config: the first folder before it (the local run's, then the kept ones
+    by name) that holds a finished run, which is judged instead; None when this run is the first."""
+    store = real.path.parent
+    for folder in [store / main_hash, *sorted(store.glob(f"{main_hash}@*"))]:
+        if folder == real.path:
+            return None
+        record = RunDir(folder).read_record()
+        if record is not None and record.finished:
+            return RunDir(folder)
+    return None
+
+
+def _origin_columns(real: RunDir, row: dict[str, Any]) -> None:
+    """origin.* from an imported run's origin record; a kept-beside run that is not judged becomes `conflict`."""
+    origin = io.read_json(real.origin)
+    origin = origin if isinstance(origin, dict) else {}
+    row.update({col: origin.get(key) for key, col in zip(ORIGIN_KEYS, ORIGIN_COLUMNS)})
+    beside = origin.get("beside")
+    if isinstance(beside, str) and row["status"] == "done" and (other := _judged_instead(real, beside)):
+        row["status"] = "conflict"
+        row["error"] = (f"same config as store/{other.path.name} with other results (imported from "
+                        f"{origin.get('bundle')}, host {origin.get('host')}); not judged: delete "
+                        f"store/{real.path.name} or store/{other.path.name}, with its links, to choose")
 
 
 def collect(runs_dir: Path | str, jobs: dict[RunDir, Job] | None = None) -> pd.DataFrame:
     """One row per (experiment, variant, seed) link; metrics are NaN unless the run is done. With `jobs` (a
     launcher's job per run), each status folds its job in and the rows gain `job.id` and `job.reason`."""
     rows = [_row(*item, jobs) for item in iter_links(Path(runs_dir))]
-    df = pd.DataFrame(rows, columns=None if rows else BASE_COLUMNS + METRIC_COLUMNS)
+    df = pd.DataFrame(rows, columns=None if rows else BASE_COLUMNS + METRIC_COLUMNS + ORIGIN_COLUMNS)
     for col in BASE_COLUMNS + METRIC_COLUMNS:
         if col not in df:
             df[col] = None
@@ -95,16 +128,31 @@ def write_results(runs_dir: Path | str, out: Path | str, format: str = "csv") ->
         raise UserError(f"--format {format!r}: choose csv or parquet")
     if format == "parquet":
         try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise UserError("--format parquet needs pyarrow: `.venv/bin/pip install pyarrow`, or use --format csv")
+            import pyarrow  # noqa: F401  (a dependency of repro; missing only from a broken installation)
+        except ImportError as e:
+            raise UserError(f"--format parquet: pyarrow does not import ({e}); reinstall with "
+                            f"`.venv/bin/pip install -e .`, or use --format csv") from None
     df = collect(runs_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(out) as tmp:
         if format == "csv":
             df.to_csv(tmp, index=False)
         else:
-            df.to_parquet(tmp, index=False)
+            _one_type_per_column(df).to_parquet(tmp, index=False)
+    return out
+
+
+def _one_type_per_column(df: pd.DataFrame) -> pd.DataFrame:
+    """Parquet holds one type per column: a column whose runs recorded a value as text in one and as a number or
+    flag in another (records of other versions, metrics a kind adds) is written as text."""
+    def kind(v: Any) -> str:
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+    out = df.copy()
+    for col in out.columns[out.dtypes == object]:
+        present = out[col][out[col].notna()]
+        if len({kind(v) for v in present}) > 1:
+            out[col] = out[col].map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     return out
 
 
