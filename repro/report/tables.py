@@ -38,9 +38,10 @@ TABLE1_PAPER = [
 ]
 PROVENANCE_COLUMNS = [
     ("run", "run_dir"), ("variant", "variant"), ("seed", "seed"), ("status", "status"),
-    ("config hash", "config_hash"), ("git commit", "prov.git_commit"), ("packages", "prov.packages"),
-    ("device", "prov.device"), ("data manifest", "prov.data_manifest_hash"), ("backend", "prov.data_backend"),
-    ("wall time (s)", "prov.wall_time_s"),
+    ("config hash", "config_hash"), ("host", "placement.host"), ("device", "prov.device"),
+    ("GPUs", "placement.gpus"), ("date", "prov.finished"), ("bundle", "origin.bundle"),
+    ("git commit", "prov.git_commit"), ("packages", "prov.packages"), ("data manifest", "prov.data_manifest_hash"),
+    ("backend", "prov.data_backend"), ("wall time (s)", "prov.wall_time_s"),
 ]
 
 
@@ -134,6 +135,35 @@ def _packages(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def _blank(v) -> bool:
+    if v is None or isinstance(v, (list, dict)):
+        return v is None
+    return bool(pd.isna(v)) or v == ""
+
+
+def _host(r, v):
+    """Where it trained: the launcher's placement, else the run record's host."""
+    return r.get("prov.host") if _blank(v) else v
+
+
+def _date(r, v):
+    """When it finished, to the minute ('2026-11-26 05:12 UTC' from the record's ISO time)."""
+    text = "" if _blank(v) else str(v)
+    return f"{text[:10]} {text[11:16]} UTC" if len(text) >= 16 and text[10] == "T" and text.endswith("+00:00") else text
+
+
+def _bundle(r, v):
+    """An imported run's bundle with its digest's first 8 hex digits; kept beside a local run, said so."""
+    if _blank(v):
+        return ""
+    sha, beside = r.get("origin.bundle_sha256"), r.get("origin.beside")
+    text = f"{v} ({str(sha)[:8]})" if not _blank(sha) else str(v)
+    return text + (f"; kept beside {beside}" if not _blank(beside) else "")
+
+
+_WHERE = {"placement.host": _host, "prov.finished": _date, "origin.bundle": _bundle}
+
+
 def provenance(rows: pd.DataFrame, runs_dir: Path) -> list[dict]:
     """One dict per run with every provenance field (blank when the run record lacks it)."""
     out = []
@@ -152,6 +182,8 @@ def provenance(rows: pd.DataFrame, runs_dir: Path) -> list[dict]:
                     pass
             if col == "prov.wall_time_s":
                 v = fmt(v)
+            if col in _WHERE:
+                v = _WHERE[col](r, v)
             item[title] = _packages(v)
         item["error"] = "" if pd.isna(r.get("error")) or r.get("error") is None else str(r.get("error"))
         out.append(item)
