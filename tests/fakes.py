@@ -108,6 +108,19 @@ def fabricate_all(runs: Path, registry: dict, *, scale: str = "smoke", seeds: in
                         "query_labels": q_lab, "neighbour_labels": nb_lab})
 
 
+def place_run(real: Path, host: str, *, device: str = "cpu", gpus: str | None = None,
+              finished: str = "2026-11-26T05:12:00+00:00") -> Path:
+    """Say where a fabricated run trained, as a launcher and the engine would: its placement record (host, GPUs)
+    and its record's provenance (host, device, finish time)."""
+    run = RunDir(real)
+    run.write_placement({"launcher": "local", "host": host, "gpus": gpus, "slurm_job_id": None, "log": None,
+                         "tasks": 1, "threads": 2})
+    record = run.read_record()
+    record.provenance.update({"host": host, "device": device, "started": finished, "finished": finished})
+    run.write_record(record)
+    return real
+
+
 def write_analysis(runs: Path, experiment: str, data: dict, arrays: dict | None = None) -> None:
     json_path, npz_path = analysis_paths(runs, experiment, data.get("scale"))
     json_path.parent.mkdir(parents=True, exist_ok=True)

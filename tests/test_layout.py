@@ -21,7 +21,7 @@ STAGES = [
     ("data_prep",),
     ("repro.data", "repro.hints"),
     ("repro.models", "repro.lease", "repro.rundir", "repro.engine"),
-    ("repro.runs",),
+    ("repro.runs", "repro.bundle", "repro.bundle_merge"),
     ("repro.launch",),
     ("repro.claims", "repro.experiments", "repro.plan", "repro.runner", "repro.analysis", "repro.bench"),
     ("repro.report",),

@@ -316,3 +316,34 @@ def bench(
     path = run(output, quick=quick, console=console)
     console.print(f"wrote {path}")
 
+
+@app.command("bundle")
+@friendly
+def bundle(
+    experiment: str = typer.Argument(..., help="Experiment name (see `repro list`) or `all`."),
+    output: Path = typer.Option(..., "--out", help="The .tar.gz file to write (written whole or not at all)."),
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    with_weights: bool = typer.Option(False, "--with-weights", help="Also pack each run's latest checkpoint."),
+):
+    """Pack the finished runs of an experiment (records, curves, analyses; no code) for `repro import` elsewhere."""
+    from repro.bundle import pack
+
+    manifest = pack(runs, experiment, output, with_weights=with_weights)
+    console.print(f"wrote {output}: {len(manifest['runs'])} run(s), {len(manifest['analyses'])} analysis file set(s), "
+                  f"{len(manifest['files'])} files", markup=False)
+
+
+@app.command("import")
+@friendly
+def import_(
+    bundles: list[Path] = typer.Argument(..., help="Bundles written by `repro bundle`."),
+    runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
+    max_file_size: str = typer.Option("2G", help="Refuse a bundle holding a file larger than this (bytes, or with "
+                                      "K, M or G)."),
+):
+    """Merge bundles into the run store: every file checked first; a local result is never overwritten."""
+    from repro.bundle import parse_size
+    from repro.bundle_merge import import_bundles
+
+    for line in import_bundles(bundles, runs, max_file=parse_size(max_file_size)):
+        console.print(line, markup=False)
