@@ -114,7 +114,12 @@ class TrainConfig:
                      help="the run's seed: initial weights, and with the epoch every epoch's order, crops and dropout")
     precision: str = spec("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool = spec(True, hash=False)
-    compile: bool = spec(False, hash=False, help="torch.compile the model (GPU)")
+    compile: str = spec("auto", choices=("auto", "true", "false"), hash=False,
+                        help="torch.compile the training net; auto: on CUDA (a CPU run stays eager); if compiling "
+                             "fails the run warns, notes it in its record's provenance and trains eager")
+    eval_batch_size: int = spec(0, hash=False, valid=(lambda n: n >= 0, "must be >= 0 (0: twice train.batch_size)"),
+                                help="images per forward pass when scoring, rounded up to a multiple of "
+                                     "train.batch_size; 0: twice train.batch_size (the outputs do not depend on it)")
     ten_crop: bool = spec(True, help="also score the final model with 10-crop averaging (section 4.1)")
     device: str = spec("auto", hash=False, help="auto, cpu, cuda, cuda:1, ...")
     checkpoint_minutes: float = spec(0.0, hash=False,
@@ -162,6 +167,8 @@ def _coerce(key: str, f: dataclasses.Field, typ: type, value: Any) -> Any:
                 raise ValueError
             out = float(value)
         else:
+            if isinstance(value, bool) and "true" in (f.metadata.get("choices") or ()):
+                value = str(value).lower()  # a switch with more states than a bool (train.compile) takes its bools
             if not isinstance(value, str):
                 raise ValueError
             out = value

@@ -29,12 +29,30 @@ def _autocast(images: torch.Tensor, dtype: torch.dtype | None):
     return torch.autocast(images.device.type, dtype=dtype)
 
 
+def _merged(loader, merge: int):
+    """`loader`'s (images, labels) batches, `merge` at a time concatenated into one (the last group may be short).
+    Each batch is copied as it arrives: FFCV writes later batches into the buffers of earlier ones."""
+    if merge == 1:
+        yield from loader
+        return
+    group: list = []
+    for images, labels in loader:
+        group.append((images.clone(), labels.clone()))
+        if len(group) == merge:
+            yield torch.cat([x for x, _ in group]), torch.cat([y for _, y in group])
+            group = []
+    if group:
+        yield torch.cat([x for x, _ in group]), torch.cat([y for _, y in group])
+
+
 @torch.no_grad()
 def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bool, dtype,
-            count: int | None = None) -> dict[str, torch.Tensor]:
+            count: int | None = None, merge: int = 1) -> dict[str, torch.Tensor]:
     """One pass over `loader`: centre-crop outputs, and (ten_crop) the softmax averaged over ten crops (whose
     fifth view is the centre crop, so ten_crop costs ten forward passes, not eleven; not with `features`).
-    `count`: the split's size, when the loader is sharded over processes (distributed runs)."""
+    `count`: the split's size, when the loader is sharded over processes (distributed runs). `merge` loader batches
+    go through the model at a time (outputs do not depend on the batch). Outputs stay on the device until the pass
+    is over: one transfer to the host, not one per batch."""
     if ten_crop and features:
         raise ValueError("features come from the centre crop only")
     was_training = model.training
@@ -42,17 +60,17 @@ def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bo
     fwd = unwrap(model).forward_features if features else model
     centre, avg, labels = [], [], []
     try:
-        for images, y in loader:
+        for images, y in _merged(loader, merge):
             with _autocast(images, dtype):
                 if ten_crop:
                     crops = ten_crops(images, crop)  # (10, N, C, crop, crop); view 4 is the centre crop
                     n = images.shape[0]
                     out = model(transform(crops.reshape(10 * n, *crops.shape[2:]))).float().reshape(10, n, -1)
-                    centre.append(out[4].cpu())
-                    avg.append(F.softmax(out, dim=2).mean(0).cpu())
+                    centre.append(out[4])
+                    avg.append(F.softmax(out, dim=2).mean(0))
                 else:
-                    centre.append(fwd(transform(center_crop(images, crop))).float().cpu())
-            labels.append(y.cpu().clone())  # FFCV reuses its batch buffers: keep a copy
+                    centre.append(fwd(transform(center_crop(images, crop))).float())
+            labels.append(y.clone())  # FFCV reuses its batch buffers: keep a copy
     finally:
         model.train(was_training)
     out = {"centre": torch.cat(centre), "labels": torch.cat(labels)}
@@ -60,7 +78,7 @@ def _passes(model, loader, transform, *, crop: int, ten_crop: bool, features: bo
         out["ten_crop"] = torch.cat(avg)
     if count is not None:  # each process scored its shard: put the whole split back together, in order
         out = {k: gather_in_order(v, count) for k, v in out.items()}
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def topk_errors(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -72,10 +90,12 @@ def topk_errors(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, floa
 
 
 def evaluate(model, loader, transform, *, crop: int, ten_crop: bool = False, dtype=None,
-             count: int | None = None) -> tuple[dict, torch.Tensor]:
+             count: int | None = None, merge: int = 1) -> tuple[dict, torch.Tensor]:
     """(metrics, centre-crop logits (N, classes) float32 in loader order). Metrics: `top1_err`, `top5_err`,
-    `loss` and, with ten_crop, `top1_err_10crop`, `top5_err_10crop` (argmax of the mean softmax of 10 views)."""
-    out = _passes(model, loader, transform, crop=crop, ten_crop=ten_crop, features=False, dtype=dtype, count=count)
+    `loss` and, with ten_crop, `top1_err_10crop`, `top5_err_10crop` (argmax of the mean softmax of 10 views).
+    `merge`: loader batches per forward pass."""
+    out = _passes(model, loader, transform, crop=crop, ten_crop=ten_crop, features=False, dtype=dtype, count=count,
+                  merge=merge)
     logits, labels = out["centre"], out["labels"]
     top1, top5 = topk_errors(logits, labels)
     metrics = {"top1_err": top1, "top5_err": top5, "loss": F.cross_entropy(logits, labels).item()}

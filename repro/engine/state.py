@@ -8,6 +8,7 @@ continues exactly as if it had gone straight through (repro.engine.train).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from repro.data import make_loaders
 from repro.data.augment import BatchTransform
 from repro.engine import checkpoint, parallel, preempt
 from repro.engine.provenance import provenance
-from repro.engine.recipe import autocast_dtype, make_optimizer, pick_device
+from repro.engine.recipe import autocast_dtype, configure_device, make_optimizer, pick_device
 from repro.record import RunRecord
 from repro.errors import UserError
 from repro.models import build_model
@@ -78,6 +79,8 @@ class Parts:
     device: torch.device
     dtype: torch.dtype | None
     val_count: int | None     # the val split's size when it is sharded over processes
+    eager: torch.nn.Module | None = None  # `net` without torch.compile, to fall back to
+    compile_pending: bool = False         # compiled, and its first step (where compiling happens) not run yet
 
 
 def now() -> str:
@@ -112,14 +115,48 @@ def set_up(state: RunState) -> Parts:
     model = build_model(cfg.model).to(device)
     if t.channels_last:  # oneDNN on CPU gains from it too (1.5x at demo scale)
         model = model.to(memory_format=torch.channels_last)
+    configure_device(device)
     net = parallel.wrap(model, device) if state.world > 1 else model
-    if t.compile:
-        net = torch.compile(net)
-    return Parts(loaders=loaders, model=model, net=net, optimizer=make_optimizer(model, t),
-                 train_tf=BatchTransform(loaders.manifest, cfg, train=True),
-                 val_tf=BatchTransform(loaders.manifest, cfg, train=False), device=device,
-                 dtype=autocast_dtype(t.precision, device),
-                 val_count=loaders.num_val if state.world > 1 else None)
+    parts = Parts(loaders=loaders, model=model, net=net, optimizer=make_optimizer(model, t),
+                  train_tf=BatchTransform(loaders.manifest, cfg, train=True),
+                  val_tf=BatchTransform(loaders.manifest, cfg, train=False), device=device,
+                  dtype=autocast_dtype(t.precision, device),
+                  val_count=loaders.num_val if state.world > 1 else None, eager=net)
+    set_up_compile(state, parts)
+    return parts
+
+
+def wants_compile(setting: str, device: torch.device) -> bool:
+    """`train.compile`: "auto" compiles on CUDA (on a CPU compiling takes longer than it saves in a short run)."""
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def set_up_compile(state: RunState, parts: Parts) -> None:
+    """torch.compile the training net when `train.compile` asks for it. Compiling happens at the first step, which
+    the loop runs under `compile_failed`'s fallback; the run record's provenance says what came of it."""
+    state.prov["compile"] = "off"
+    if not wants_compile(state.cfg.train.compile, parts.device):
+        return
+    try:
+        # static shapes: a training batch has one shape (the last partial batch is dropped)
+        parts.net, parts.compile_pending = torch.compile(parts.eager, dynamic=False), True
+        state.prov["compile"] = "on"
+    except Exception as e:
+        compile_failed(state, parts, e)
+
+
+_warned: set[str] = set()
+
+
+def compile_failed(state: RunState, parts: Parts, error: BaseException) -> None:
+    """Train eager from here: warn (once per process) and say so in the run record's provenance."""
+    text = " ".join(str(error).split())[:300]
+    note = f"torch.compile failed ({type(error).__name__}: {text}); trained eager"
+    parts.net, parts.compile_pending = parts.eager, False
+    state.prov["compile"] = note
+    if "compile" not in _warned:
+        _warned.add("compile")
+        logging.getLogger("repro.engine").warning(note)
 
 
 def restore(state: RunState, parts: Parts) -> None:

@@ -1,10 +1,14 @@
 """Training one run: the paper's SGD recipe (section 5), per-epoch metrics and checkpoints, exact resume, and a
 run record that says how the run ended: done, diverged, did not learn, interrupted, preempted or failed.
 
-Randomness is reseeded before every optimizer step from (seed, epoch, batch, rank), and the loaders shuffle by
+Randomness is reseeded before every optimizer step from (seed, epoch, batch), and the loaders shuffle by
 (seed, epoch) and can start an epoch at any batch, so a run resumed from a checkpoint, written at an epoch's end
 or inside an epoch (on a timer, `train.checkpoint_minutes`, or on a preemption request, `repro.engine.preempt`),
 continues exactly as if it had gone straight through.
+
+Inside an epoch the host never waits for the GPU: the loss and error sums stay on the device, and the training
+curve's points reach the host together, about every CURVE_SYNC_STEPS steps, before a checkpoint and at the epoch's
+end (one transfer, and with several processes one all-reduce that also carries the stop and timer requests).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from repro.engine import parallel, preempt, schedule
 from repro.engine.recipe import step_seed
 from repro.engine.scoring import evaluate, lrn_strength
 from repro.record import RunRecord
-from repro.engine.state import (Parts, RunState, check_run_dir, make_record, now, restore, save, set_up)
+from repro.engine.state import (Parts, RunState, check_run_dir, compile_failed, make_record, now, restore, save,
+                                set_up)
 from repro.rundir import RunDir
 from repro.views import progress_console
 
@@ -52,52 +57,100 @@ def _progress_bar(enabled: bool):
                     console=progress_console())
 
 
-def _curve_point(state: RunState, sums: torch.Tensor) -> None:
-    loss_sum, errors, n = sums.tolist()
-    if parallel.any_true(not math.isfinite(loss_sum)):
-        raise Diverged(f"training loss is {loss_sum / max(n, 1)} at iteration {state.iteration} "
-                       f"(epoch {state.epoch + 1})")
-    row = {"iteration": state.iteration, "epoch": state.epoch + 1, "train_loss": loss_sum / max(n, 1),
-           "train_top1_err": 100.0 * errors / max(n, 1)}
-    if state.iters_to_target is None and row["train_top1_err"] < state.cfg.train.target_train_err:
-        state.iters_to_target = state.iteration
-    if state.is_main:
+CURVE_SYNC_STEPS = 500  # the curve's points reach the host about this often (and at every epoch's end)
+
+
+class _Curve:
+    """The training curve's points not yet on the host: each point's (loss sum, errors, images) stays on the device
+    until a sync (when `size` points are held, before a checkpoint, at the epoch's end), so no step waits for the
+    GPU. The curve file gets the same rows, only later; the divergence and learn checks read them as they arrive."""
+
+    def __init__(self, log_every: int, device: torch.device):
+        self.sums = torch.zeros(max(1, CURVE_SYNC_STEPS // log_every), 3, dtype=torch.float64, device=device)
+        self.at: list[tuple[int, int]] = []  # (iteration, epoch) of each point held
+
+    def add(self, point: torch.Tensor, iteration: int, epoch: int) -> None:
+        self.sums[len(self.at)].copy_(point)
+        self.at.append((iteration, epoch))
+
+    @property
+    def full(self) -> bool:
+        return len(self.at) == len(self.sums)
+
+
+def _synced(curve: _Curve, sums: torch.Tensor, flags: tuple[float, ...] = ()) -> tuple[list, list, list, list]:
+    """(curve points as (iteration, epoch, loss sum, errors, images), the epoch's sums, the curve's running sums,
+    `flags`), all summed over the ranks: one all-reduce with several processes and one transfer to the host. The
+    curve is emptied."""
+    n = len(curve.at)
+    parts = [curve.sums[:n].reshape(-1), sums.reshape(-1)]
+    if flags:
+        parts.append(torch.tensor(flags, dtype=torch.float64).to(sums.device))
+    values = parallel.all_sum(torch.cat(parts)).tolist()
+    points = [(it, epoch, *values[3 * k:3 * k + 3]) for k, (it, epoch) in enumerate(curve.at)]
+    curve.at.clear()
+    return points, values[3 * n:3 * n + 3], values[3 * n + 3:3 * n + 6], values[3 * n + 6:]
+
+
+def _record_points(state: RunState, total: int, points: list) -> None:
+    """Curve points that reached the host, in order: a non-finite loss stops the run (every rank reads the same
+    sums), else the row is written and the learn check looks at it."""
+    if state.is_main and points:
         preempt.check_owned(state.run_dir.curve.name)
-        io.append_jsonl(state.run_dir.curve, row)
-        state.curve_rows.append(row)
+    for iteration, epoch, loss_sum, errors, n in points:
+        if not math.isfinite(loss_sum):
+            raise Diverged(f"training loss is {loss_sum / max(n, 1)} at iteration {iteration} (epoch {epoch + 1})")
+        row = {"iteration": iteration, "epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
+               "train_top1_err": 100.0 * errors / max(n, 1)}
+        if state.iters_to_target is None and row["train_top1_err"] < state.cfg.train.target_train_err:
+            state.iters_to_target = iteration
+        if state.is_main:
+            io.append_jsonl(state.run_dir.curve, row)
+            state.curve_rows.append(row)
+        _check_learning(state, total, iteration)
 
 
-def _check_learning(state: RunState, total: int) -> None:
+def _check_learning(state: RunState, total: int, iteration: int) -> None:
     """At the first curve point past `train.learn_check` of the `total` iterations (and past LEARN_CHECK_MIN_ITERS):
     stop a run whose training error (the curve's mean over the second half of that span, as logged while training)
-    is within `train.learn_margin` points of chance. Every rank reaches the check at the same step; rank 0's curve
-    decides."""
+    is within `train.learn_margin` points of chance. The point is `iteration`'s; the run stops where the point
+    reached the host. Every rank reaches the check at the same step; rank 0's curve decides."""
     t = state.cfg.train
     at = max(math.ceil(t.learn_check * total), LEARN_CHECK_MIN_ITERS)
-    if not t.learn_check or not (state.iteration >= at > state.iteration - t.log_every):
+    if not t.learn_check or not (iteration >= at > iteration - t.log_every):
         return
-    window = [r["train_top1_err"] for r in state.curve_rows if r["iteration"] > at / 2]
+    window = [r["train_top1_err"] for r in state.curve_rows if at / 2 < r["iteration"] <= iteration]
     err = float(np.mean(window)) if window else math.nan
     chance = 100.0 * (1.0 - 1.0 / state.cfg.model.num_classes)
     if parallel.any_true(state.is_main and err > chance - t.learn_margin):
-        raise DidNotLearn(f"training error {err:.1f}% over iterations {math.floor(at / 2) + 1}-{state.iteration} of "
+        raise DidNotLearn(f"training error {err:.1f}% over iterations {math.floor(at / 2) + 1}-{iteration} of "
                           f"{total}, within {t.learn_margin:g} points of chance ({chance:.1f}% for "
                           f"{state.cfg.model.num_classes} classes); stopped at the learn check "
                           f"(train.learn_check = {t.learn_check:g})")
 
 
-def _check_inside_epoch(state: RunState, parts: Parts, sums: torch.Tensor, t_start: float, synced: bool) -> None:
-    """After a step: checkpoint when the timer is due, and checkpoint then stop when a stop was requested. With
-    several processes all of them must agree, so they decide only at curve points, where they synchronise anyway."""
-    if state.world > 1 and not synced:
-        return
+def _inside_epoch(state: RunState, parts: Parts, curve: _Curve, sums: torch.Tensor, t_start: float,
+                  total: int) -> None:
+    """After a step that does not end the epoch: bring the curve to the host when its buffer is full; checkpoint
+    when the timer is due, and checkpoint then stop when a stop was requested. In one process the requests are host
+    flags, read every step. With several processes all of them must agree, so they decide at the curve's syncs,
+    their flags summed over the ranks in the same all-reduce as the curve."""
     minutes = state.cfg.train.checkpoint_minutes
+    stop, due = preempt.requested(), minutes > 0 and time.monotonic() - state.last_save >= 60.0 * minutes
+    if state.world > 1 and not curve.full:
+        return
     if state.is_main:
         preempt.check_owned("a checkpoint")
-    stop = parallel.any_true(preempt.requested())
-    due = minutes > 0 and parallel.any_true(time.monotonic() - state.last_save >= 60.0 * minutes)
+    if state.world > 1:
+        points, epoch_sums, curve_sums, flags = _synced(curve, sums, (float(stop), float(due)))
+        stop, due = flags[0] > 0, flags[1] > 0
+    elif curve.full or stop or due:
+        points, epoch_sums, curve_sums, _ = _synced(curve, sums)
+    else:
+        return
+    _record_points(state, total, points)  # the rows up to here are written before a checkpoint that counts them
     if stop or due:
-        state.epoch_sums, state.curve_sums = parallel.all_sum(sums[0]).tolist(), parallel.all_sum(sums[1]).tolist()
+        state.epoch_sums, state.curve_sums = epoch_sums, curve_sums
         state.epoch_seconds = time.perf_counter() - t_start
         save(state, parts)
     if stop:
@@ -119,58 +172,79 @@ def _waited(batches, state: RunState):
         yield batch
 
 
+def _step(state: RunState, parts: Parts, images, labels, lr_per_step: bool, steps: int):
+    """One optimizer step, seeded by (seed, epoch, batch) so that a resumed run repeats it (seeding sets the
+    generators' seeds on the host: no sync). The first step of a compiled model may fail to compile: then the model
+    trains eager from here, this step again from its seed. Returns (outputs, loss)."""
+    t, device = state.cfg.train, parts.device
+    while True:
+        torch.manual_seed(step_seed(t.seed, state.epoch, state.batch))
+        if lr_per_step:
+            for group in parts.optimizer.param_groups:
+                group["lr"] = schedule.lr_at(t, state.lr_state, state.epoch, state.batch, steps)
+        x = parts.train_tf(images)  # channels_last when the model is
+        try:
+            with contextlib.nullcontext() if parts.dtype is None else torch.autocast(device.type, dtype=parts.dtype):
+                out = parts.net(x)
+                loss = F.cross_entropy(out.float(), labels)
+            parts.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            break
+        except Exception as e:
+            if not parts.compile_pending:
+                raise
+            compile_failed(state, parts, e)
+    parts.compile_pending = False
+    parts.optimizer.step()
+    return out, loss
+
+
 def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
     """Train from batch `state.batch` to the end of epoch `state.epoch`; returns its loss, error and images."""
     t, device = state.cfg.train, parts.device
     steps = parts.loaders.batches_per_epoch
     total = min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps
     sums = torch.tensor([state.epoch_sums, state.curve_sums], dtype=torch.float64).to(device)  # epoch; curve
+    curve = _Curve(t.log_every, device)
     per_step = schedule.changes_within_epoch(t, state.epoch)
     parts.net.train()
     parts.loaders.train.set_epoch(state.epoch, first_batch=state.batch)
     t_start, t_here, first_batch = time.perf_counter() - state.epoch_seconds, time.perf_counter(), state.batch
     wait_before = state.data_wait_s
     for images, labels in _waited(parts.loaders.train, state):
-        torch.manual_seed(step_seed(t.seed, state.epoch, state.batch))
-        if per_step:
-            for group in parts.optimizer.param_groups:
-                group["lr"] = schedule.lr_at(t, state.lr_state, state.epoch, state.batch, steps)
-        x = parts.train_tf(images)  # channels_last when the model is
-        with contextlib.nullcontext() if parts.dtype is None else torch.autocast(device.type, dtype=parts.dtype):
-            out = parts.net(x)
-            loss = F.cross_entropy(out.float(), labels)
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parts.optimizer.step()
-        # Accumulate on the device; synchronise only at curve points (a .item() per step stalls a GPU).
+        out, loss = _step(state, parts, images, labels, per_step, steps)
+        # Accumulate on the device; the host reads the sums only at syncs (a .item() per step stalls a GPU).
         sums += torch.stack([loss.detach().double() * labels.shape[0], (out.argmax(1) != labels).sum().double(),
                              torch.full((), labels.shape[0], device=device, dtype=torch.float64)])  # a fill, no copy
         state.iteration += 1
         state.batch += 1
-        curve_point = state.iteration % t.log_every == 0
-        if curve_point:
-            _curve_point(state, parallel.all_sum(sums[1]))  # the whole global batch, at any world size
+        if state.iteration % t.log_every == 0:
+            curve.add(sums[1], state.iteration, state.epoch)  # the whole global batch, summed over ranks at a sync
             sums[1].zero_()
-            _check_learning(state, total)
         if bar is not None:
             images = (state.batch - first_batch) * labels.shape[0] * state.world
             bar.update(task, advance=1, ips=images / max(time.perf_counter() - t_here, 1e-9))
         if state.batch >= steps or (t.max_iters and state.iteration >= t.max_iters):
             break
-        _check_inside_epoch(state, parts, sums, t_start, curve_point)
-    curve = parallel.all_sum(sums[1]).tolist()  # the next epoch adds to it on rank 0 only: it is every rank's
-    state.curve_sums = curve if state.is_main else [0.0, 0.0, 0.0]
+        _inside_epoch(state, parts, curve, sums, t_start, total)
+    points, (loss_sum, errors, n), curve_sums, _ = _synced(curve, sums)
+    state.curve_sums = curve_sums if state.is_main else [0.0, 0.0, 0.0]  # the next epoch adds to it on rank 0 only
     state.epoch_seconds = time.perf_counter() - t_start
-    loss_sum, errors, n = parallel.all_sum(sums[0]).tolist()
+    _record_points(state, total, points)
     if not math.isfinite(loss_sum):
         raise Diverged(f"training loss is {loss_sum} in epoch {state.epoch + 1} (iteration {state.iteration})")
     return {"train_loss": loss_sum / max(n, 1), "train_top1_err": 100.0 * errors / max(n, 1), "images": n,
             "data_wait_s": state.data_wait_s - wait_before}
 
 
+def _eval_merge(t) -> int:
+    """Loader batches per evaluation batch: `train.eval_batch_size` (0: twice the training batch) over the batch."""
+    return max(1, -(-(t.eval_batch_size or 2 * t.batch_size) // t.batch_size))
+
+
 def _score(state: RunState, parts: Parts, ten_crop: bool) -> tuple[dict, torch.Tensor]:
     return evaluate(parts.model, parts.loaders.val, parts.val_tf, crop=state.cfg.model.input_size,
-                    dtype=parts.dtype, count=parts.val_count, ten_crop=ten_crop)
+                    dtype=parts.dtype, count=parts.val_count, ten_crop=ten_crop, merge=_eval_merge(state.cfg.train))
 
 
 def _score_train(state: RunState, parts: Parts) -> float | None:
@@ -179,7 +253,7 @@ def _score_train(state: RunState, parts: Parts) -> float | None:
         return None
     count = parts.loaders.num_train_score if state.world > 1 else None
     metrics, _ = evaluate(parts.model, parts.loaders.train_score, parts.val_tf, crop=state.cfg.model.input_size,
-                          dtype=parts.dtype, count=count)
+                          dtype=parts.dtype, count=count, merge=_eval_merge(state.cfg.train))
     return metrics["top1_err"]
 
 
