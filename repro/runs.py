@@ -100,9 +100,9 @@ def _origin_columns(real: RunDir, row: dict[str, Any]) -> None:
     beside = origin.get("beside")
     if isinstance(beside, str) and row["status"] == "done" and (other := _judged_instead(real, beside)):
         row["status"] = "conflict"
-        row["error"] = (f"same config as store/{other.path.name} with other results (imported from "
-                        f"{origin.get('bundle')}, host {origin.get('host')}); not judged: delete "
-                        f"store/{real.path.name} or store/{other.path.name}, with its links, to choose")
+        row["error"] = (f"same config as store/{other.path.name} with other results (from {origin.get('bundle')}, "
+                        f"bundled on {origin.get('host')}); not judged: delete store/{real.path.name} or "
+                        f"store/{other.path.name}, with its links, to choose")
 
 
 def collect(runs_dir: Path | str, jobs: dict[RunDir, Job] | None = None) -> pd.DataFrame:

@@ -107,7 +107,7 @@ def test_bundle_then_import_gives_the_same_table_and_page(tmp_path):
         assert [mine[k] for k in ("mean", "ci", "n", "verdict")] == [theirs[k] for k in ("mean", "ci", "n", "verdict")]
     assert cells[1]["ablation-lrn"][SUMMARY_COLUMNS.index("n")].splitlines()[0] == "3"
     assert "came from 1" in pages[1] and "came from" not in pages[0]
-    assert "lab-a" in pages[1] and "NVIDIA A100-SXM4-80GB" in pages[1] and "2026-11-26 05:12 UTC" in pages[1]
+    assert "lab-a: NVIDIA A100-SXM4-80GB (GPU 0)" in pages[1] and "2026-11-26 05:12 UTC" in pages[1]
 
 
 def test_parquet_results_after_an_import(tmp_path):
@@ -137,7 +137,7 @@ def test_two_bundles_of_other_seeds_pool_into_one_interval(tmp_path):
     page = build_report(tmp_path / "c", tmp_path / "c.html", registry={exp.name: exp}).read_text()
     assert dict(zip(SUMMARY_COLUMNS, summary_cells(page)[exp.name]))["n"].splitlines()[0] == "5"
     assert "15 runs on this page came from 2" in " ".join(page.split())
-    assert "hpc-b" in page and "NVIDIA A100" in page and f"b.tar.gz ({sha256_file(two)[:8]})" in page
+    assert "hpc-b: NVIDIA A100 (GPU 0)" in page and f"b.tar.gz ({sha256_file(two)[:8]})" in page
 
 
 def test_other_results_of_a_local_config_are_kept_beside_flagged_and_not_judged(tmp_path):

@@ -38,10 +38,10 @@ TABLE1_PAPER = [
 ]
 PROVENANCE_COLUMNS = [
     ("run", "run_dir"), ("variant", "variant"), ("seed", "seed"), ("status", "status"),
-    ("config hash", "config_hash"), ("host", "placement.host"), ("device", "prov.device"),
-    ("GPUs", "placement.gpus"), ("date", "prov.finished"), ("bundle", "origin.bundle"),
-    ("git commit", "prov.git_commit"), ("packages", "prov.packages"), ("data manifest", "prov.data_manifest_hash"),
-    ("backend", "prov.data_backend"), ("wall time (s)", "prov.wall_time_s"),
+    ("config hash", "config_hash"), ("trained on", "prov.device"), ("finished", "prov.finished"),
+    ("bundle", "origin.bundle"), ("git commit", "prov.git_commit"), ("packages", "prov.packages"),
+    ("data manifest", "prov.data_manifest_hash"), ("backend", "prov.data_backend"),
+    ("wall time (s)", "prov.wall_time_s"),
 ]
 
 
@@ -141,9 +141,13 @@ def _blank(v) -> bool:
     return bool(pd.isna(v)) or v == ""
 
 
-def _host(r, v):
-    """Where it trained: the launcher's placement, else the run record's host."""
-    return r.get("prov.host") if _blank(v) else v
+def _trained_on(r, device):
+    """Host, device and GPU ids in one cell ('lab-a: NVIDIA H200 (GPU 0)'): the launcher's placement, else the run
+    record's host."""
+    host = next((h for h in (r.get("placement.host"), r.get("prov.host")) if not _blank(h)), "")
+    gpus = r.get("placement.gpus")
+    where = ": ".join(str(x) for x in (host, "" if _blank(device) else device) if x)
+    return where + (f" (GPU {gpus})" if not _blank(gpus) else "")
 
 
 def _date(r, v):
@@ -161,7 +165,7 @@ def _bundle(r, v):
     return text + (f"; kept beside {beside}" if not _blank(beside) else "")
 
 
-_WHERE = {"placement.host": _host, "prov.finished": _date, "origin.bundle": _bundle}
+_WHERE = {"prov.device": _trained_on, "prov.finished": _date, "origin.bundle": _bundle}
 
 
 def provenance(rows: pd.DataFrame, runs_dir: Path) -> list[dict]:
