@@ -110,6 +110,14 @@ def test_bundle_then_import_gives_the_same_table_and_page(tmp_path):
     assert "lab-a: NVIDIA A100-SXM4-80GB (GPU 0)" in pages[1] and "2026-11-26 05:12 UTC" in pages[1]
 
 
+def test_a_bundle_of_nothing_is_one_line_and_no_file(tmp_path):
+    lrn_runs(tmp_path / "a", [0], "lab-a")
+    for args in (["nosuch", "--runs", tmp_path / "a"], ["all", "--runs", tmp_path / "absent"]):
+        res = cli("bundle", *args, "--out", tmp_path / "out" / "x.tar.gz")
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def test_parquet_results_after_an_import(tmp_path):
     lrn_runs(tmp_path / "a", [0, 1], "lab-a")
     cli("import", bundled(tmp_path / "a", tmp_path / "a.tar.gz"), "--runs", tmp_path / "c")
