@@ -1,8 +1,11 @@
 """One split -> one .beton through FFCV's DatasetWriter, in parallel, with a rich progress bar.
 
 Worker processes decode, resize and encode each image and add its pixel sums to shared arrays (for the manifest's
-mean, std and RGB PCA). A file that fails to decode is written as a black placeholder and flagged; if any were
-flagged, the split is written a second time without them, so the common case decodes every file once.
+mean, std and RGB PCA). A file that fails to decode is flagged and not encoded: its metadata row stays empty and
+`_Writer.finalize` drops it, so every file is decoded once, broken files or not. Which files are broken is only
+known once each has been decoded (a truncated JPEG has a valid header), while FFCV sizes the metadata table, and
+so places the first data page, from the sample count before any worker starts: the table is sized for every file
+and compacted at the end. Data pointers are absolute file offsets, so the pages stay where they are.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import zlib
 from multiprocessing import Process, Queue, RawArray, Value
 from time import sleep
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -23,7 +27,9 @@ import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import encode_jpeg
 from ffcv.memory_allocator import MemoryAllocator
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+from ffcv.types import ALLOC_TABLE_TYPE
+from ffcv.utils import chunks
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, handle_sample
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -92,7 +98,8 @@ class CentreSquareMean:
 
 
 class SplitDataset:
-    """Indexable view FFCV's workers read from: item i -> (stored RGB uint8 image, label)."""
+    """Indexable view the writer's workers read from: item i -> (stored RGB uint8 image, label), or None when the
+    file cannot be decoded (status FAILED, with the reason in reason_codes)."""
 
     def __init__(self, split: Split, res: int, max_side: bool, stat_slots: np.ndarray):
         self.split, self.res, self.max_side = split, res, max_side
@@ -107,7 +114,7 @@ class SplitDataset:
         self.slot = stat_slots
         self.sums = np.frombuffer(RawArray(ctypes.c_double, max(1, int((stat_slots >= 0).sum())) * 13),
                                   dtype=np.float64).reshape(-1, 13)
-        self.mean = CentreSquareMean(res)  # replaced before each pass; the workers fill their copies
+        self.mean = CentreSquareMean(res)  # replaced by _write; the forked workers fill their copies
 
     def __len__(self) -> int:
         return len(self.split)
@@ -122,7 +129,7 @@ class SplitDataset:
         except SkipImage as e:
             self.status[i] = FAILED
             self.reason_codes[i] = REASONS.get(str(e), OTHER)
-            return np.zeros((8, 8, 3), np.uint8), label
+            return None
         self.digests[i] = zlib.crc32(np.asarray(img.shape, np.uint32), zlib.crc32(np.ascontiguousarray(img)))
         if self.slot[i] >= 0:
             self.sums[self.slot[i]] = pixel_sums(img)
@@ -157,13 +164,54 @@ def _worker(finish, results, work_fn, *args):
     results.put(finish())
 
 
-class _Writer(DatasetWriter):
-    """DatasetWriter whose progress goes to rich, which fails instead of waiting forever for a dead worker, and
-    which runs `finish` in each worker after its last image, keeping what each returns in `worker_results`."""
+def _write_decoded(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue,
+                   dataset):
+    """ffcv 1.0.2's worker_job_indexed_dataset, except that a file that failed to decode (item None) is not encoded:
+    it takes no bytes in the data pages and leaves its metadata row empty, for `_Writer.finalize` to drop."""
+    metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+    with allocator:  # flushes this worker's last page on the way out
+        while (chunk := input_queue.get()) is not None:
+            for dest_ix, source_ix in chunk:
+                sample = dataset[source_ix]
+                if sample is not None:
+                    handle_sample(sample, dest_ix, metadata_type.names, metadata, allocator, fields)
+            with done_number.get_lock():  # failed files count as done: the parent waits for every position
+                done_number.value += len(chunk)
+    allocations_queue.put(allocator.allocations)
 
-    def __init__(self, fname, fields, page_size, num_workers, on_done, finish):
+
+class _Writer(DatasetWriter):
+    """DatasetWriter whose progress goes to rich, which fails instead of waiting forever for a dead worker, which
+    runs `finish` in each worker after its last image, keeping what each returns in `worker_results`, and which
+    leaves out the positions where `kept()` (called once the workers are done) is False."""
+
+    def __init__(self, fname, fields, page_size, num_workers, on_done, finish, kept: Callable[[], np.ndarray]):
         super().__init__(fname, fields, page_size=page_size, num_workers=num_workers)
-        self.on_done, self.finish, self.worker_results = on_done, finish, []
+        self.on_done, self.finish, self.kept, self.worker_results = on_done, finish, kept, []
+
+    def write(self, dataset: SplitDataset, order: np.ndarray, chunksize: int) -> None:
+        """dataset[order[k]] at position k, for each k that is kept; the kept ones then close ranks."""
+        self._write_common(len(order), chunks(list(enumerate(order)), chunksize), _write_decoded, (dataset,))
+
+    def finalize(self, allocations) -> None:
+        """ffcv 1.0.2's DatasetWriter.finalize, writing only the kept metadata rows and numbering the samples
+        among them. The table was sized for every position, so the dropped rows' space lies unused before the data:
+        a page more than a write of the kept files alone takes when those rows span a page boundary, else nothing.
+        Readers never look there: they read num_samples rows, and the data through its absolute pointers."""
+        kept = np.asarray(self.kept(), dtype=bool)
+        # the rows as bytes: numpy copies a structured row field by field, which leaves its padding undefined
+        size = self.metadata_type.itemsize
+        rows = np.frombuffer(self.metadata_sm.buf, np.uint8)[:len(kept) * size].reshape(-1, size)[kept]
+        table = np.array(allocations, dtype=ALLOC_TABLE_TYPE).reshape(-1)
+        table["sample_id"] = (np.cumsum(kept) - 1)[table["sample_id"]]  # a kept position's rank among the kept
+        self.header["num_samples"] = len(rows)
+        with open(self.fname, "r+b") as fp:
+            fp.seek(self.metadata_start)
+            fp.write(rows.tobytes())
+            self.header["alloc_table_ptr"] = fp.seek(0, os.SEEK_END)
+            fp.write(table.tobytes())
+            fp.seek(0)
+            fp.write(self.header.tobytes())
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         # Same steps as ffcv 1.0.2's DatasetWriter._write_common, with the polling loop changed.
@@ -228,7 +276,8 @@ def _encode_stored(field: RGBImageField, destination, image: np.ndarray, malloc)
 
 def _write(path: str, dataset: SplitDataset, order: np.ndarray, write_mode: str, res: int, jpeg_quality: int,
            workers: int, progress: Progress, description: str) -> np.ndarray | None:
-    """Write `dataset[order]`; return the summed mean-image squares of the sampled images (None if none)."""
+    """Write `dataset[order]`, less the files that fail to decode; return the summed mean-image squares of the
+    sampled images (None if none)."""
     image = RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality)
     image.encode = functools.partial(_encode_stored, image)  # the workers are forked: nothing is pickled
     fields = {"image": image, "label": IntField()}
@@ -237,11 +286,11 @@ def _write(path: str, dataset: SplitDataset, order: np.ndarray, write_mode: str,
     page_size = MIN_PAGE_SIZE if res <= 512 else 8 * MIN_PAGE_SIZE
     dataset.mean = CentreSquareMean(res)
     task = progress.add_task(description, total=len(order))
-    writer = _Writer(path, fields, page_size, n_workers, lambda k: progress.advance(task, k), dataset.mean.finish)
+    writer = _Writer(path, fields, page_size, n_workers, lambda k: progress.advance(task, k), dataset.mean.finish,
+                     kept=lambda: dataset.status[order] != FAILED)
     # At least four chunks a worker, so that the last ones end together (300 images in chunks of 100 left one
     # of two workers idle for a third of the split).
-    writer.from_indexed_dataset(dataset, indices=list(order),
-                                chunksize=max(1, min(100, len(order) // (4 * n_workers))))
+    writer.write(dataset, order, chunksize=max(1, min(100, len(order) // (4 * n_workers))))
     progress.update(task, completed=len(order))
     sums = [r for r in writer.worker_results if r is not None]
     return np.sum(sums, axis=0) if sums else None
@@ -259,14 +308,12 @@ def write_split(path: str, split: Split, *, res: int, max_side: bool, write_mode
         slots[chosen] = np.arange(len(chosen))
     dataset = SplitDataset(split, res, max_side, slots)
     square_sums = _write(path, dataset, order, write_mode, res, jpeg_quality, workers, progress, f"{name}")
+    # The beton holds the others in this order, byte for byte as a write of them alone would (with one worker),
+    # but for the unused space a larger metadata table may leave before the data (see _Writer.finalize).
     failed = order[dataset.status[order] == FAILED]
-    if len(failed):  # rare: rewrite without the broken files so the beton holds real images only
-        order = order[dataset.status[order] != FAILED]
-        if not len(order):
-            raise UserError(f"every {name} image failed to decode (first: {split.paths[failed[0]]}); "
-                            f"check the files")
-        square_sums = _write(path, dataset, order, write_mode, res, jpeg_quality, workers, progress,
-                             f"{name} (again, without {len(failed)} bad files)")
+    order = order[dataset.status[order] != FAILED]
+    if not len(order):
+        raise UserError(f"every {name} image failed to decode (first: {split.paths[failed[0]]}); check the files")
     names = {k: r for r, k in REASONS.items()}
     skipped = [(int(i), names.get(int(dataset.reason_codes[i]), "unreadable")) for i in failed]
     used = slots[order]
