@@ -10,7 +10,10 @@
 - DistributedDataParallel on nccl at world size 1 gives the plain model's step;
 - ten-crop evaluation on the GPU gives the CPU's outputs;
 - every backend cuts the same crops for the same (seed, epoch, index) on the GPU as on the CPU: exactly from raw
-  betons, and for nvjpeg from JPEGs within the decoders' tolerance (nvJPEG against libjpeg-turbo).
+  betons, and for nvjpeg from JPEGs within the decoders' tolerance (nvJPEG against libjpeg-turbo);
+- nothing makes the host wait for the GPU while an epoch trains: every backend hands mean-image batches over, and
+  the loop runs its steps, under torch's sync debug mode set to "error" (any synchronising call raises);
+- torch.compile is on by default on CUDA (the smoke run's record says so).
 """
 
 from __future__ import annotations
@@ -97,9 +100,11 @@ def test_smoke_run_scores_like_the_cpu(tmp_path, jpg_dir, cpu_run, backend):
     from repro.engine import fit
 
     cpu = cpu_run.to_dict()
-    gpu = fit(small_run(jpg_dir, **{"data.backend": backend, "train.device": DEVICE}), tmp_path / "gpu",
-              progress=False).to_dict()
+    compile = "auto" if backend == "nvjpeg" else "false"  # compiled once: the default on CUDA
+    gpu = fit(small_run(jpg_dir, **{"data.backend": backend, "train.device": DEVICE, "train.compile": compile}),
+              tmp_path / "gpu", progress=False).to_dict()
     assert cpu["status"] == gpu["status"] == "done", (cpu["error"], gpu["error"])
+    assert gpu["provenance"]["compile"] == ("on" if compile == "auto" and DEVICE == "cuda" else "off")
     assert gpu["provenance"]["data_backend"] == backend and "cuda" not in cpu["provenance"]["device"].lower()
     assert cpu["metrics"]["top1_err"] < 25 and gpu["metrics"]["top1_err"] < 25
     assert abs(gpu["metrics"]["top1_err"] - cpu["metrics"]["top1_err"]) <= SMOKE_TOL
@@ -268,3 +273,61 @@ def test_nvjpeg_on_the_gpu_decodes_like_the_cpu(jpg_dir):
     # and the windows are in the same place: one pixel off is much further away than the decoders are apart
     shifted = (x_gpu[..., 1:].float() - x_cpu[..., :-1].float()).abs().mean()
     assert shifted > 2 * diff.mean()
+
+
+@pytest.fixture
+def sync_errors():
+    """torch's sync debug mode: any call that makes the host wait for the GPU raises (`on()`), until `off()`."""
+    if DEVICE != "cuda":
+        pytest.skip("sync debug mode is CUDA's")
+    modes = {"on": lambda: torch.cuda.set_sync_debug_mode("error"),
+             "off": lambda: torch.cuda.set_sync_debug_mode("default")}
+    yield modes
+    modes["off"]()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loaders_hand_batches_over_without_a_sync(raw_dir, backend, sync_errors):
+    """Mean-image training batches: the crop windows, drawn on the host, go to the GPU from pinned memory without
+    blocking; the nvjpeg reader's batches reach the training stream through an event."""
+    from repro.data import make_loaders
+
+    loaders = make_loaders(small_run(raw_dir, **{"data.backend": backend, "data.normalize": "mean-image"}),
+                           device=DEVICE)
+    for epoch in range(2):  # the second epoch's first batches were read ahead (nvjpeg)
+        loaders.set_epoch(epoch)
+        batches = iter(loaders.train)
+        next(batches)  # the first batch of a pass starts workers and pinned pools
+        sync_errors["on"]()
+        n = sum(1 for x, y in batches)
+        sync_errors["off"]()
+        assert n == loaders.batches_per_epoch - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_steps_do_not_wait_for_the_gpu(tmp_path, raw_dir, backend, sync_errors, monkeypatch):
+    """From each epoch's third step to its end (cuDNN's search and the first batches may sync before), the loop and
+    the loader run with syncs as errors; the epoch's end, where the loop reads its sums on purpose, without."""
+    from repro.engine import fit
+    from repro.engine import train as train_mod
+
+    monkeypatch.setattr(train_mod, "CURVE_SYNC_STEPS", 10**9)  # no sync inside an epoch
+    real_step, real_synced = train_mod._step, train_mod._synced
+
+    def step(state, *a, **k):
+        out = real_step(state, *a, **k)
+        if state.batch >= 1:
+            sync_errors["on"]()
+        return out
+
+    def synced(*a, **k):
+        sync_errors["off"]()
+        return real_synced(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_step", step)
+    monkeypatch.setattr(train_mod, "_synced", synced)
+    cfg = small_run(raw_dir, **{"data.backend": backend, "data.normalize": "mean-image", "train.device": DEVICE,
+                                "train.compile": "false", "train.epochs": 2})
+    record = fit(cfg, tmp_path / "run", progress=False)
+    assert record.status == "done" and record.iterations == 2 * 80 // 16, record.error
+

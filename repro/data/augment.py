@@ -107,9 +107,9 @@ class BatchTransform:
         """`alpha` (N, 3) replaces the random lighting draws (tests); lighting applies when given."""
         x = images.float()
         device = x.device
-        if self.mean.device != device:  # move the constants once, not per batch
-            self.mean, self.std = self.mean.to(device), self.std.to(device)
-            self.eigval, self.eigvec = self.eigval.to(device), self.eigvec.to(device)
+        if self.mean.device != device:  # move the constants once, not per batch (and without a sync)
+            self.mean, self.std = to_device(self.mean, device), to_device(self.std, device)
+            self.eigval, self.eigvec = to_device(self.eigval, device), to_device(self.eigvec, device)
         if self.sigma > 0 or alpha is not None:
             x = x + self.lighting(x.shape[0], device, alpha)
         x = (x - self.mean) / self.std

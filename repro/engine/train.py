@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from repro import io
 from repro.config import RunConfig, config_hash
-from repro.data.augment import center_crop
+from repro.data.augment import center_crop, to_device
 from repro.engine import parallel, preempt, schedule
 from repro.engine.recipe import step_seed
 from repro.engine.scoring import evaluate, lrn_strength
@@ -85,7 +85,7 @@ def _synced(curve: _Curve, sums: torch.Tensor, flags: tuple[float, ...] = ()) ->
     n = len(curve.at)
     parts = [curve.sums[:n].reshape(-1), sums.reshape(-1)]
     if flags:
-        parts.append(torch.tensor(flags, dtype=torch.float64).to(sums.device))
+        parts.append(to_device(torch.tensor(flags, dtype=torch.float64), sums.device))
     values = parallel.all_sum(torch.cat(parts)).tolist()
     points = [(it, epoch, *values[3 * k:3 * k + 3]) for k, (it, epoch) in enumerate(curve.at)]
     curve.at.clear()
@@ -204,7 +204,7 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
     t, device = state.cfg.train, parts.device
     steps = parts.loaders.batches_per_epoch
     total = min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps
-    sums = torch.tensor([state.epoch_sums, state.curve_sums], dtype=torch.float64).to(device)  # epoch; curve
+    sums = to_device(torch.tensor([state.epoch_sums, state.curve_sums], dtype=torch.float64), device)  # epoch; curve
     curve = _Curve(t.log_every, device)
     per_step = schedule.changes_within_epoch(t, state.epoch)
     parts.net.train()
