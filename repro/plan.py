@@ -147,31 +147,58 @@ def _images_per_run(run: PlannedRun) -> int:
     return n * run.cfg.train.epochs
 
 
+def training_images(runs: list[PlannedRun]) -> int:
+    """Training images the runs process in all (each run's training images x its epochs)."""
+    return sum(_images_per_run(r) for r in runs)
+
+
+def gpu_present() -> bool:
+    # torch loads only for a dry run's estimate, not for planning (start-up time)
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _kind(device: Any) -> str:
+    """"gpu" or "cpu": what a run's recorded device name (prov.device) says it trained on."""
+    return "cpu" if not isinstance(device, str) or device == "cpu" else "gpu"
+
+
 def measured_rates(runs_dir: Path) -> dict[tuple, float]:
-    """images/s of finished runs on this host, keyed by (model, width, input size, stem) and by scale."""
+    """images/s of finished runs on this host, keyed by ("gpu" | "cpu", model, width, input size, stem) and by
+    ("gpu" | "cpu", "scale", scale)."""
     df = store.collect(runs_dir)
     if df.empty or "prov.images_per_s" not in df or "prov.host" not in df:
         return {}
     df = df[(df.status == "done") & (df["prov.host"] == socket.gethostname())]
     out: dict[tuple, float] = {}
     for _, r in df.iterrows():
-        key = (r.get("model.name"), r.get("model.width"), r.get("model.input_size"), r.get("model.stem"))
+        kind = _kind(r.get("prov.device"))
+        key = (kind, r.get("model.name"), r.get("model.width"), r.get("model.input_size"), r.get("model.stem"))
         if finite(r["prov.images_per_s"]):
             out.setdefault(key, r["prov.images_per_s"])
-            out.setdefault(("scale", r["scale"]), r["prov.images_per_s"])
+            out.setdefault((kind, "scale", r["scale"]), r["prov.images_per_s"])
     return out
 
 
-def estimate(run: PlannedRun, rates: dict[tuple, float]) -> tuple[int, float, str]:
-    """(images to process, seconds, where the rate came from) for one run."""
+def estimate(run: PlannedRun, rates: dict[tuple, float], gpu: bool = False) -> tuple[int, float, str]:
+    """(images to process, seconds, where the rate came from) for one run. `gpu`: a GPU is present, so a run
+    that may use it (train.device not "cpu") is timed at GPU rates: measured on this host's GPU, else the scale's
+    `guess_images_per_s_gpu`."""
     images = _images_per_run(run)
     m = run.cfg.model
-    rate = rates.get((m.name, m.width, m.input_size, m.stem))
-    source = "measured"
+    kind = "gpu" if gpu and run.cfg.train.device != "cpu" else "cpu"
+    on = " on this host's GPU" if kind == "gpu" else ""
+    rate, source = rates.get((kind, m.name, m.width, m.input_size, m.stem)), f"measured{on}"
     if rate is None:
-        rate, source = rates.get(("scale", run.scale)), "measured at this scale"
+        rate, source = rates.get((kind, "scale", run.scale)), f"measured{on} at this scale"
     if rate is None:
-        rate, source = get_scale(run.scale).guess_images_per_s, "rough guess"
+        scale = get_scale(run.scale)
+        if kind == "gpu" and scale.guess_images_per_s_gpu:
+            rate, source = scale.guess_images_per_s_gpu, "rough guess of a GPU's rate (_scales.toml)"
+        else:
+            rate = scale.guess_images_per_s
+            source = "rough guess" + (" (a CPU's: the scale has no GPU guess)" if kind == "gpu" else "")
     return images, images / rate, source
 
 
@@ -191,12 +218,12 @@ PLAN_COLUMNS = (Column("experiment"), Column("variant"), Column("seed", kind="nu
 
 def plan_rows(planned: dict[str, list[PlannedRun]], runs_dir: Path) -> tuple[list[dict], dict]:
     """One row per planned run, and the totals (images and seconds to train, where the rates came from)."""
-    rates = measured_rates(runs_dir)
+    rates, gpu = measured_rates(runs_dir), gpu_present()
     rows, total_images, total_s, sources, counted = [], 0, 0.0, set(), set()
     for exp, runs in planned.items():
         for r in runs:
             status = store_dir(runs_dir, r.config_hash).own_status() if r.data_ready else "no data"
-            images, seconds, source = estimate(r, rates)
+            images, seconds, source = estimate(r, rates, gpu)
             shared = r.config_hash in counted
             if status not in REUSED and not shared:
                 total_images, total_s = total_images + images, total_s + seconds

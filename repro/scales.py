@@ -50,6 +50,9 @@ class Scale(ScaleData):
     caveat: str = spec("", help="what the scale's numbers can say, on the page beside its verdicts")
     guess_images_per_s: float = spec(100.0, valid=(lambda x: x > 0, "must be a number > 0"),
                                      help="rough images/s of a 2-core CPU, for --dry-run until a run has finished")
+    guess_images_per_s_gpu: float | None = spec(None, valid=(lambda x: x > 0, "must be a number > 0"),
+                                                help="rough images/s of one GPU, for --dry-run where a GPU is "
+                                                     "present until a run has finished on it")
     name: str = spec(derived=True)
     rank: int = spec(derived=True, help="0 for the first (smallest) table in the file")
     overrides: dict[str, Any] = spec(derived=True, factory=dict, help="the table's config keys")
