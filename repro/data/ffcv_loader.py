@@ -12,6 +12,11 @@ FFCV's `NormalizeImage` after `ToTensor` spins forever on CPU and needs cupy on 
 An FFCV Loader compiles its pipeline with numba on its first epoch (seconds), so Loaders are kept in a small
 per-process cache and reused, each user with its own subset, seed and batch size, when a later run of a sweep
 asks for the same pipeline on the same file.
+
+On a GPU nothing here makes the training thread wait for it: FFCV pins every host buffer it allocates, `ToDevice`
+copies images and labels from them without blocking on FFCV's own streams (the training stream waits for those on
+the GPU), and the crop windows for the mean image follow the same way (repro.data.augment.to_device). FFCV's
+threads are `data.workers`, else the cores this process may run on (repro.data.usable_cores).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Used where FFCV is not installed (`data.backend = "torch"` or "auto"). It never imports FFCV. Each DataLoader item
 is a whole batch: the sampler (repro.data.order.BatchOrder) yields the epoch's crop key and the batch's sample ids in
 the order every backend uses, and the dataset cuts the crops drawn by `repro.data.crops` from them, so all backends
-produce the same batches.
+produce the same batches. On a GPU the DataLoader pins each batch (images, labels and crop windows), which then go
+over without blocking the training thread.
 """
 
 from __future__ import annotations
