@@ -1,19 +1,26 @@
-"""`repro bench --device cuda`: what one GPU does with AlexNet, each row a ratio against a baseline of the same run.
+"""`repro bench --device cuda`: what one GPU does with AlexNet, each row against a baseline of the same run.
 
-1. model-bound: alexnet-paper at 224, forward and backward on batches already on the GPU: fp32 NCHW (baseline),
-   bf16 autocast, + channels_last, + torch.compile; and the fraction of the GPU's dense bf16 peak that the
-   model's FLOPs (3 x 2 x the multiply-adds of `repro models`, forward plus backward) reach at the best setting;
-2. end to end: `repro.engine.fit` with the paper's recipe at 224 (batch 128, flips, PCA lighting, bf16 and
-   channels_last as a GPU run does by default) from a 256 px JPEG beton and a raw beton, through every data
-   backend present, against torchvision's reference loop (ImageFolder + DataLoader on every core, fp32, NCHW);
-3. the projected wall time of the paper's 90 epochs of ILSVRC-2012 at the best end-to-end rate, next to the
-   paper's "five to six days on two GTX 580 3GB GPUs".
-The data is generated here (smooth random 256 px JPEGs), small enough for a few minutes on a 16-core host.
+1. model-bound: alexnet-paper forward and backward on batches already on the GPU, at each scale's crop and batch
+   (`full`: 224 px, batch 128; `subset`: 112 px, batch 256): fp32 NCHW, bf16 autocast, + channels_last,
+   + torch.compile (what `fit` runs on a GPU), and the fraction of the GPU's dense bf16 peak;
+2. end to end: `repro.engine.fit` with each scale's recipe (its crop and batch, flips, PCA lighting, the mean image,
+   bf16, channels_last and torch.compile, as a GPU run does by default) from betons of generated JPEGs stored at
+   the scale's size (256 and 128 px), as JPEG and raw, through every data backend present. Each row's ratio is its
+   share of the compiled model-bound rate at the same crop and batch; its note gives the loader wait and the
+   start-up (the first epoch's time over the steady rate: workers, compiling, cuDNN's search), which the rate,
+   taken over the later epochs, leaves out; the torchvision reference loop (ImageFolder, DataLoader on every core,
+   fp32) runs at 224 px;
+3. projections (repro.bench.projection): the paper's 90 epochs of ILSVRC-2012, and the GPU-hours of
+   `repro run all --scale subset` and `--scale full`, from their training images as the dry run plans them.
+The bench keeps to a time budget (REPRO_BENCH_BUDGET_S seconds, default 300; scripts/gpu-check sets it): a
+measurement whose expected time is no longer left is reported as not measured, the least needed ones first.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,39 +32,47 @@ from rich.table import Table
 
 from data_prep.prepare import PrepareOptions, prepare
 from repro.bench.common import WARMUP_ITERS, fake_images, machine_lines, reference_train, write_section
+from repro.bench.projection import NOT_MEASURED, Row, paper_row, peak_tflops, suite_row, suite_size
 from repro.config import RunConfig, apply_overrides
 from repro.engine import fit
+from repro.engine.recipe import make_optimizer
 from repro.errors import UserError
 from repro.models import build_model
 from repro.models.summary import describe
 from repro.runs import load_metrics
+from repro.scales import get_scale
 
-ILSVRC_TRAIN_IMAGES = 1_281_167
-PAPER_DAYS = "5-6 days on two GTX 580 3GB"
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name; the
-# H200 is the H100's chip with more memory. PCIe H100s are slower (756) and matched first.
-BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10": 125.0, "4090": 165.0}
-NOT_MEASURED = "not measured"
-
-
-@dataclass
-class Row:
-    measurement: str
-    baseline: float | None   # img/s of the row's baseline, same run
-    value: float | None      # img/s of the measured setting
-    note: str = ""
-
-    def cells(self) -> list[str]:
-        def rate(x):
-            return f"{x:,.0f}" if x is not None else NOT_MEASURED
-        ratio = f"{self.value / self.baseline:.2f}x" if self.value and self.baseline else "-"
-        baseline = rate(self.baseline) if self.baseline is not None or self.value is None else "-"
-        return [self.measurement, baseline, rate(self.value), ratio, self.note]
+SCALES = ("full", "subset")
+STORED = {"full": 256, "subset": 128}  # the stored side (`repro prepare-data`'s --res): the paper's 224 of 256
+COPIES = {"full": 8, "subset": 16}     # each generated training image this many times: ~100 steps an epoch
+EPOCHS = 3                             # the first is start-up; the rate is taken over the others
+DEFAULT_BUDGET_S = 300.0
+SKIPPED = "not measured: the bench's time budget ({:.0f} s) ran out"
 
 
-def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+class Budget:
+    """The bench's time: a measurement runs only while its expected time is left: the last of its kind (the first
+    compiles from nothing, the later ones from torch's caches), else a guess."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end, self.took = seconds, time.monotonic() + seconds, {}
+
+    def allows(self, kind: str, guess: float) -> bool:
+        return self.end - time.monotonic() >= self.took.get(kind, guess)
+
+    def spent(self, kind: str, seconds: float) -> None:
+        self.took[kind] = seconds
+
+
+def budget_from_env() -> float:
+    value = os.environ.get("REPRO_BENCH_BUDGET_S", "")
+    return float(value) if value.strip() else DEFAULT_BUDGET_S
+
+
+def scale_config(scale: str) -> RunConfig:
+    """The scale's recipe (crop, batch, init) with the paper's 1000 classes."""
+    return apply_overrides(RunConfig(), {**get_scale(scale).overrides, "model.num_classes": 1000},
+                           source=f"_scales.toml [{scale}]")
 
 
 def train_flops_per_image(cfg: RunConfig) -> float:
@@ -65,19 +80,23 @@ def train_flops_per_image(cfg: RunConfig) -> float:
     return 3 * 2 * float(describe(cfg.model)["macs"])
 
 
-def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: bool, batch: int = 256,
-               steps: int = 30, warmup: int = 5, device: str = "cuda") -> float:
-    """Training images/s of alexnet-paper on random batches that are already on the GPU (no data loading)."""
+def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: bool, steps: int = 50,
+               warmup: int = 5, device: str = "cuda") -> float:
+    """Training images/s of the model at cfg's crop and batch on random batches already on the GPU: fit's step
+    without its data."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as fit sets it
+    torch._dynamo.reset()
     torch.manual_seed(0)
+    batch, size = cfg.train.batch_size, cfg.model.input_size
     model = build_model(cfg.model).to(device)
-    x = torch.randn(batch, 3, cfg.model.input_size, cfg.model.input_size, device=device)
+    x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    net = torch.compile(model) if compiled else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    net = torch.compile(model, dynamic=False) if compiled else model
+    opt = make_optimizer(model, cfg.train)  # fit's own update (fused on CUDA)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -96,118 +115,248 @@ def model_rate(cfg: RunConfig, *, bf16: bool, channels_last: bool, compiled: boo
     return steps * batch / (time.perf_counter() - t0)
 
 
-def model_bound_rows(cfg: RunConfig, console: Console) -> list[Row]:
-    settings = [("bf16 autocast", dict(bf16=True, channels_last=False, compiled=False)),
-                ("bf16 + channels_last", dict(bf16=True, channels_last=True, compiled=False)),
-                ("bf16 + channels_last + torch.compile", dict(bf16=True, channels_last=True, compiled=True))]
-    with console.status("model-bound: fp32 NCHW"):
-        base = model_rate(cfg, bf16=False, channels_last=False, compiled=False)
-    rows = [Row("model-bound, alexnet-paper 224, fp32 NCHW (baseline)", base, base)]
-    for name, flags in settings:
-        with console.status(f"model-bound: {name}"):
-            rows.append(Row(f"model-bound, {name}", base, model_rate(cfg, **flags)))
-    best = max(r.value for r in rows)
-    peak = peak_tflops(torch.cuda.get_device_name())
-    flops = train_flops_per_image(cfg)
-    note = (f"{flops * best / (peak * 1e12):.1%} of the {peak:.0f} TFLOP/s dense bf16 peak "
-            f"({flops / 1e9:.2f} GFLOP per training image)" if peak else "peak unknown for this GPU")
-    rows.append(Row("model-bound, best setting: fraction of bf16 peak", base, best, note))
-    return rows
+def _link_copies(source: Path, dest: Path, copies: int) -> None:
+    """An ImageFolder of `source`'s images with every training image `copies` times (hard links)."""
+    for path in sorted(source.rglob("*.jpg")):
+        split = path.relative_to(source).parts[0]
+        for k in range(copies if split == "train" else 1):
+            target = dest / path.relative_to(source).parent / f"{k}-{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:  # another filesystem
+                shutil.copyfile(path, target)
 
 
-def make_data(tmp: Path, per_class: int, val_limit: int) -> dict[str, Path]:
-    """An ImageFolder of 256 px JPEGs and the same images as a jpg beton and a raw beton."""
-    folder = tmp / "jpeg256"
-    fake_images(folder, 256, per_class, 10, "jpg")
-    out = {"folder": folder}
-    for mode in ("jpg", "raw"):
-        out[mode] = tmp / f"beton-{mode}"
-        prepare("imagefolder", folder, out[mode], PrepareOptions(res=256, write_mode=mode, val_per_class=val_limit),
-                progress=False)
+def make_data(tmp: Path, per_class: int, copies: dict[str, int]) -> dict:
+    """Generated 256 px JPEGs (10 classes); per scale an ImageFolder with each training image linked `copies`
+    times and its betons at the scale's stored size, as jpg and raw."""
+    source = tmp / "jpeg256"
+    fake_images(source, 256, per_class, 10, "jpg")
+    out: dict = {"folder": {}, "beton": {}}
+    for scale in SCALES:
+        out["folder"][scale] = tmp / f"images-{scale}"
+        _link_copies(source, out["folder"][scale], copies[scale])
+        for mode in ("jpg", "raw"):
+            out["beton"][scale, mode] = tmp / f"beton-{scale}-{mode}"
+            prepare("imagefolder", out["folder"][scale], out["beton"][scale, mode],
+                    PrepareOptions(res=STORED[scale], write_mode=mode, val_per_class=10), progress=False)
     return out
 
 
-def paper_config(data_dir: Path, backend: str, epochs: int) -> RunConfig:
-    """The paper's recipe at 224 on the bench data, for its speed: lr 1e-4 keeps random images from diverging
-    (at 0.001 the bf16 nvjpeg run on an H200 reached a NaN loss in its second epoch)."""
-    return apply_overrides(RunConfig(), {
-        "data.dir": str(data_dir), "data.backend": backend, "model.num_classes": 10, "train.batch_size": 128,
-        "train.epochs": epochs, "train.lr": 1e-4, "train.schedule": "constant", "train.ten_crop": False,
-        "train.device": "cuda", "train.log_every": 1000})
+def fit_config(scale: str, data_dir: Path, backend: str) -> RunConfig:
+    """The scale's recipe on the bench's data, for its speed: lr 1e-4 keeps random images from diverging (at
+    0.001 the bf16 nvjpeg run on an H200 reached a NaN loss), and no learn check (random labels never learn)."""
+    return apply_overrides(scale_config(scale), {
+        "data.dir": str(data_dir), "data.backend": backend, "train.epochs": EPOCHS, "train.lr": 1e-4,
+        "train.schedule": "constant", "train.warmup_epochs": 0.0, "train.ten_crop": False, "train.learn_check": 0.0,
+        "train.device": "cuda"})
 
 
-def fit_rate(cfg: RunConfig, run_dir: Path) -> tuple[float, float]:
-    """Training images/s of `fit`, over every epoch but the first (worker start-up, numba and cuDNN warm-up), and
-    the fraction of that time the training loop waited for the loader."""
+@dataclass
+class Measured:
+    rate: float     # images/s over the epochs after the first
+    wait: float     # the share of that time the loop waited for the loader
+    startup: float  # seconds the first epoch took over the steady rate
+    compile: str    # the run record's provenance: on, off, or failed and eager
+
+
+def fit_rate(cfg: RunConfig, run_dir: Path) -> Measured:
+    torch._dynamo.reset()  # each run compiles as a new process would (and no cache limit is reached)
     record = fit(cfg, run_dir, progress=False)
     if record.status != "done":
         raise RuntimeError(f"benchmark run ended {record.status}: {record.error}")
-    rows = load_metrics(run_dir).iloc[1:]
-    seconds = float(rows["seconds"].sum())
-    images = float((rows["images_per_s"] * rows["seconds"]).sum())
-    return images / seconds, float(rows["data_wait_s"].sum()) / seconds
+    rows = load_metrics(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints: half a GB each
+    timed, first = rows.iloc[1:], rows.iloc[0]
+    seconds = float(timed["seconds"].sum())
+    images = float((timed["images_per_s"] * timed["seconds"]).sum())
+    startup = float(first["seconds"]) - float(first["images_per_s"] * first["seconds"]) * seconds / images
+    return Measured(images / seconds, float(timed["data_wait_s"].sum()) / seconds, max(startup, 0.0),
+                    str(record.provenance.get("compile")))
 
 
 def backends_present() -> list[str]:
-    return ["nvjpeg", "torch"] + (["ffcv"] if importlib.util.find_spec("ffcv") is not None else [])
+    return ["nvjpeg"] + (["ffcv"] if importlib.util.find_spec("ffcv") is not None else []) + ["torch"]
 
 
-def end_to_end_rows(data: dict[str, Path], runs: Path, epochs: int, console: Console) -> list[Row]:
-    with console.status("end to end: torchvision reference loop"):
-        ref_cfg = paper_config(data["jpg"], "torch", epochs)
-        images = sum(1 for _ in (data["folder"] / "train").rglob("*.jpg"))
-        # timed within the DataLoader's first pass: a second pass would time the start of 16 new workers
-        iters = max(images // ref_cfg.train.batch_size - WARMUP_ITERS - 1, 1)
-        base = reference_train(data["folder"], ref_cfg, iters=iters, device="cuda")
-    rows = [Row("end to end, torchvision reference loop (ImageFolder, fp32, all cores) (baseline)", base, base)]
-    for mode in ("jpg", "raw"):
-        for backend in backends_present():
-            name = f"end to end, fit(), {backend} backend, 256 px {mode} beton"
-            try:  # one backend that fails must not hide the others' rows
-                with console.status(f"end to end: {backend} backend, {mode} beton"):
-                    rate, wait = fit_rate(paper_config(data[mode], backend, epochs), runs / f"{backend}-{mode}")
-            except Exception as e:
-                rows.append(Row(name, base, None, f"failed: {type(e).__name__}: {e}"[:200]))
-                continue
-            target = "; target >= 20,000 img/s and >= 3x" if mode == "jpg" else ""
-            rows.append(Row(name, base, rate, f"waiting for data {wait:.0%} of the time{target}"))
+def _runs_root(tmp: Path) -> Path:
+    """Run folders in memory where there is room (each run writes half-GB checkpoints at every epoch's end)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 8 * 2**30:
+        return Path(tempfile.mkdtemp(prefix="repro-bench-runs-", dir=shm))
+    return tmp / "runs"
+
+
+SETTINGS = {"fp32": ("fp32 NCHW", dict(bf16=False, channels_last=False, compiled=False)),
+            "bf16": ("bf16 autocast", dict(bf16=True, channels_last=False, compiled=False)),
+            "cl": ("bf16 + channels_last", dict(bf16=True, channels_last=True, compiled=False)),
+            "compiled": ("bf16 + channels_last + torch.compile (as fit runs)",
+                         dict(bf16=True, channels_last=True, compiled=True))}
+
+
+class Measurements:
+    """The bench's measurements, each a number or the reason it has none, taken in order of need while the
+    budget lasts."""
+
+    def __init__(self, data: dict, runs: Path, budget: Budget, console: Console):
+        self.data, self.runs, self.budget, self.console = data, runs, budget, console
+        self.model: dict[tuple[str, str], float | str] = {}
+        self.e2e: dict[tuple[str, str, str], Measured | str] = {}
+        self.reference: float | str = NOT_MEASURED
+
+    def _take(self, kind: str, guess: float, label: str, fn):
+        if not self.budget.allows(kind, guess):
+            return SKIPPED.format(self.budget.seconds)
+        t0 = time.monotonic()
+        try:
+            with self.console.status(label):
+                out = fn()
+        except Exception as e:  # one measurement that fails must not hide the others
+            return f"failed: {type(e).__name__}: {' '.join(str(e).split())}"[:200]
+        self.budget.spent(kind, time.monotonic() - t0)  # a success: how long the next of its kind should take
+        return out
+
+    def model_bound(self, scale: str, setting: str) -> None:
+        name, flags = SETTINGS[setting]
+        self.model[scale, setting] = self._take(f"model-{setting}", 90.0 if flags["compiled"] else 15.0,
+                                                f"model-bound, {scale}: {name}",
+                                                lambda: model_rate(scale_config(scale), **flags))
+
+    def end_to_end(self, scale: str, backend: str, mode: str) -> None:
+        cfg = fit_config(scale, self.data["beton"][scale, mode], backend)
+        run_dir = self.runs / f"{scale}-{backend}-{mode}"
+        self.e2e[scale, backend, mode] = self._take(f"e2e-{scale}", 90.0, f"end to end, {scale}: {backend}, {mode}",
+                                                    lambda: fit_rate(cfg, run_dir))
+
+    def reference_loop(self) -> None:
+        cfg = fit_config("full", self.data["beton"]["full", "jpg"], "torch")
+        images = sum(1 for _ in (self.data["folder"]["full"] / "train").rglob("*.jpg"))
+        # timed within the DataLoader's first pass: a second pass would time the start of its workers
+        iters = max(images // cfg.train.batch_size - WARMUP_ITERS - 1, 1)
+        self.reference = self._take("reference", 60.0, "end to end: torchvision reference loop",
+                                    lambda: reference_train(self.data["folder"]["full"], cfg, iters=iters,
+                                                            device="cuda"))
+
+    def run_all(self) -> None:
+        """In order of need: the model-bound rates the end-to-end rows are shares of, the GPU's default backend
+        (nvjpeg), the reference loop, the other backends (raw betons first), then the other model-bound settings."""
+        for scale in SCALES:
+            self.model_bound(scale, "cl")
+            self.model_bound(scale, "compiled")
+        for mode in ("raw", "jpg"):
+            for scale in SCALES:
+                self.end_to_end(scale, "nvjpeg", mode)
+        self.reference_loop()
+        for mode in ("raw", "jpg"):
+            for scale in SCALES:
+                for backend in backends_present()[1:]:
+                    self.end_to_end(scale, backend, mode)
+        for setting in ("fp32", "bf16"):
+            self.model_bound("full", setting)
+
+
+def _rate(value) -> float | None:
+    return value if isinstance(value, float) else None
+
+
+def _why(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def model_rows(m: Measurements) -> list[Row]:
+    rows = []
+    for scale in SCALES:
+        cfg = scale_config(scale)
+        where = f"model-bound, {cfg.model.input_size} px, batch {cfg.train.batch_size}"
+        first = "fp32" if scale == "full" else "cl"
+        base = _rate(m.model.get((scale, first)))
+        for setting in (("fp32", "bf16", "cl", "compiled") if scale == "full" else ("cl", "compiled")):
+            value = m.model.get((scale, setting), NOT_MEASURED)
+            name = f"{where}, {SETTINGS[setting][0]}" + (" (baseline)" if setting == first else "")
+            rows.append(Row(name, base, _rate(value), _why(value)))
+    full = scale_config("full")
+    best = max((r.value for r in rows[:4] if r.value), default=None)
+    peak, flops = peak_tflops(torch.cuda.get_device_name()), train_flops_per_image(full)
+    note = (f"{flops * best / (peak * 1e12):.1%} of the {peak:.0f} TFLOP/s dense bf16 peak "
+            f"({flops / 1e9:.2f} GFLOP per training image)" if peak and best else "peak unknown, or no rate")
+    rows.append(Row("model-bound, 224 px, best setting: fraction of bf16 peak", None, best, note))
+    return rows
+
+
+def end_to_end_rows(m: Measurements) -> list[Row]:
+    """The reference loop, then per scale, beton and backend `fit`'s rate as a share of the compiled model-bound
+    rate at the same crop and batch."""
+    ref = _rate(m.reference)
+    bound = {s: _rate(m.model.get((s, "compiled"))) for s in SCALES}
+    full = scale_config("full")
+    rows = [Row(f"end to end, torchvision reference loop, {full.model.input_size} px, batch {full.train.batch_size} "
+                "(ImageFolder, fp32, all cores)", bound["full"], ref, _why(m.reference))]
+    for scale in SCALES:
+        cfg = scale_config(scale)
+        where = f"{cfg.model.input_size} px of {STORED[scale]}, batch {cfg.train.batch_size}"
+        for mode in ("jpg", "raw"):
+            for backend in backends_present():
+                got = m.e2e.get((scale, backend, mode), NOT_MEASURED)
+                label = f"{backend} backend, {mode} beton"
+                if isinstance(got, str):
+                    rows.append(Row(f"end to end, fit(), {where}, {label}", bound[scale], None, got, scale, label))
+                    continue
+                note = f"waiting for data {got.wait:.0%}; start-up {got.startup:.0f} s"
+                if scale == "full" and ref:
+                    note += f"; {got.rate / ref:.2f}x the reference loop (target >= 3x and >= 20,000 img/s)"
+                if got.compile != "on":
+                    note += f"; compile: {got.compile}"
+                rows.append(Row(f"end to end, fit(), {where}, {label}", bound[scale], got.rate, note, scale, label))
     if "ffcv" not in backends_present():
         rows.append(Row("end to end, fit(), ffcv backend", None, None, "FFCV not installed"))
     return rows
 
 
-def projection_row(rows: list[Row]) -> Row:
-    e2e = [r for r in rows if r.measurement.startswith("end to end, fit()") and r.value]
-    if not e2e:
-        return Row("paper's 90 epochs of ILSVRC-2012 (1.28M images), projected", None, None, "no end-to-end rate")
-    best = max(e2e, key=lambda r: r.value)
-    hours = 90 * ILSVRC_TRAIN_IMAGES / best.value / 3600
-    return Row("paper's 90 epochs of ILSVRC-2012 (1.28M images), projected", None, best.value,
-               f"{hours:.1f} h at the best end-to-end rate ({', '.join(best.measurement.split(', ')[2:])}); "
-               f"the paper: {PAPER_DAYS}")
+def projection_rows(m: Measurements, e2e: list[Row]) -> list[Row]:
+    rows = [paper_row(e2e)]
+    for scale in ("subset", "full"):
+        try:
+            runs, images = suite_size(scale)
+        except Exception as e:  # the measurements are kept whatever planning says
+            rows.append(Row(f"`repro run all --scale {scale}`, projected", None, None,
+                            f"failed to plan: {type(e).__name__}: {e}"[:200]))
+            continue
+        rows.append(suite_row(scale, runs, images, e2e, _rate(m.model.get((scale, "compiled")))))
+    return rows
 
 
-def markdown(rows: list[Row], command: str, gpu: str) -> list[str]:
+def markdown(rows: list[Row], command: str, gpu: str, budget: float) -> list[str]:
     lines = [f"## GPU: {gpu}", "", *machine_lines(command), "",
-             "Each ratio is against the first row of its group, measured in the same run on the same GPU.", "",
+             "Each ratio is against its row's baseline, measured in the same run on the same GPU: a model-bound "
+             "setting against the first of its group; `fit` and the reference loop against the compiled "
+             "model-bound rate at the same crop and batch (the share of it that training end to end reaches). "
+             f"The bench's time budget was {budget:.0f} s.", "",
              "| measurement | baseline img/s | img/s | ratio | note |", "|---|---:|---:|---:|---|"]
     return lines + ["| " + " | ".join(r.cells()) + " |" for r in rows]
 
 
-def run_gpu_bench(out: Path, *, quick: bool = False, console: Console | None = None) -> Path:
+def run_gpu_bench(out: Path, *, quick: bool = False, console: Console | None = None,
+                  budget_s: float | None = None) -> Path:
     """All GPU rows, printed and written as the "gpu" section of `out`."""
     console = console or Console()
     if not torch.cuda.is_available():
         raise UserError("repro bench --device cuda: no CUDA device is visible; run it on a GPU machine, or "
                         "run `repro bench` for the CPU measurements")
-    cfg = RunConfig()
-    rows = model_bound_rows(cfg, console)
+    budget = Budget(budget_s if budget_s is not None else budget_from_env())
     with tempfile.TemporaryDirectory(prefix="repro-bench-gpu-") as tmp:
         tmp = Path(tmp)
         with console.status("making benchmark images and betons"):
-            data = make_data(tmp, per_class=150 if quick else 300, val_limit=10)
-        e2e = end_to_end_rows(data, tmp / "runs", epochs=3, console=console)
-    rows += e2e + [projection_row(e2e)]
+            data = make_data(tmp, per_class=80 if quick else 160,
+                             copies={k: max(v // (4 if quick else 1), 2) for k, v in COPIES.items()})
+        runs = _runs_root(tmp)
+        try:
+            m = Measurements(data, runs, budget, console)
+            m.run_all()
+        finally:
+            shutil.rmtree(runs, ignore_errors=True)
+    e2e = end_to_end_rows(m)
+    rows = model_rows(m) + e2e + projection_rows(m, e2e)
     table = Table(title=f"repro bench --device cuda ({torch.cuda.get_device_name()})")
     for col in ("measurement", "baseline img/s", "img/s", "ratio", "note"):
         table.add_column(col, justify="left" if col in ("measurement", "note") else "right")
@@ -215,5 +364,5 @@ def run_gpu_bench(out: Path, *, quick: bool = False, console: Console | None = N
         table.add_row(*r.cells())
     console.print(table)
     write_section(out, "gpu", markdown(rows, f"repro bench --device cuda{' --quick' if quick else ''}",
-                                       torch.cuda.get_device_name()))
+                                       torch.cuda.get_device_name(), budget.seconds))
     return out
