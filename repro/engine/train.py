@@ -62,7 +62,7 @@ CURVE_SYNC_STEPS = 500  # the curve's points reach the host about this often (an
 
 class _Curve:
     """The training curve's points not yet on the host: each point's (loss sum, errors, images) stays on the device
-    until a sync (when `size` points are held, before a checkpoint, at the epoch's end), so no step waits for the
+    until a sync (when its buffer is full, before a checkpoint, at the epoch's end), so that no step waits for the
     GPU. The curve file gets the same rows, only later; the divergence and learn checks read them as they arrive."""
 
     def __init__(self, log_every: int, device: torch.device):
