@@ -37,13 +37,13 @@ def _run(name, runs_dir, **kw):
 
 def test_shared_baseline_is_trained_once_and_reused(fake_engine, tmp_path):
     code, out = _run("ablation-lrn", tmp_path)
-    assert code == 0 and len(fake_engine.calls) == 2
+    assert code == 0 and len(fake_engine.calls) == 3  # lrn, no-lrn and the gain control lrn-gain
     code, out = _run("ablation-overlap-pool", tmp_path)
     # overlap (the baseline) is shared with ablation-lrn's lrn variant: only non-overlap trains
-    assert code == 0 and len(fake_engine.calls) == 3 and "reused" in out
-    assert len(list((tmp_path / "store").iterdir())) == 3
+    assert code == 0 and len(fake_engine.calls) == 4 and "reused" in out
+    assert len(list((tmp_path / "store").iterdir())) == 4
     df = runs.collect(tmp_path)
-    assert len(df) == 4 and (df.status == "done").all()
+    assert len(df) == 5 and (df.status == "done").all()
     calls = len(fake_engine.calls)
     code, out = _run("ablation-lrn", tmp_path)
     assert code == 0 and len(fake_engine.calls) == calls  # a second run trains nothing
@@ -52,7 +52,7 @@ def test_shared_baseline_is_trained_once_and_reused(fake_engine, tmp_path):
 def test_seeds_and_set_change_the_plan(fake_engine, tmp_path):
     code, _ = _run("ablation-lrn", tmp_path, seeds=2, sets=["train.lr=0.02"])
     df = runs.collect(tmp_path)
-    assert code == 0 and len(df) == 4 and set(df.seed) == {0, 1} and set(df["train.lr"]) == {0.02}
+    assert code == 0 and len(df) == 6 and set(df.seed) == {0, 1} and set(df["train.lr"]) == {0.02}
 
 
 def test_interrupted_run_resumes(fake_engine, tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_dry_run_plans_without_training(fake_engine, tmp_path):
     # Each planned run is recorded as pending (planned.json, for torchrun), none trained.
     stored = list((tmp_path / "store").iterdir())
     assert stored and all((d / "planned.json").exists() and not (d / "result.json").exists() for d in stored)
-    assert "relu-vs-tanh" in out and "tanh-lr0.01" in out and "rough guess" in out
+    assert "relu-vs-tanh" in out and "tanh-lr0.02" in out and "rough guess" in out
     # smoke: 200 training images (the stand-in manifest) x 1 epoch per distinct run
     assert "shared" in out and "training images" in out
 
@@ -118,8 +118,8 @@ def test_dry_run_uses_the_measured_rate(fake_engine, tmp_path, monkeypatch):
     monkeypatch.setattr("socket.gethostname", lambda: "test-host")  # the stand-in records this host
     _run("baseline", tmp_path)
     code, out = _run("ablation-lrn", tmp_path, dry_run=True)
-    # one new run: 200 images at the measured 1000 images/s
-    assert "measured" in out and "200 training images" in out and "0 s" in out
+    # two new runs (no-lrn, lrn-gain): 200 images each at the measured 1000 images/s
+    assert "measured" in out and "400 training images" in out and "0 s" in out
 
 
 def test_list_and_status_tables(fake_engine, tmp_path):
@@ -129,9 +129,9 @@ def test_list_and_status_tables(fake_engine, tmp_path):
     rows = status_rows(tmp_path)
     show(console, rows, STATUS_COLUMNS, caption=status_caption(rows))
     text = console.export_text()
-    assert "ablation-lrn" in text and "2/2" in text and "top1_err -1.4" in text
-    assert "relu-vs-tanh" in text and "0/6" in text
-    assert "2 done" in text
+    assert "ablation-lrn" in text and "3/3" in text and "top1_err -1.4" in text
+    assert "relu-vs-tanh" in text and "0/16" in text  # 8 sweep variants x 2 seeds at smoke
+    assert "3 done" in text
 
 
 def test_two_processes_never_train_one_run_twice(tmp_path):
@@ -152,6 +152,6 @@ def test_two_processes_never_train_one_run_twice(tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     hashes = [line.split()[0] for line in log.read_text().splitlines()]
-    assert len(hashes) == 4 and len(set(hashes)) == 4, hashes  # 2 variants x 2 seeds, each trained once
+    assert len(hashes) == 6 and len(set(hashes)) == 6, hashes  # 3 variants x 2 seeds, each trained once
     assert (runs.collect(tmp_path / "runs").status == "done").all()
     assert any("another process" in o for o in outs)
