@@ -92,6 +92,7 @@ class RunDir:
         self.train_log = p / "train.log"           # a local-pool worker's output
         self.error_log = p / "error.log"           # the traceback of a failed run
         self.placement = p / "placement.json"      # where it trained: launcher, host, GPUs, job id, log
+        self.events = p / "events"                 # TensorBoard event files, one subfolder (repro.engine.events)
         self.launch = p / "launch.json"            # how it was submitted: launcher, job id, log, earlier job ids
         self.origin = p / "origin.json"            # an imported run: its bundle, digest, origin host, import date
 
@@ -222,12 +223,18 @@ def create(runs_dir: Path | str, run, *, planned: dict[str, Any] | None = None) 
     """Create the run folder of a PlannedRun and its experiment's link; return the run folder.
 
     `planned.json` records the resolved config and scale so that a run that never started still shows up with its
-    settings. Creating the link with `os.symlink` is atomic, so two processes can race here safely."""
+    settings, and the experiments, variants and seeds that plan it (the run's name in TensorBoard). Creating the
+    link with `os.symlink` is atomic, so two processes can race here safely."""
     real = store_dir(runs_dir, run.config_hash)
     real.path.mkdir(parents=True, exist_ok=True)
-    if not real.planned.exists():
+    user = {"experiment": run.experiment, "variant": run.variant, "seed": run.seed}
+    known = real.read_planned()
+    if known is None:
         io.write_json(real.planned, planned or {"scale": run.scale, "config": to_dict(run.cfg),
-                                                "config_hash": run.config_hash})
+                                                "config_hash": run.config_hash, "runs": [user]})
+    elif user not in known.setdefault("runs", []):
+        known["runs"].append(user)
+        io.write_json(real.planned, known)
     link = link_path(runs_dir, run.experiment, run.variant, run.seed, run.config_hash)
     link.parent.mkdir(parents=True, exist_ok=True)
     target = os.path.relpath(real.path, link.parent)

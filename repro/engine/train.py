@@ -27,6 +27,7 @@ from repro import io
 from repro.config import RunConfig, config_hash
 from repro.data.augment import center_crop, to_device
 from repro.engine import parallel, preempt, schedule
+from repro.engine.events import EventLog
 from repro.engine.recipe import step_seed
 from repro.engine.scoring import evaluate, lrn_strength
 from repro.record import RunRecord
@@ -107,6 +108,7 @@ def _record_points(state: RunState, total: int, points: list) -> None:
         if state.is_main:
             io.append_jsonl(state.run_dir.curve, row)
             state.curve_rows.append(row)
+            state.events.curve(row)
         _check_learning(state, total, iteration)
 
 
@@ -283,6 +285,7 @@ def _end_epoch(state: RunState, parts: Parts, stats: dict, lr: float) -> None:
     if state.is_main:
         preempt.check_owned(state.run_dir.metrics.name)
         io.append_jsonl(state.run_dir.metrics, row)
+        state.events.epoch(row)
     save(state, parts)
 
 
@@ -324,8 +327,14 @@ def _run(state: RunState, progress: bool) -> None:
     """Set up, restore, train to the end (or max_iters) and score the final model."""
     parts = set_up(state)
     restore(state, parts)
-    _epoch_loop(state, parts, progress)
-    _final_scoring(state, parts)
+    if state.is_main:  # TensorBoard's copy of the curves, from where the run continues
+        state.events = EventLog(state.run_dir, state.iteration)
+    try:
+        _epoch_loop(state, parts, progress)
+        _final_scoring(state, parts)
+    finally:
+        if state.events is not None:
+            state.events.close()
 
 
 def _one_line(e: BaseException) -> str:
