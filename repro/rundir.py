@@ -93,6 +93,7 @@ class RunDir:
         self.error_log = p / "error.log"           # the traceback of a failed run
         self.placement = p / "placement.json"      # where it trained: launcher, host, GPUs, job id, log
         self.events = p / "events"                 # TensorBoard event files, one subfolder (repro.engine.events)
+        self.progress = p / "progress.json"        # where a training run is, rewritten every few seconds
         self.launch = p / "launch.json"            # how it was submitted: launcher, job id, log, earlier job ids
         self.origin = p / "origin.json"            # an imported run: its bundle, digest, origin host, import date
 

@@ -215,8 +215,17 @@ def list_(
 def status(
     runs: Path = typer.Option(Path("runs"), help="Where run directories live."),
     view: View = typer.Option(View.table, "--format", help=VIEW_HELP),
+    watch: bool = typer.Option(False, "--watch", help="A live table of the runs training now (where, epoch and "
+                               "step, img/s, time left, latest errors), refreshed until Ctrl-C; reads only the run "
+                               "folders, so it works alike for the local pool and Slurm, from any machine."),
+    interval: float = typer.Option(5.0, min=0.5, help="--watch: seconds between refreshes."),
 ):
     """What ran, what is running, what failed and why."""
+    if watch:
+        from repro.cli.watch import watch as watch_runs
+
+        watch_runs(runs, console, interval)
+        return
     from repro.cli.rows import STATUS_COLUMNS, status_caption, status_rows
 
     rows = status_rows(runs)

@@ -1,5 +1,8 @@
-"""TensorBoard event files of a run, written as it trains (rank 0 only): the training curve, and each epoch's
-validation and evaluation-mode training errors, learning rate, images/s and loader wait.
+"""What a run reports while it trains (rank 0 only): TensorBoard event files (`EventLog`) and a small progress
+file for `repro status --watch` (`Progress`).
+
+The event files hold the training curve, and each epoch's validation and evaluation-mode training errors, learning
+rate, images/s and loader wait.
 
 They lie in the run folder (`RunDir.events`), one subfolder named by scale, experiment, variant and seed, so that
 `tensorboard --logdir runs/store` lists every run by what it is. A resumed run opens a new event file that purges
@@ -10,10 +13,15 @@ without duplicates.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+from repro import io
 from repro.rundir import RunDir
+
+PROGRESS_S = float(os.environ.get("REPRO_PROGRESS_S", "10"))  # how often the progress file is rewritten
 
 CURVE = {"train_loss": "train/loss", "train_top1_err": "train/top1_err"}
 EPOCH = {"val_top1_err": "val/top1_err", "val_top5_err": "val/top5_err",
@@ -55,3 +63,26 @@ class EventLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class Progress:
+    """Rewrites the run's progress file every PROGRESS_S seconds from host-side counters only (no device sync):
+    epoch, step, images/s over the last interval, and the latest training and validation errors the run has."""
+
+    def __init__(self, run: RunDir, total: int, steps: int):
+        self.run, self.total, self.steps = run, total, steps
+        self.last_t, self.last_images = time.monotonic(), 0
+
+    def beat(self, state, images: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_t < PROGRESS_S:
+            return
+        rate = (images - self.last_images) / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_images = now, images
+        curve = state.curve_rows[-1] if state.curve_rows else {}
+        val = next((r["val_top1_err"] for r in reversed(state.rows) if r.get("val_top1_err") is not None), None)
+        io.write_json(self.run.progress, {
+            "epoch": state.epoch + 1, "epochs": state.cfg.train.epochs, "batch": state.batch,
+            "steps_per_epoch": self.steps, "iteration": state.iteration, "iterations": self.total,
+            "images_per_s": rate, "train_top1_err": curve.get("train_top1_err"), "val_top1_err": val,
+            "updated": time.time()})

@@ -48,6 +48,7 @@ class RunState:
     curve_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # since the last curve point (all ranks)
     curve_rows: list = field(default_factory=list)  # the training curve so far (rank 0: for the learn check)
     events: Any = None             # rank 0's TensorBoard event log (repro.engine.events)
+    progress: Any = None           # rank 0's progress file for `repro status --watch` (repro.engine.events)
     iters_to_target: int | None = None
     best_val: float = math.inf
     rows: list = field(default_factory=list)  # metrics.jsonl

@@ -27,7 +27,7 @@ from repro import io
 from repro.config import RunConfig, config_hash
 from repro.data.augment import center_crop, to_device
 from repro.engine import parallel, preempt, schedule
-from repro.engine.events import EventLog
+from repro.engine.events import EventLog, Progress
 from repro.engine.recipe import step_seed
 from repro.engine.scoring import evaluate, lrn_strength
 from repro.record import RunRecord
@@ -223,9 +223,11 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
         if state.iteration % t.log_every == 0:
             curve.add(sums[1], state.iteration, state.epoch)  # the whole global batch, summed over ranks at a sync
             sums[1].zero_()
+        images_here = (state.batch - first_batch) * labels.shape[0] * state.world
         if bar is not None:
-            images = (state.batch - first_batch) * labels.shape[0] * state.world
-            bar.update(task, advance=1, ips=images / max(time.perf_counter() - t_here, 1e-9))
+            bar.update(task, advance=1, ips=images_here / max(time.perf_counter() - t_here, 1e-9))
+        if state.progress is not None:
+            state.progress.beat(state, state.train_images + images_here)
         if state.batch >= steps or (t.max_iters and state.iteration >= t.max_iters):
             break
         _inside_epoch(state, parts, curve, sums, t_start, total)
@@ -327,8 +329,12 @@ def _run(state: RunState, progress: bool) -> None:
     """Set up, restore, train to the end (or max_iters) and score the final model."""
     parts = set_up(state)
     restore(state, parts)
-    if state.is_main:  # TensorBoard's copy of the curves, from where the run continues
+    if state.is_main:  # TensorBoard's copy of the curves, from where the run continues; the progress file
         state.events = EventLog(state.run_dir, state.iteration)
+        t = state.cfg.train
+        steps = parts.loaders.batches_per_epoch
+        state.progress = Progress(state.run_dir, min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps,
+                                  steps)
     try:
         _epoch_loop(state, parts, progress)
         _final_scoring(state, parts)
