@@ -1,5 +1,5 @@
 """What a run reports while it trains (rank 0 only): TensorBoard event files (`EventLog`) and a small progress
-file for `repro status --watch` (`Progress`).
+file for `repro status --watch` (`ProgressFile`).
 
 The event files hold the training curve, and each epoch's validation and evaluation-mode training errors, learning
 rate, images/s and loader wait.
@@ -65,7 +65,7 @@ class EventLog:
         self.writer.close()
 
 
-class Progress:
+class ProgressFile:
     """Rewrites the run's progress file every PROGRESS_S seconds from host-side counters only (no device sync):
     epoch, step, images/s over the last interval, and the latest training and validation errors the run has."""
 

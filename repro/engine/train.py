@@ -27,7 +27,7 @@ from repro import io
 from repro.config import RunConfig, config_hash
 from repro.data.augment import center_crop, to_device
 from repro.engine import parallel, preempt, schedule
-from repro.engine.events import EventLog, Progress
+from repro.engine.events import EventLog, ProgressFile
 from repro.engine.recipe import step_seed
 from repro.engine.scoring import evaluate, lrn_strength
 from repro.record import RunRecord
@@ -333,8 +333,8 @@ def _run(state: RunState, progress: bool) -> None:
         state.events = EventLog(state.run_dir, state.iteration)
         t = state.cfg.train
         steps = parts.loaders.batches_per_epoch
-        state.progress = Progress(state.run_dir, min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps,
-                                  steps)
+        total = min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps
+        state.progress = ProgressFile(state.run_dir, total, steps)
     try:
         _epoch_loop(state, parts, progress)
         _final_scoring(state, parts)
