@@ -93,4 +93,5 @@ def test_kill_9_inside_a_checkpoint_save_then_resume(tmp_path, straight, where, 
         assert "checkpoint.prev.pt" in caplog.text
     assert not list(tmp_path.glob("*.tmp"))
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", "checkpoint.prev.pt", "config.json",
-                                                   "curve.jsonl", "metrics.jsonl", "result.json", "val_logits.npy"])
+                                                   "curve.jsonl", "events", "metrics.jsonl", "result.json",
+                                                   "val_logits.npy"])

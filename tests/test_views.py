@@ -76,7 +76,7 @@ def test_list_status_and_dry_run_at_80_columns(fake_engine, tmp_path):
     assert plan.returncode == 0, plan.stderr
     planned = [line.split() for line in plan.stdout.splitlines() if line.split()[:1] and line.split()[0] in names]
     assert {p[0] for p in planned} == set(names)
-    assert {"relu-lr0.01", "tanh-lr0.01", "non-overlap"} <= {p[1] for p in planned}
+    assert {"relu-lr0.02", "tanh-lr0.16", "non-overlap", "lrn-gain"} <= {p[1] for p in planned}
     assert all(len(p[3]) == 12 for p in planned), planned  # hash column whole
     _assert_whole(plan.stdout, names)
 
@@ -89,17 +89,17 @@ def test_plain_and_json_formats_parse(fake_engine, tmp_path):
     assert lines[0].split("\t") == ["name", "section", "kind", "claim", "paper", "runs_done"]
     rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
     assert set(rows) == set(load_registry()) and all(len(r) == 6 for r in rows.values())
-    assert rows["ablation-overlap-pool"][5] == "2/2" and rows["relu-vs-tanh"][5] == "6/6"
+    assert rows["ablation-overlap-pool"][5] == "2/2" and rows["relu-vs-tanh"][5] == "16/16"
     assert rows["ablation-lrn"][3].startswith("Response normalization reduces")  # prose whole in plain
 
     status = json.loads(_cli(["status", "--runs", str(runs_dir), "--format", "json"], tmp_path).stdout)
-    assert len(status) == 8 and {r["status"] for r in status} == {"done"}
+    assert len(status) == 2 + 16 and {r["status"] for r in status} == {"done"}
     assert all(len(r["hash"]) == 12 and isinstance(r["top1_err"], float) for r in status)
 
     plan = _cli(["run", "relu-vs-tanh", "--scale", "smoke", "--runs", str(runs_dir), "--dry-run",
                  "--format", "json"], tmp_path)
     planned = json.loads(plan.stdout)  # stdout is only the JSON; the summary line went to stderr
-    assert len(planned) == 6 and {r["status"] for r in planned} == {"done"} and "planned runs" in plan.stderr
+    assert len(planned) == 16 and {r["status"] for r in planned} == {"done"} and "planned runs" in plan.stderr
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_log_lines_into_a_pipe_are_not_wrapped(tmp_path):
     res = _cli(["run", "ablation-lrn", "--scale", "smoke", "--runs", str(runs_dir)], tmp_path)
     assert res.returncode == 0, res.stderr
     assert f"results under {runs_dir}" in res.stdout.splitlines()[-1]
-    assert any(line.startswith("[1/2] ablation-lrn/lrn seed 0 (") and line.endswith(": training")
+    assert any(line.startswith("[1/3] ablation-lrn/lrn seed 0 (") and line.endswith(": training")
                for line in res.stdout.splitlines()), res.stdout
 
 
