@@ -9,7 +9,9 @@ continues from the same batch of the same epoch.
 `fit` installs the handlers itself while it trains: SIGUSR2 and SIGHUP request a preemption (status "preempted",
 `fit` returns); SIGINT and SIGTERM request a stop (status "interrupted", `fit` raises KeyboardInterrupt so a sweep
 stops too), and a second SIGINT/SIGTERM raises KeyboardInterrupt at once. The flag stays set for the life of the
-process (every later run in it stops at its first step) until `clear()`.
+process (every later run in it stops at its first step) until `clear()`. Inside a Slurm job `sigterm_preempts()`
+makes SIGTERM a preemption signal: Slurm's preemption, time limit and `scancel` all send it, and each should leave a
+checkpoint and a "preempted" run, whatever else arrives meanwhile; `received()` says which signals asked.
 
 `abandon()` is the other kind of stop: this process lost its claim on the run (its lease's heartbeat lapsed and
 another process took the run over), so the loop stops at its next step and writes nothing more to the run folder
@@ -27,6 +29,8 @@ PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _reason: list[str] = []  # a list, not a global rebound in the handler: appending is all a handler does
+_received: list[int] = []  # the signals that asked for a preemption, in order
+_term_preempts: list[bool] = []  # non-empty: SIGTERM is a preemption signal (`sigterm_preempts`)
 
 
 class Preempted(Exception):
@@ -76,9 +80,23 @@ def forget_abandon() -> None:
 def clear() -> None:
     """Forget earlier requests (a launcher that keeps the process for another run; tests)."""
     _reason.clear()
+    _received.clear()
+
+
+def received() -> tuple[int, ...]:
+    """The signals that asked for a preemption since the last `clear()` (a launcher tells a warning from SIGTERM)."""
+    return tuple(_received)
+
+
+def sigterm_preempts(on: bool = True) -> None:
+    """From now on `handlers()` treats SIGTERM as a preemption signal (on=False: as a stop signal again)."""
+    _term_preempts.clear()
+    if on:
+        _term_preempts.append(True)
 
 
 def _preempt_handler(signum, frame) -> None:
+    _received.append(signum)
     request("preempted")
 
 
@@ -105,7 +123,9 @@ def restore(previous: dict[int, object]) -> None:
 @contextlib.contextmanager
 def handlers() -> Iterator[None]:
     """The handlers `fit` trains under: preemption signals and stop signals as the module docstring says."""
-    old = {**install(PREEMPT_SIGNALS), **install(STOP_SIGNALS, stop=True)}
+    term = (signal.SIGTERM,) if _term_preempts else ()
+    stops = tuple(s for s in STOP_SIGNALS if s not in term)
+    old = {**install(PREEMPT_SIGNALS + term), **install(stops, stop=True)}
     try:
         yield
     finally:
