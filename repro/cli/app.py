@@ -149,11 +149,17 @@ def run(
                                            rich_help_panel="Launching"),
     partition: Optional[str] = typer.Option(None, help="slurm: partition.", rich_help_panel="Launching"),
     account: Optional[str] = typer.Option(None, help="slurm: account.", rich_help_panel="Launching"),
-    gpus_per_run: Optional[int] = typer.Option(None, min=0, help="slurm: GPUs per run (one DDP task each).",
+    gpus_per_run: Optional[int] = typer.Option(None, min=0, help="slurm: GPUs per run, one DDP task each "
+                                               "(default 1; 0: train on CPUs, smoke and demo scale only).",
                                                rich_help_panel="Launching"),
+    cpus_per_gpu: Optional[int] = typer.Option(None, min=1, help="slurm: CPU cores per GPU, for its loader "
+                                               "(default 8).", rich_help_panel="Launching"),
+    mem_per_gpu: Optional[str] = typer.Option(None, help="slurm: memory per GPU, e.g. 32G (the default).",
+                                              rich_help_panel="Launching"),
     tasks_per_run: Optional[int] = typer.Option(None, min=1, help="slurm: DDP tasks per run (default: one per GPU, "
                                                 "or 1; on CPUs they train on gloo).", rich_help_panel="Launching"),
-    cpus_per_task: Optional[int] = typer.Option(None, min=1, help="slurm: CPU cores per task.",
+    cpus_per_task: Optional[int] = typer.Option(None, min=1, help="slurm: CPU cores per task (CPU-only runs; "
+                                                "with GPUs it replaces --cpus-per-gpu).",
                                                 rich_help_panel="Launching"),
     nodes: Optional[int] = typer.Option(None, min=1, help="slurm: nodes per run.", rich_help_panel="Launching"),
     time: Optional[str] = typer.Option(None, help="slurm: time limit per job, HH:MM:SS (default 04:00:00); a run "
@@ -174,7 +180,7 @@ def run(
         launch = resolve_options(launcher.value, config_file=launcher_config, slurm_sets=slurm_, parallel=parallel,
                                  partition=partition, account=account, gpus_per_run=gpus_per_run,
                                  tasks_per_run=tasks_per_run, cpus_per_task=cpus_per_task, nodes=nodes, time=time,
-                                 wait=wait)
+                                 cpus_per_gpu=cpus_per_gpu, mem_per_gpu=mem_per_gpu, wait=wait)
     code = run_experiments(experiment, scale.value, data_dir=data, runs_dir=runs, seeds=seeds, sets=set_,
                            dry_run=dry_run, progress=not quiet, console=console, launch=launch, fmt=view.value)
     raise typer.Exit(code)

@@ -14,6 +14,7 @@ from repro.schema import read_table, spec
 
 LAUNCHERS = ("local", "slurm")
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$")
+_MEM_RE = re.compile(r"^\d+[KMGT]?$")
 
 
 @dataclass
@@ -26,9 +27,15 @@ class LaunchOptions:
     partition: str | None = spec(None, help="slurm: partition")
     account: str | None = spec(None, help="slurm: account")
     time: str = spec("04:00:00", help="slurm: time limit per job, [D-]HH:MM:SS")
-    gpus_per_run: int = spec(0, help="slurm: GPUs per run, one DDP task each")
+    gpus_per_run: int | None = spec(None, help="slurm: GPUs per run, one DDP task each (default 1; 0: CPUs only)")
     tasks_per_run: int = spec(1, help="slurm: DDP tasks per run")
-    cpus_per_task: int | None = spec(None, help="slurm: CPU cores per task")
+    cpus_per_task: int | None = spec(None, help="slurm: CPU cores per task (CPU-only runs)")
+    # Per GPU, enough for its loader: AlexNet trains thousands of images/s on one GPU (README: On one GPU) and the
+    # loader decodes them on CPU cores, with the betons' page cache and pinned buffers in memory. A cluster's own
+    # default (often 1-2 cores and a few GB per job) starves the GPU or gets the job OOM-killed; 8 cores and 32G
+    # per GPU is an even share of a typical 8-GPU node (64+ cores, 256+ GB).
+    cpus_per_gpu: int = spec(8, help="slurm: CPU cores per GPU (loader threads)")
+    mem_per_gpu: str = spec("32G", help="slurm: memory per GPU, as sbatch takes it (e.g. 32G)")
     nodes: int = spec(1, help="slurm: nodes per run")
     setup: list = spec(None, factory=list, help="slurm: shell lines run before each job")
     slurm: dict = spec(None, factory=dict, help='slurm: any other sbatch option, e.g. {qos = "high"}')
@@ -92,6 +99,12 @@ def resolve_options(launcher: str, *, config_file: Path | None = None, slurm_set
     extra.update(parse_slurm_sets(list(slurm_sets)))
     opts = LaunchOptions(launcher=launcher, slurm=extra, **values)
     time_minutes(opts.time)
+    if opts.gpus_per_run is None:  # a Slurm job gets a GPU unless asked not to; a local run uses what it finds
+        opts.gpus_per_run = 1 if launcher == "slurm" else 0
+    if opts.cpus_per_gpu < 1:
+        raise UserError(f"--cpus-per-gpu {opts.cpus_per_gpu}: give at least 1 (default 8)")
+    if not _MEM_RE.match(str(opts.mem_per_gpu)):
+        raise UserError(f"--mem-per-gpu {opts.mem_per_gpu!r}: give a size as sbatch takes it, e.g. --mem-per-gpu 32G")
     if opts.gpus_per_run and opts.tasks_per_run == 1:
         opts.tasks_per_run = opts.gpus_per_run  # one task (one DDP rank) per GPU
     if opts.parallel < 1 or opts.nodes < 1 or opts.tasks_per_run < 1 or opts.gpus_per_run < 0:
