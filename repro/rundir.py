@@ -195,11 +195,12 @@ class RunDir:
         return "interrupted" if self.has_progress() else "pending"  # killed without a record: it can resume
 
     def status(self, job: Job | None = None, *, check_held: bool = True) -> tuple[str, str | None]:
-        """(status, reason): the run's files, with its launcher's job state folded in where `job` is given."""
+        """(status, reason): the run's files, with its launcher's job state folded in where `job` is given. A run
+        held by a live lease is running whatever its job says (a duplicate job that failed, a stale requeue)."""
         own = self.own_status(check_held=check_held)
         if own in REUSED or job is None or job.phase == "completed":
             return own, None
-        if job.phase == "running" or (job.phase == "pending" and own == "running"):
+        if own == "running" or job.phase == "running":
             return "running", None
         if job.phase == "pending":
             return ("requeued" if job.restarts else "pending"), job.reason or None

@@ -1,7 +1,8 @@
 """The rows of `repro list` and `repro status`: what the registry and the runs folder say, for repro.views.
 
 `repro status` reads every run's status from its folder (`RunDir.status`), with the launcher's job state folded in
-where `repro run --launcher slurm` submitted it (repro.launch.slurm.run_jobs asks Slurm once for all of them).
+where `repro run --launcher slurm` submitted it (repro.launch.slurm.run_jobs asks Slurm once for all of them); a
+run held by a live lease is running, under the job its lease names.
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ def status_rows(runs_dir: Path | str) -> list[dict[str, Any]]:
     for _, r in df.iterrows():
         live = RunDir(Path(r.run_dir).resolve()).holder() or {}
         error = " ".join(x for x in (_text(r.get("job.reason")), _text(r.error)) if x)
+        # a live lease names the job that trains the run, whatever job was submitted last (a duplicate, say)
+        job = str(live.get("job_id") or "") if r.status == "running" else ""
         rows.append({
             "experiment": r.experiment, "variant": r.variant, "seed": int(r.seed), "scale": r.scale or "",
-            "hash": r.config_hash, "status": r.status, "job": _text(r.get("job.id")) or str(live.get("job_id") or ""),
+            "hash": r.config_hash, "status": r.status, "job": job or _text(r.get("job.id")),
             "host": r.get("placement.host") or live.get("host") or "", "gpus": r.get("placement.gpus") or "",
             "log": r.get("placement.log") or _text(r.get("launch.log")),
             "epochs": None if not finite(r.epochs_done) else int(r.epochs_done),
