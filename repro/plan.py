@@ -3,14 +3,17 @@
 A config is resolved in this order: RunConfig defaults (the paper) -> the scale's table (repro.scales) ->
 the experiment's `[base]` -> its `[scales.<scale>]` -> the variant -> `--set`; then `data.manifest_hash` and
 `model.num_classes` come from the data's manifest (or, for a dry run before the data exists, the scale's nominal
-sizes, with a stand-in hash). Runs are then deduplicated by config hash, so a run several experiments share is
+sizes, with a stand-in hash); `plan` records a prepared data folder as an absolute path, so that jobs and later
+commands started elsewhere find it. Runs are then deduplicated by config hash, so a run several experiments share is
 trained once. The cost of a plan (images to train, time) comes from the rates of runs finished on this host, else
 the scale's rough guess; `repro run --dry-run` prints it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +119,17 @@ def plan(names: list[str], scale: str, *, data_dir, seeds, sets, experiments_dir
         names = list(registry)
     exps = [get_experiment(registry, n) for n in names]
     overrides = parse_set(list(sets or []))
-    return registry, {e.name: resolve(e, scale, data_dir, seeds, overrides, without_data=without_data)
+    return registry, {e.name: [_absolute_data(r) for r in resolve(e, scale, data_dir, seeds, overrides,
+                                                                  without_data=without_data)]
                       for e in exps}
+
+
+def _absolute_data(run: PlannedRun) -> PlannedRun:
+    """The run with its prepared data folder as an absolute path: the planned config is recorded in the run folder
+    and read by jobs and later commands started from other folders. `data.dir` is not hashed, so the hash stays."""
+    if not run.data_ready:  # nothing is recorded for it; its hint keeps the path as the user gave it
+        return run
+    return dataclasses.replace(run, cfg=apply_overrides(run.cfg, {"data.dir": os.path.abspath(run.cfg.data.dir)}))
 
 
 def unique_runs(planned: dict[str, list[PlannedRun]]) -> list[PlannedRun]:
