@@ -114,15 +114,16 @@ def small_betons(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A real single-node Slurm cluster (tests/slurm_cluster.py) for the session; SLURM_CONF points at it and jobs
-    import this checkout of repro."""
+    """A real single-node Slurm cluster (tests/slurm_cluster.py) for the session; SLURM_CONF points at it, jobs
+    import this checkout of repro, and `--wait` asks Slurm every second (REPRO_SLURM_POLL_S; 30 s by default)."""
     import slurm_cluster as sc
 
     cluster = sc.start()
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PYTHONPATH")}
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PYTHONPATH", "REPRO_SLURM_POLL_S")}
     root = str(Path(__file__).resolve().parents[1])
     os.environ["SLURM_CONF"] = str(cluster.conf)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, saved["PYTHONPATH"]) if p)
+    os.environ["REPRO_SLURM_POLL_S"] = "1"
     try:
         yield cluster
     finally:

@@ -1,23 +1,38 @@
 """A real single-node Slurm cluster for the test session: munged, slurmctld and slurmd started as root on private
 ports, with their keys, state, logs and sockets in one temporary folder; `SLURM_CONF` points at it.
 
+It is shaped like a shared cluster where it matters to repro: two partitions, `debug` (the default, PriorityTier 1)
+and `high` (PriorityTier 10), with PreemptType=preempt/partition_prio and PreemptMode=REQUEUE, so a job in `high`
+that needs the node requeues the jobs in `debug` (SIGTERM, then SIGKILL after KillWait); and NODE_GPUS fake GPUs
+(gres/gpu on character devices that are /dev/null), so that jobs ask for GPUs as on a real cluster. torch finds no
+CUDA behind them, so those jobs train on the CPU.
+
 Used by the `slurm_cluster` fixture in conftest.py; also runnable by hand (`python tests/slurm_cluster.py`) to
-start a cluster, print its SLURM_CONF and wait for Ctrl-C.
+start a cluster, print its SLURM_CONF and wait for Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import stat
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 NODE_CPUS = 4  # more than this machine's cores: jobs share them, so two small jobs can run side by side
+NODE_GPUS = 4  # fake ones: one per run of ablation-lrn's three, with a spare
+NODE_MEM_MB = 8000  # what jobs may ask for (--mem-per-gpu); nothing enforces it (no cgroups)
+# A requeued job is held back (Reason=BeginTime) for the credential lifetime, 120 s by default; shorter here so that
+# preemption tests do not idle (steps still launch well within it on a loaded machine)
+REQUEUE_DELAY_S = 10
+KILL_WAIT_S = 10  # SIGTERM to SIGKILL: time to checkpoint on a loaded 2-core machine (Slurm's default is 30)
 
 
 @dataclass
@@ -33,6 +48,18 @@ class Cluster:
     def log(self, name: str) -> str:
         path = self.root / "log" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        """A Slurm command (scontrol, squeue, sbatch, ...) against this cluster; its stdout."""
+        out = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=60)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip()}")
+        return out.stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` of one job as {field: value} (JobState, Restarts, Reason, ...)."""
+        text = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
 def _free_port() -> int:
@@ -51,7 +78,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket.2
+AuthInfo=socket={root}/munge/munge.socket.2,cred_expire={REQUEUE_DELAY_S}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -71,15 +98,19 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
+GresTypes=gpu
 SchedulerType=sched/builtin
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 SchedulerParameters=sched_interval=1,sched_min_interval=100000
 MessageTimeout=10
-KillWait=3
+KillWait={KILL_WAIT_S}
 MinJobAge=600
 InactiveLimit=0
 Waittime=0
-NodeName={node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} Sockets=1 CoresPerSocket={NODE_CPUS} ThreadsPerCore=1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+NodeName={node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} Sockets=1 CoresPerSocket={NODE_CPUS} ThreadsPerCore=1 RealMemory={NODE_MEM_MB} Gres=gpu:{NODE_GPUS} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10
 """
 
 
@@ -125,9 +156,21 @@ def start() -> Cluster:
     node = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
     conf.write_text(_conf(root, node))
+    (root / "dev").mkdir()
+    for k in range(NODE_GPUS):
+        os.mknod(root / "dev" / f"gpu{k}", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (root / "gres.conf").write_text(f"NodeName={node} Name=gpu File={root}/dev/gpu[0-{NODE_GPUS - 1}]\n")
     cluster = Cluster(root, conf, node)
-    env = cluster.env()
+    try:
+        _start_daemons(cluster, munge_dir, key)
+    except BaseException:
+        stop(cluster)
+        raise
+    return cluster
 
+
+def _start_daemons(cluster: Cluster, munge_dir: Path, key: Path) -> None:
+    root, node, env = cluster.root, cluster.node, cluster.env()
     subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--socket={munge_dir}/munge.socket.2",
                     f"--key-file={key}", f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
                     f"--seed-file={munge_dir}/munged.seed", "--num-threads=2"], check=True, env=env)
@@ -142,12 +185,11 @@ def start() -> Cluster:
     _wait(lambda: _pid(root / "run" / "slurmd.pid") is not None, "slurmd start", cluster)
     cluster.procs["slurmd"] = _pid(root / "run" / "slurmd.pid")
 
-    def idle() -> bool:
+    def idle() -> bool:  # one line per partition the node is in
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env)
-        return out.returncode == 0 and out.stdout.strip() in ("idle", "mixed")
+        return out.returncode == 0 and set(out.stdout.split()) <= {"idle", "mixed"} and bool(out.stdout.split())
 
     _wait(idle, "the node becoming idle", cluster, timeout=60)
-    return cluster
 
 
 def stop(cluster: Cluster) -> None:
@@ -175,7 +217,8 @@ def stop(cluster: Cluster) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     c = start()
-    print(f"export SLURM_CONF={c.conf}")
+    print(f"export SLURM_CONF={c.conf}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a background process may have SIGINT ignored
     try:
         signal.pause()
     finally:

@@ -27,6 +27,9 @@ from repro.cli.rows import status_rows
 pytestmark = pytest.mark.slow
 TORCH_LOADER = ["--set", "data.backend=torch"]  # the same runs (the backend is not hashed), no numba compile per job
 OTHER_LR = ["--set", "train.lr=0.02"]
+SLURM = ["--launcher", "slurm", "--gpus-per-run", "0"]  # CPU jobs: smoke runs may train on CPUs
+# the default request, one GPU per run with cores and memory per GPU, scaled to the test cluster's fake GPUs
+SLURM_GPU = ["--launcher", "slurm", "--cpus-per-gpu", "1", "--mem-per-gpu", "100M"]
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -101,12 +104,16 @@ def test_local_parallel_two_equals_in_process(local_reference, synthetic_data, t
 
 
 def test_slurm_wait_equals_local(slurm_cluster, local_reference, synthetic_data, tmp_path):
-    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, "--launcher", "slurm", "--wait")
+    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, *SLURM_GPU, "--wait")
     assert code == 0, out
     assert "submitted as Slurm job" in out and "ablation-lrn" in out  # the analysis ran after the jobs
     assert results(tmp_path) == local_reference
     ids = job_ids(tmp_path)
-    assert len(ids) == 2 and all("_" in i for i in ids)  # one job array, one task per run
+    assert len(ids) == 3 and all("_" in i for i in ids)  # one job array, one task per run
+    # each job asked for a GPU with its cores and memory, and a run's tasks end together
+    script = (tmp_path / "slurm" / f"{ids[0].split('_')[0]}_submission.sh").read_text()
+    for line in ("--gpus-per-node=1", "--cpus-per-gpu=1", "--mem-per-gpu=100M", "--requeue", "--kill-on-bad-exit=1"):
+        assert line in script, script
     for d in (tmp_path / "store").iterdir():
         where = io.read_json(d / "placement.json")
         assert where["launcher"] == "slurm" and where["slurm_job_id"] in ids and where["host"] == slurm_cluster.node
@@ -116,7 +123,7 @@ def test_slurm_wait_equals_local(slurm_cluster, local_reference, synthetic_data,
     assert all(r["host"] == slurm_cluster.node and r["log"] for r in rows)
     # nothing left to do: a second submission submits nothing and retrains nothing
     before = {d.name: (d / "result.json").stat().st_mtime_ns for d in (tmp_path / "store").iterdir()}
-    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, "--launcher", "slurm")
+    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, *SLURM)
     assert code == 0 and "submitted" not in out.replace("nothing to submit", "")
     assert job_ids(tmp_path) == ids
     assert before == {d.name: (d / "result.json").stat().st_mtime_ns for d in (tmp_path / "store").iterdir()}
@@ -132,23 +139,23 @@ def test_resubmit_and_failed_job(slurm_cluster, synthetic_data, tmp_path):
     runs_dir = tmp_path / "runs"
     env = slurm_cluster.env()
     # held jobs stay pending until released, so the test decides when they start
-    code, out = run_cli("ablation-lrn", data_ok, runs_dir, "--launcher", "slurm", "--slurm", "hold")
-    assert code == 0 and out.count("submitted as Slurm job") == 2, out
+    code, out = run_cli("ablation-lrn", data_ok, runs_dir, *SLURM, "--slurm", "hold")
+    assert code == 0 and out.count("submitted as Slurm job") == 3, out
     # another lr: a run of its own (the copy of the data has the same content hash, so the same runs otherwise)
-    code, out = run_cli("baseline", data_bad, runs_dir, "--launcher", "slurm", "--slurm", "hold", *OTHER_LR)
+    code, out = run_cli("baseline", data_bad, runs_dir, *SLURM, "--slurm", "hold", *OTHER_LR)
     assert code == 0 and out.count("submitted as Slurm job") == 1, out
     ids = job_ids(runs_dir)
-    assert len(ids) == 3
+    assert len(ids) == 4
     assert {r["status"] for r in status_rows(runs_dir)} == {"pending"}
 
     # submitting again while the jobs are queued submits nothing
-    code, out = run_cli("ablation-lrn", data_ok, runs_dir, "--launcher", "slurm")
-    assert code == 0 and "submitted as" not in out and out.count("not submitted again") == 2, out
+    code, out = run_cli("ablation-lrn", data_ok, runs_dir, *SLURM)
+    assert code == 0 and "submitted as" not in out and out.count("not submitted again") == 3, out
     assert job_ids(runs_dir) == ids
 
     (data_bad / "train.beton").unlink()  # the baseline job will fail when it starts
     subprocess.run(["scontrol", "release", ",".join(i.split("_")[0] for i in ids)], env=env, check=True)
-    code, out = run_cli("ablation-lrn", data_ok, runs_dir, "--launcher", "slurm", "--wait")
+    code, out = run_cli("ablation-lrn", data_ok, runs_dir, *SLURM, "--wait")
     assert code == 0 and "submitted as" not in out, out
     bad_link = next((runs_dir / "baseline").glob("*/*"))
 
@@ -167,17 +174,17 @@ def test_resubmit_and_failed_job(slurm_cluster, synthetic_data, tmp_path):
 
     # again: only the failed run is submitted
     shutil.copy(synthetic_data / "train.beton", data_bad / "train.beton")
-    code, out = run_cli("ablation-lrn", data_ok, runs_dir, "--launcher", "slurm")
+    code, out = run_cli("ablation-lrn", data_ok, runs_dir, *SLURM)
     assert code == 0 and "submitted as" not in out
-    code, out = run_cli("baseline", data_bad, runs_dir, "--launcher", "slurm", "--wait", *OTHER_LR)
+    code, out = run_cli("baseline", data_bad, runs_dir, *SLURM, "--wait", *OTHER_LR)
     assert code == 0 and out.count("submitted as Slurm job") == 1, out
     assert bad_row()["status"] == "done"
-    assert len(job_ids(runs_dir)) == 3 and io.read_json(bad_link / "launch.json")["earlier_job_ids"]
+    assert len(job_ids(runs_dir)) == 4 and io.read_json(bad_link / "launch.json")["earlier_job_ids"]
 
 
 def test_two_tasks_in_one_job_equal_torchrun(slurm_cluster, synthetic_data, tmp_path):
     runs_dir = tmp_path / "runs"
-    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", "--tasks-per-run", "2", "--wait")
+    code, out = run_cli("baseline", synthetic_data, runs_dir, *SLURM, "--tasks-per-run", "2", "--wait")
     assert code == 0, out
     (run_dir,) = list((runs_dir / "store").iterdir())
     assert io.read_json(run_dir / "placement.json")["tasks"] == 2
@@ -197,12 +204,12 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
     # most likely inside an epoch; the signal's delay through Slurm is not under the test's control, so a stop at an
     # epoch boundary is accepted too (tests/test_preempt.py checks exact resume inside an epoch deterministically)
     steps = 240 // 8
-    settings = ["--set", "train.epochs=10", "--set", "train.batch_size=8"]
+    settings = ["--set", "train.epochs=10", "--set", "train.batch_size=8", "--set", "train.learn_check=0"]
     code, out = run_cli("baseline", synthetic_data, tmp_path / "straight", *settings)
     assert code == 0, out
 
     runs_dir = tmp_path / "runs"
-    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", *settings)
+    code, out = run_cli("baseline", synthetic_data, runs_dir, *SLURM, *settings)
     assert code == 0 and "submitted as Slurm job" in out, out
     (run_dir,) = list((runs_dir / "store").iterdir())
     (job,) = job_ids(runs_dir)
@@ -218,10 +225,10 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
         info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster.env(), capture_output=True, text=True)
         return "Restarts=1" in info.stdout and "Reason=BeginTime" in info.stdout
 
-    # slurmctld holds a requeued job back for 120 s; let it start now rather than wait that out
+    # slurmctld holds a requeued job back (Reason=BeginTime: 120 s on a default cluster, REQUEUE_DELAY_S in
+    # tests/slurm_cluster.py), then starts it; forcing StartTime=now would race the node's revoked credential
     wait_until(requeued_and_waiting, what="the job to requeue itself")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_cluster.env(), check=True)
-    code, out = run_cli("baseline", synthetic_data, runs_dir, "--launcher", "slurm", "--wait", *settings)
+    code, out = run_cli("baseline", synthetic_data, runs_dir, *SLURM, "--wait", *settings)
     assert code == 0 and "submitted as" not in out, out
 
     assert job_ids(runs_dir) == [job]  # the same job, requeued, not a new submission
@@ -232,13 +239,13 @@ def test_preempted_job_requeues_and_resumes_inside_the_epoch(slurm_cluster, synt
     assert len(stop) == 1 and "before" in stop[0], log[-3000:]
     if "before batch" in stop[0]:
         batch = int(stop[0].split("before batch ")[1].split(")")[0].split()[0].rstrip(";"))
-        assert 0 < batch < steps, stop[0]  # stopped inside an epoch
+        assert 1 < batch <= steps, stop[0]  # stopped inside an epoch ("before batch" counts from 1)
     assert results(runs_dir) == results(tmp_path / "straight")
 
 
 def test_cancel_cancels_what_was_submitted(slurm_cluster, synthetic_data, tmp_path):
-    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, "--launcher", "slurm", "--slurm", "hold")
-    assert code == 0 and out.count("submitted as Slurm job") == 2, out
+    code, out = run_cli("ablation-lrn", synthetic_data, tmp_path, *SLURM, "--slurm", "hold")
+    assert code == 0 and out.count("submitted as Slurm job") == 3, out
     ids = job_ids(tmp_path)
     code, out = cli("cancel", "ablation-lrn", "--runs", str(tmp_path))
     assert code == 0 and "cancelled Slurm job(s)" in out and all(i in out for i in ids), out
