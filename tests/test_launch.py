@@ -154,6 +154,12 @@ def test_a_requeued_job_takes_over_its_own_lease_at_once(tmp_path):
         m.setattr("repro.launch.worker.fit_run", lambda cfg, run_dir, **kw: run.holder()["job_id"])
         assert train_claimed(None, run, progress=False, where=where, on_start=seen.append) == "42"
     assert seen == ["pending"] and run.holder() is None  # released after
+    # a flock left on the shared filesystem by the lost node (NFS keeps it on the server) does not keep it out
+    _lease(run)
+    with run.lock() as got, pytest.MonkeyPatch.context() as m:
+        assert got
+        m.setattr("repro.launch.worker.fit_run", lambda cfg, run_dir, **kw: run.holder()["job_id"])
+        assert train_claimed(None, run, progress=False, where=where) == "42"
 
 
 # --- SIGTERM inside a job -------------------------------------------------------------------------------------------

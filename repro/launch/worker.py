@@ -8,6 +8,7 @@ trained twice. The run's placement record (`RunDir.placement`) says where it tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -94,9 +95,13 @@ def fit_run(cfg, run_dir: Path | RunDir, *, progress: bool, catch: bool = True) 
 
 def train_claimed(cfg, run_dir: Path | RunDir, *, progress: bool, where: dict[str, Any], catch: bool = True,
                   on_start=None) -> str:
-    """Claim `run_dir`, train it unless it is finished, release it; BUSY when another process holds it."""
+    """Claim `run_dir`, train it unless it is finished, release it; BUSY when another process holds it.
+
+    A Slurm job claims with the lease alone: over NFS a flock is a lock on the server that a lost node keeps (until
+    it reboots, with NFSv3), which would keep the requeued job out; the lease is taken over from a lost node."""
     run = RunDir(run_dir)
-    with run.lock() as got:
+    lock = contextlib.nullcontext(True) if where.get("launcher") == "slurm" else run.lock()
+    with lock as got:
         if not got:
             return BUSY
         held = run.claim(job_id=where.get("slurm_job_id"), log=where.get("log"))
