@@ -1,4 +1,5 @@
-"""Train one run directory under its claim: the lease (and flock) first, then `fit`, then the claim is released.
+"""Train one run directory under its claim: the lease (and, outside Slurm jobs, the flock) first, then `fit`, then the
+claim is released.
 
 In process (`repro run --parallel 1`), in the worker processes of the local pool (`python -m repro.launch.worker
 RUN_DIR`), and inside Slurm jobs: all train through `train_claimed`, so a run another launcher holds is never
