@@ -241,3 +241,61 @@ def test_torchrun_refuses_a_run_another_live_process_holds(tmp_path, small_beton
     assert proc.returncode != 0 and "is held by another live process" in proc.stderr
     assert f"pid {os.getpid()}, Slurm job 4711" in proc.stderr
     assert not run.result.exists() and not run.config.exists()  # nothing trained, nothing written
+
+
+STOP_ON_RANK_1 = """
+import json, sys
+import torch
+from repro.config import from_dict
+from repro.data.augment import BatchTransform
+from repro.engine import fit, parallel, preempt
+from repro.engine import train as train_mod
+
+torch.set_num_threads(1)
+train_mod.CURVE_SYNC_STEPS = 2  # the ranks decide together every two steps
+rank, _ = parallel.init_from_env()
+init, call, calls = BatchTransform.__init__, BatchTransform.__call__, [0]
+
+def init_(self, manifest, cfg, train):
+    init(self, manifest, cfg, train)
+    self.for_training = train
+
+def call_(self, images, alpha=None):
+    if self.for_training and rank == 1:
+        calls[0] += 1
+        if calls[0] == 1:  # asked while the first batch is prepared: both ranks stop at the sync after step 2
+            preempt.request()
+    return call(self, images, alpha)
+
+BatchTransform.__init__, BatchTransform.__call__ = init_, call_
+record = fit(from_dict(json.loads(sys.argv[2])), sys.argv[1], progress=False)
+print(json.dumps({"rank": rank, "status": record.status}))
+"""
+
+
+def test_a_run_stopped_at_world_size_2_continues_at_world_size_1_from_the_same_sample(tmp_path, small_betons):
+    """Two processes stop inside the first epoch; one process continues from the sample they reached and ends with
+    the numbers of a run that one process trained straight through (up to the order of floating-point sums)."""
+    from repro.config import to_dict
+
+    torch.set_num_threads(1)
+    cfg = real_config(small_betons, **{"train.ten_crop": False, "train.log_every": 1})
+    (tmp_path / "stop.py").write_text(STOP_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           str(tmp_path / "stop.py"), str(tmp_path / "two"), json.dumps(to_dict(cfg))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"status": "preempted"') == 2, proc.stdout
+    saved = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["world"], saved["samples"]) == (0, 2, 32)  # 2 of the epoch's 4 global steps
+
+    resumed = fit(cfg, tmp_path / "two", progress=False)  # one process now
+    one = fit(cfg, tmp_path / "one", progress=False)
+    assert resumed.status == one.status == "done" and resumed.iterations == one.iterations == 2 * 4
+    curves = [RunDir(tmp_path / d).curve_rows() for d in ("one", "two")]
+    assert [r["iteration"] for r in curves[1]] == list(range(1, 9))  # nothing skipped, nothing repeated
+    for a, b in zip(*curves):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    rows = [RunDir(tmp_path / d).metric_rows() for d in ("one", "two")]
+    assert [r["data_order_digest"] for r in rows[0]] == [r["data_order_digest"] for r in rows[1]]
+    assert resumed.metrics["top1_err"] == pytest.approx(one.metrics["top1_err"], abs=100 / 16 + 1e-9)
