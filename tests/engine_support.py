@@ -111,6 +111,11 @@ def build_model(mcfg):
     return TinyNet(mcfg.num_classes, mcfg.activation)
 
 
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file (metrics, curve), in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def tiny_config(**overrides) -> RunConfig:
     base = {"model.num_classes": 4, "model.input_size": 8, "train.epochs": 2, "train.batch_size": 16,
             "train.lr": 0.05, "train.log_every": 3, "train.schedule": "constant", "train.device": "cpu",
@@ -139,7 +144,6 @@ if __name__ == "__main__":
 
     import os
     import signal
-    import time
 
     import repro.engine.checkpoint as ck
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from engine_support import read_jsonl
+
 TESTS = Path(__file__).parent
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -55,9 +57,6 @@ def torchrun(tmp_path: Path, run_dir: Path, stop_at: int) -> list[dict]:
     return sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
                   key=lambda r: r["rank"])
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_a_stop_on_one_rank_stops_both_at_the_next_sync(tmp_path):

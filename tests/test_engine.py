@@ -4,7 +4,6 @@ checkpoint fall-back, lr schedules, and ten-crop scoring against a hand computat
 from __future__ import annotations
 
 import json
-import time
 import logging
 import math
 import subprocess
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import engine_support as sup
+from engine_support import read_jsonl
 from repro.config import config_hash
 from repro.engine import checkpoint, evaluate, extract_features, fit, load_model, predict, schedule
 from repro.engine import state as state_mod
@@ -32,9 +32,6 @@ def stand_ins(monkeypatch):
     sup.use_stand_ins(monkeypatch)
     torch.set_num_threads(1)
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def without_timing(rows):

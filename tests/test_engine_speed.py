@@ -3,13 +3,13 @@ torch.compile falls back to eager with the same results, and scoring at a larger
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
 
 import engine_support as sup
+from engine_support import read_jsonl
 from repro.config import apply_overrides, RunConfig
 from repro.engine import checkpoint, evaluate, fit
 from repro.engine import state as state_mod
@@ -25,9 +25,6 @@ def stand_ins(monkeypatch):
     sup.use_stand_ins(monkeypatch)
     torch.set_num_threads(1)
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 class CountingBatches:

@@ -182,7 +182,6 @@ def test_broken_scales_file(exp_dir):
 
 def test_cli_unknown_experiment_and_bad_set_exit_2(fake_manifest, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
     cases = [
         (["run", "ablation-lnr", "--scale", "smoke"], "unknown experiment 'ablation-lnr'; did you mean 'ablation-lrn'?"),
         (["run", "ablation-lrn", "--scale", "smoke", "--set", "model.lrm=false"], "unknown key 'model.lrm'"),

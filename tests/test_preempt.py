@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import engine_support as sup
+from engine_support import read_jsonl
 from repro.rundir import RunDir
 from repro.record import TIMING_KEYS
 from repro.config import RunConfig, apply_overrides
@@ -64,9 +65,6 @@ def request_after(monkeypatch, steps: int) -> None:
 def without_timing(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def assert_same_run(a: Path, b: Path, ra, rb):
