@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakes import make_run  # noqa: E402
 
 from repro.claims import judge_claim  # noqa: E402
+from repro.claims import verdicts as V  # noqa: E402
 from repro.claims.facts import data_facts, has_colour, lrn_strength, parameter_counts  # noqa: E402
 from repro.experiments import load_registry  # noqa: E402
 from repro.report import build_report  # noqa: E402
@@ -48,11 +49,17 @@ def test_colour_claims_are_not_testable_on_greyscale_data(tmp_path, claim):
                      overrides={**ov, "data.dir": str(grey), "data.manifest_hash": "grey"})
             make_run(runs, claim, v, s, scale="subset", metrics={"top1_err": 30.0 - 2 * (v == "pca") + 0.1 * s},
                      overrides={**ov, "data.dir": str(colour), "data.manifest_hash": "rgb"})
-    analysis = {"scale": "demo", "runs": [{"variant": "baseline", "seed": 0, "towers": [0.0, 0.0]}] * 3}
+    # tower gaps 0.02, 0.03, 0.04: an interval whose lower end (+0.005) lies near zero
+    analysis = {"scale": "demo", "runs": [{"variant": "baseline", "seed": s, "towers": [0.5, 0.52 + 0.01 * s]}
+                                          for s in range(3)]}
     r = judge_claim(exp, collect(runs), analysis, runs)
     demo = next(s for s in r.scales if s.scale == "demo")
     assert demo.verdict == "not testable on this data"
     assert "Fashion-MNIST is greyscale" in demo.headline.reason
+    # a claim the data cannot show has no boundary to be near, whatever its interval
+    if claim == "first-layer-filters":
+        assert V.near_boundary(demo.headline.measured, demo.headline.unit)
+    assert not demo.headline.near and "near its boundary" not in demo.headline.reason
     assert "Fashion-MNIST: greyscale, 28 px" in demo.caveat
     subset = next(s for s in r.scales if s.scale == "subset")
     # colour data: judged as usual (the filter claim has no subset analysis here, so it is not run there)

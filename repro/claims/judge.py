@@ -163,16 +163,16 @@ def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs
     ev = Evidence(scale=scale, rows=rows, analysis=analysis, runs_dir=runs_dir, data=data)
     comps, best = get_kind(exp.kind).judge(exp, ev)
     top5_as_context(comps, _classes(rows, data))
-    for c in comps:
-        if V.near_boundary(c.measured, c.unit) and c.verdict not in ("not run", V.UNTESTABLE):
-            c.near = True
-            c.reason += ("; near its boundary: the interval's nearer end is within a quarter of its half-width of "
-                         "no effect, so another seed draw or another CPU type's floats can move this verdict")
     why = _untestable(exp, data)
     if why:
         for c in comps:
             if not c.context:
                 c.verdict, c.reason = V.UNTESTABLE, why
+    for c in comps:  # after the data's verdict: a claim the data cannot show has no boundary to be near
+        if V.near_boundary(c.measured, c.unit) and c.verdict not in ("not run", V.UNTESTABLE):
+            c.near = True
+            c.reason += ("; near its boundary: the interval's nearer end is within a quarter of its half-width of "
+                         "no effect, so another seed draw or another CPU type's floats can move this verdict")
     head = headline_of(exp, comps)
     counts = rows["status"].value_counts().to_dict() if "status" in rows else {}
     return ScaleResult(scale, comps, head.verdict if head else "not run", head, _seeds_done(rows),
