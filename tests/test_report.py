@@ -464,3 +464,15 @@ def test_the_page_shows_the_differences_and_the_rules_with_their_upper_bound(ren
     assert '<h2 id="differences">Differences from the paper</h2>' in text
     assert "<h3>At demo scale" in text.split('id="differences"')[1].split("<h2")[0]
     assert "same direction, larger" in text and "not judged" in text
+
+
+def test_the_header_counts_each_run_folder_once(rendered):
+    # the demo's claims share runs of one config (baseline, ensemble, ablation-lrn's lrn, ...): one folder, many links
+    _, runs, out = rendered
+    df = collect(runs)
+    folders = df.assign(folder=[Path(p).resolve() for p in df["run_dir"]]).drop_duplicates("folder")
+    assert len(df) > len(folders)
+    header = " ".join(out.read_text().split("<header>")[1].split("</p>")[0].split())
+    assert f"from {len(folders)} run(s)" in header and f"listed {len(df)} times" in header
+    done = int((folders["status"] == "done").sum())
+    assert f"{done} done" in header and done < int((df["status"] == "done").sum())

@@ -77,6 +77,8 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
     caveats = {r.summary.scale: r.summary.caveat for r in results if r.summary and r.summary.caveat}
     summary = [sections.summary_row(r) for r in results]
     baseline = next((r.summary for r in results if r.kind == "absolute" and r.summary), None)
+    # claims share runs of one config (one store folder, linked under each): the header counts each folder once
+    distinct = df.loc[~df["run_dir"].map(lambda link: Path(link).resolve()).duplicated()] if len(df) else df
 
     context = dict(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), runs_dir=str(runs_dir),
@@ -86,7 +88,8 @@ def build_report(runs_dir: Path | str, out_html: Path | str, *, registry: dict |
         differences=differences.differences(df),
         table1=tables.table1(largest_scale(analyses.get("ten-crop"))),
         table2=tables.table2(df, largest_scale(analyses.get("ensemble")), baseline), unregistered=unregistered,
-        n_runs=len(df), status_counts=df["status"].value_counts().to_dict() if len(df) else {})
+        n_listed=len(df), n_runs=len(distinct),
+        status_counts=distinct["status"].value_counts().to_dict() if len(distinct) else {})
     html = render(context)
 
     out_html.parent.mkdir(parents=True, exist_ok=True)
