@@ -124,6 +124,9 @@ def test_preempted_inside_an_epoch_then_resumed_equals_a_straight_run(tmp_path, 
     preempt.clear()  # what a requeued job starts with: a fresh process
     resumed = fit(cfg, tmp_path / "b", progress=False)
     assert_same_run(tmp_path / "a", tmp_path / "b", straight, resumed)
+    # the epoch it stopped inside keeps its order digest: the resumed run saw the straight run's data
+    digests = [[r["data_order_digest"] for r in read_jsonl(tmp_path / d / "metrics.jsonl")] for d in "ab"]
+    assert digests[0] == digests[1] and len(set(digests[0])) == 2
 
 
 def test_a_second_run_in_a_preempted_process_stops_at_once(tmp_path):
