@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+import repro.data.order as order_mod
 from repro.data.crops import draw_words
 from repro.data.order import BatchOrder, crop_key, epoch_order, order_digest, rank_share
 
@@ -35,6 +36,19 @@ def test_the_digest_is_stable_and_sees_order_and_crops():
     assert len(order_digest(ids, 3, 5, 16)) == 16
     # it covers the samples trained on: a subset of other ids is another digest
     assert order_digest(ids[:100], 3, 5, 16) != order_digest(ids[100:], 3, 5, 16)
+
+
+def test_the_digest_changes_with_the_order_alone_and_with_the_crops_alone(monkeypatch):
+    ids = np.arange(200)
+    digest = order_digest(ids, 3, 5, 16)
+    real_order, real_key = order_mod.epoch_order, order_mod.crop_key
+    with monkeypatch.context() as m:  # the same samples, the same crops, another order
+        m.setattr(order_mod, "epoch_order", lambda i, s, e: real_order(i, s, e)[::-1])
+        assert order_digest(ids, 3, 5, 16) != digest
+    with monkeypatch.context() as m:  # the same order, other crop draws
+        m.setattr(order_mod, "crop_key", lambda s, e: real_key(s, e) + np.uint64(1))
+        assert order_digest(ids, 3, 5, 16) != digest
+    assert order_digest(ids, 3, 5, 16) == digest
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
