@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakes import make_run  # noqa: E402
 
 from repro.claims import judge_claim  # noqa: E402
+from repro.claims import convergence, verdicts as V  # noqa: E402
 from repro.experiments import load_registry  # noqa: E402
 from repro.report.sections import fmt_effect  # noqa: E402
 from repro.runs import collect  # noqa: E402
@@ -58,3 +59,23 @@ def test_a_dropout_run_that_never_converges_counts_as_a_bound(tmp_path):
     assert it.measured.bound == ">" and math.isfinite(it.measured.mean)
     assert fmt_effect(it.measured, it.unit)[0] == f"> {it.measured.mean:.2f}x"
     assert it.verdict == "same direction"  # at demo scale only the sign is judged, and a lower bound keeps it
+
+
+@pytest.mark.parametrize("up, verdict, kept", [
+    # the true ratio is larger than measured (a lower bound), towards the paper's 6x
+    (True, "reproduced", "same direction"), (True, "same direction, smaller", "same direction"),
+    (True, "same direction, larger", "same direction, larger"), (True, "same direction", "same direction"),
+    (True, "opposite", "inconclusive"),  # measured below 1, but the true ratio may lie above it
+    # the true ratio is smaller than measured (an upper bound), away from the paper's side
+    (False, "reproduced", "inconclusive"), (False, "same direction, larger", "inconclusive"),
+    (False, "same direction", "inconclusive"), (False, "opposite", "opposite"),
+    (False, "inconclusive", "inconclusive"),
+])
+def test_a_censored_ratio_keeps_only_what_its_bound_can_show(up, verdict, kept):
+    comp = V.Comparison("tanh / relu", "iters_to_target", "x", 6.0, V.Interval(3.0, 2.0, 4.5, 5), verdict, "r")
+    # inverse ratio (treatment / control): a censored treatment makes its numerator too small, the ratio too small
+    convergence._as_bound(comp, treatment_censored=up, control_censored=not up, inverse=True)
+    assert comp.measured.bound == (">" if up else "<") and comp.verdict == kept
+    both = V.Comparison("t / c", "iters_to_target", "x", 6.0, V.Interval(3.0, 2.0, 4.5, 5), verdict, "r")
+    convergence._as_bound(both, treatment_censored=True, control_censored=True, inverse=True)
+    assert both.verdict == "inconclusive"

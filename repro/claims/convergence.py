@@ -120,7 +120,11 @@ def iteration_ratios(exp, rows, best, iters: dict, *, inverse: bool, paper, what
 
 
 def _as_bound(comp: V.Comparison, treatment_censored: bool, control_censored: bool, inverse: bool) -> None:
-    """Mark a ratio with censored runs as the bound it is, and keep its verdict to what the bound can show."""
+    """Mark a ratio with censored runs as the bound it is, and keep only the verdicts that the bound can show.
+
+    A censored arm counts at its total iterations, which are too few, so the true ratio lies beyond the measured one
+    on one side. Beyond it towards the paper's side, the direction stands (and "larger"), not the size; away from the
+    paper's side, only "opposite" stands: the true ratio may lie on either side of 1."""
     if not (treatment_censored or control_censored):
         return
     # counted at its total, a censored arm's iterations are too few: its side of the ratio is too small
@@ -130,10 +134,17 @@ def _as_bound(comp: V.Comparison, treatment_censored: bool, control_censored: bo
         comp.verdict, comp.reason = "inconclusive", comp.reason + "; censored on both sides: bounded neither way"
         return
     comp.measured.bound = ">" if up else "<"
-    sized = {">": ("same direction, smaller",), "<": ("reproduced", "same direction, larger")}[comp.measured.bound]
-    if comp.verdict in sized:  # the true size may lie on the other side of the paper's: only the direction stands
+    kind = "lower" if up else "upper"
+    if comp.paper is None or not comp.paper > 0 or comp.verdict in ("inconclusive", "not run", "no paper number"):
+        return
+    towards = up == (comp.paper > 1)
+    if towards and comp.verdict in ("reproduced", V.SMALLER):
         comp.verdict = "same direction"
-        comp.reason += f"; a {'lower' if up else 'upper'} bound, so its size is not judged"
+        comp.reason += f"; a {kind} bound, so its size is not judged"
+    elif comp.verdict not in (("same direction", V.LARGER) if towards else ("opposite",)):
+        comp.verdict = "inconclusive"
+        comp.reason += (f"; a {kind} bound {'towards' if towards else 'away from'} the paper's side: the true ratio "
+                        "may lie on either side of 1")
 
 
 def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
