@@ -20,10 +20,13 @@ from repro.errors import UserError
 from repro.models.registry import list_models
 from repro.schema import check, describe, spec
 
-CONFIG_FORMAT = 7  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
+CONFIG_FORMAT = 8  # 2: cosine anneals per iteration; 3: torch reseeded per step (exact resume inside an epoch);
 #                    4: no weight decay on biases unless train.decay_biases; 5: alexnet-paper drops the outputs of fc6 and fc7;
 #                    6: data.normalize defaults to the mean image; 7: each epoch's order and crop draws come from
-#                    SeedSequence(seed, epoch) (they came from seed + epoch, so seeds shared their data)
+#                    SeedSequence(seed, epoch) (they came from seed + epoch, so seeds shared their data), crops keyed by
+#                    sample id; train.batch_size is the global batch under DDP; the step seed leaves out the rank, and
+#                    dropout masks and lighting noise are drawn for the global batch; 8: a compiled net draws dropout
+#                    masks from torch's generator as eager does (inductor's fallback_random)
 
 
 @dataclass(frozen=True)

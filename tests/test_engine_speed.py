@@ -119,6 +119,20 @@ def test_a_failed_compile_trains_eager_with_the_same_results(tmp_path, monkeypat
     assert read_jsonl(tmp_path / "a" / "curve.jsonl") == read_jsonl(tmp_path / "eager" / "curve.jsonl")
 
 
+def test_compiled_runs_draw_dropout_masks_from_torchs_generator(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor, "fallback_random", False)  # restored after the test
+    seen = []
+
+    def record(net, **kwargs):
+        seen.append(inductor.fallback_random)
+        return net
+
+    monkeypatch.setattr(torch, "compile", record)
+    assert fit(sup.tiny_config(**{"train.compile": "true"}), tmp_path, progress=False).provenance["compile"] == "on"
+    assert seen == [True]
+
+
 def test_compile_is_on_by_default_on_cuda_only(tmp_path):
     assert RunConfig().train.compile == "auto"
     assert wants_compile("auto", torch.device("cuda")) and not wants_compile("auto", torch.device("cpu"))

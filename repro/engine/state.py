@@ -140,6 +140,10 @@ def set_up_compile(state: RunState, parts: Parts) -> None:
     if not wants_compile(state.cfg.train.compile, parts.device):
         return
     try:
+        import torch._inductor.config as inductor  # deferred: loads the compiler's settings only when compiling
+        # dropout masks from torch's own generator, as in eager mode: otherwise inductor draws its own on CUDA, and a
+        # compiled run (compile is not hashed) or one that falls back to eager would train on other masks
+        inductor.fallback_random = True
         # static shapes: a training batch has one shape (the last partial batch is dropped)
         parts.net, parts.compile_pending = torch.compile(parts.eager, dynamic=False), True
         state.prov["compile"] = "on"
