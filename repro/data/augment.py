@@ -17,14 +17,16 @@ from repro.data.order import rank_world
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device` without making the host wait: a host tensor goes to a GPU from pinned memory (pinned here if
-    it is not already, as FFCV's and the DataLoader's buffers are) with a non-blocking copy. A blocking copy from
-    pageable memory waits for every kernel queued before it: a sync with the GPU in the training thread per batch."""
+    """`t` on `device` without making the host wait: a host tensor goes to a GPU with a non-blocking copy from a
+    pinned copy of its own. A blocking copy from pageable memory waits for every kernel queued before it (a sync with
+    the GPU in the training thread per batch); copying straight from a loader's pinned buffer would race with the
+    loader, which rewrites that buffer some batches later (FFCV does) while nothing waits for the copy. torch's
+    pinned-memory allocator keeps the private copy until the transfer has run."""
     device = torch.device(device)
     if t.device == device or device.type != "cuda":
         return t.to(device)
-    if t.device.type == "cpu" and not t.is_pinned():
-        t = t.pin_memory()
+    if t.device.type == "cpu":
+        t = torch.empty_like(t, pin_memory=True).copy_(t)
     return t.to(device, non_blocking=True)
 
 
