@@ -303,8 +303,27 @@ def _check_run(path: Path, run: dict, texts: dict[str, bytes]) -> RunRecord:
             raise refuse(path, f"{STORE}/{h}/{names[attr]} holds no valid config") from None
         if actual != h or recorded != h:
             raise refuse(path, f"{STORE}/{h}/{names[attr]}: its config hashes to {actual} and it records "
-                               f"{recorded}, not the folder's name {h}")
+                               f"{recorded}, not the folder's name {h} (an edited record, or a run of a repro version that "
+                               f"computes runs differently: retrain it with this one)")
+    # the run table reads a run's seed from its link: a run filed under another seed would be paired wrongly
+    seed = from_dict(result["config"]).train.seed
+    misfiled = [x["seed"] for x in run["links"] if x["seed"] != seed]
+    if misfiled:
+        raise refuse(path, f"{MANIFEST} files run {h} under seed {misfiled[0]}, but it trained with train.seed = {seed}")
     return record
+
+
+def _check_analyses(path: Path, manifest: dict, texts: dict[str, bytes]) -> None:
+    """Each analysis is the scale its name says: the run table files an analysis under the scale it records, so a
+    mislabelled one would stand in for a local analysis of another scale."""
+    for a in manifest["analyses"]:
+        name = analysis_paths(Path(), a["experiment"], a["scale"])[0].as_posix()
+        try:
+            scale = json.loads(texts.get(name) or b"").get("scale")
+        except (ValueError, AttributeError):
+            scale = None
+        if scale != a["scale"]:
+            raise refuse(path, f"{name} is not the {a['scale']}-scale analysis its name says (it records {scale!r})")
 
 
 def verify(path: Path | str, max_file: int = MAX_FILE) -> Bundle:
@@ -353,4 +372,5 @@ def _verify_open(path: Path, digest: str, tar: tarfile.TarFile, max_file: int) -
     bundle = Bundle(path, digest, manifest, members)
     for run in manifest["runs"]:
         bundle.records[run["config_hash"]] = _check_run(path, run, texts)
+    _check_analyses(path, manifest, texts)
     return bundle

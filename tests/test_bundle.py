@@ -254,6 +254,27 @@ def _other_lr(data: bytes) -> bytes:
     return json.dumps(record).encode()
 
 
+def _remanifested(members, change):
+    """`members` with the manifest changed in place by `change(manifest)`."""
+    manifest = json.loads(next(d for m, d in members if m.name == MANIFEST))
+    change(manifest)
+    return [(m, json.dumps(manifest).encode() if m.name == MANIFEST else d) for m, d in members]
+
+
+def _misfiled_seed(manifest):
+    manifest["runs"][0]["links"][0]["seed"] += 3
+
+
+def _with_analysis(members, name: str, scale: str, data: bytes):
+    """`members` plus an analysis file `name`, listed in the manifest under `scale`."""
+    import hashlib
+
+    def change(manifest):
+        manifest["analyses"].append({"experiment": "ablation-lrn", "scale": scale})
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return _remanifested(members, change) + [entry(name, data=data)]
+
+
 def hostile(case: str, members, h: str):
     metrics, result = f"store/{h}/metrics.jsonl", f"store/{h}/result.json"
     swap = lambda name, new: [new if m.name == name else (m, d) for m, d in members]  # noqa: E731
@@ -269,6 +290,10 @@ def hostile(case: str, members, h: str):
         "unlisted": lambda: members + [entry(f"store/{h}/notes.txt", data=b"hello")],
         "digest": lambda: [(m, _flip(d) if m.name == metrics else d) for m, d in members],
         "config-hash": lambda: _relisted(members, result, _other_lr(data[result])),
+        "wrong-seed": lambda: _remanifested(members, _misfiled_seed),
+        # filed as scale "zz", it says "full": it would stand in for the local full-scale analysis
+        "analysis-scale": lambda: _with_analysis(members, "ablation-lrn/analysis-zz.json", "zz",
+                                                 json.dumps({"scale": "full", "runs": []}).encode()),
         "not-a-tar": None,
     }[case]
 
@@ -276,7 +301,8 @@ def hostile(case: str, members, h: str):
 REFUSALS = {"absolute": "absolute path", "dotdot": "'..' component", "symlink": "symbolic link",
             "hardlink": "hard link", "device": "device file", "fifo": "is a fifo", "oversize": "over the limit",
             "unlisted": "not listed in its bundle.json", "digest": "fails its sha256 digest",
-            "config-hash": "config hashes to", "not-a-tar": "not a readable .tar.gz"}
+            "config-hash": "config hashes to", "wrong-seed": "trained with train.seed",
+            "analysis-scale": "not the zz-scale analysis", "not-a-tar": "not a readable .tar.gz"}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
