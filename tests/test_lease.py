@@ -45,6 +45,22 @@ def test_a_lease_from_another_host_is_kept_until_its_heartbeat_stops(tmp_path):
     assert not list(tmp_path.glob(".lease.*.stale"))  # the stale lease moved aside is gone
 
 
+def test_reading_a_lease_in_a_folder_it_may_not_write_uses_this_hosts_clock(tmp_path, monkeypatch):
+    _write_lease(tmp_path, age=10)
+    (tmp_path / ".lease.clock").unlink()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)  # as root, a chmod would not stop this process
+    assert lease.holder(tmp_path / ".lease", stale_after=60)["host"] == "other-host"  # alive by this host's clock
+    assert lease.holder(tmp_path / ".lease", stale_after=5) is None
+    assert not (tmp_path / ".lease.clock").exists()
+
+
 def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     proc = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
     proc.start()
