@@ -3,12 +3,15 @@ resumed from a checkpoint continues its curves without duplicate steps."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import engine_support as sup
-from repro.engine import checkpoint, fit
+from repro.engine import checkpoint, events, fit
 from repro.engine.events import run_name
 from repro.rundir import RunDir
 
@@ -71,3 +74,23 @@ def test_runs_are_named_by_scale_experiment_variant_and_seed(tmp_path):
     run = RunDir(tmp_path)
     run.planned.write_text('{"scale": "demo", "runs": [{"experiment": "ablation-lrn", "variant": "lrn", "seed": 2}]}')
     assert run_name(run) == "demo.ablation-lrn.lrn.seed2"
+
+
+def test_the_progress_files_rate_after_a_resume_counts_only_the_steps_since(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(events.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(events, "PROGRESS_S", 10.0)
+    state = SimpleNamespace(iteration=500, epoch=3, batch=20, curve_rows=[], rows=[],
+                            cfg=SimpleNamespace(train=SimpleNamespace(batch_size=64, epochs=10)))
+    progress = events.ProgressFile(RunDir(tmp_path), total=1600, steps=160, iteration=500)  # resumed at step 500
+    state.iteration, clock[0] = 510, 1005.0
+    progress.beat(state)  # before PROGRESS_S: nothing written
+    assert not (tmp_path / "progress.json").exists()
+    state.iteration, clock[0] = 540, 1020.0
+    progress.beat(state)
+    row = json.loads((tmp_path / "progress.json").read_text())
+    # 40 global steps of 64 images in 20 s, not the 500 steps trained before the resume
+    assert row["images_per_s"] == pytest.approx(40 * 64 / 20) and row["iteration"] == 540
+    state.iteration, clock[0] = 580, 1040.0
+    progress.beat(state)
+    assert json.loads((tmp_path / "progress.json").read_text())["images_per_s"] == pytest.approx(40 * 64 / 20)

@@ -69,16 +69,17 @@ class ProgressFile:
     """Rewrites the run's progress file every PROGRESS_S seconds from host-side counters only (no device sync):
     epoch, step, images/s over the last interval, and the latest training and validation errors the run has."""
 
-    def __init__(self, run: RunDir, total: int, steps: int):
+    def __init__(self, run: RunDir, total: int, steps: int, iteration: int):
         self.run, self.total, self.steps = run, total, steps
-        self.last_t, self.last_images = time.monotonic(), 0
+        self.last_t, self.last_iteration = time.monotonic(), iteration  # a resumed run counts from where it is
 
-    def beat(self, state, images: int, force: bool = False) -> None:
+    def beat(self, state) -> None:
         now = time.monotonic()
-        if not force and now - self.last_t < PROGRESS_S:
+        if now - self.last_t < PROGRESS_S:
             return
-        rate = (images - self.last_images) / max(now - self.last_t, 1e-9)
-        self.last_t, self.last_images = now, images
+        # global steps of the global batch: every rank's images, whatever the epoch or the resume point
+        rate = (state.iteration - self.last_iteration) * state.cfg.train.batch_size / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_iteration = now, state.iteration
         curve = state.curve_rows[-1] if state.curve_rows else {}
         val = next((r["val_top1_err"] for r in reversed(state.rows) if r.get("val_top1_err") is not None), None)
         io.write_json(self.run.progress, {

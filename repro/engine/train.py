@@ -227,7 +227,7 @@ def _train_epoch(state: RunState, parts: Parts, bar, task) -> dict:
         if bar is not None:
             bar.update(task, advance=1, ips=images_here / max(time.perf_counter() - t_here, 1e-9))
         if state.progress is not None:
-            state.progress.beat(state, state.train_images + images_here)
+            state.progress.beat(state)
         if state.batch >= steps or (t.max_iters and state.iteration >= t.max_iters):
             break
         _inside_epoch(state, parts, curve, sums, t_start, total)
@@ -334,7 +334,7 @@ def _run(state: RunState, progress: bool) -> None:
         t = state.cfg.train
         steps = parts.loaders.batches_per_epoch
         total = min(t.epochs * steps, t.max_iters) if t.max_iters else t.epochs * steps
-        state.progress = ProgressFile(state.run_dir, total, steps)
+        state.progress = ProgressFile(state.run_dir, total, steps, state.iteration)
     try:
         _epoch_loop(state, parts, progress)
         _final_scoring(state, parts)
