@@ -226,18 +226,6 @@ def log_ratio_comparison(label: str, metric: str, paper: float | None, ratios: p
     return Comparison(label, metric, "x", paper, iv, verdict, reason, {k: float(v) for k, v in r.items()})
 
 
-def paired_over_queries(label: str, metric: str, diffs, scale: str, what: str) -> Comparison:
-    """A per-query difference (in points) that the claim says is positive, with a t interval over queries.
-
-    One observation per query image: the neighbours of one query are not independent of each other.
-    """
-    iv = mean_ci(diffs)
-    iv.paired, iv.method = True, "paired over queries (t interval)"
-    verdict, reason = signed_verdict(1.0, iv, scale, magnitude=False)
-    return Comparison(label, metric, "points", None, iv, verdict, f"{reason} ({what}, {iv.n} queries)",
-                      {}, False)
-
-
 def direction_only(scale: str) -> bool:
     """Whether only the direction of an effect is judged at `scale` (its `judge` in _scales.toml)."""
     found = find_scale(scale)
