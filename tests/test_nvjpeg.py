@@ -16,8 +16,8 @@ import torch
 
 from repro.config import RunConfig, apply_overrides
 from repro.data import make_loaders, pick_backend
-from repro.data.crops import crop_window, draw_words, flip_bit
-from repro.data.nvjpeg_loader import crop_boxes, gather_crops
+from repro.data.crops import crop_window, draw_words, flip_bit, mean_image_crops, train_crops
+from repro.data.nvjpeg_loader import gather_crops
 
 JPEG_MEAN_TOL, JPEG_MAX_TOL = 1.5, 8.0
 CROP = 56
@@ -96,14 +96,17 @@ def test_gather_crops_matches_slicing_image_by_image():
         np.testing.assert_array_equal(out[i].numpy(), window[:, :, ::-1] if flipped else window)
 
 
-def test_crop_boxes_are_the_shared_draws():
+def test_one_call_gives_a_batchs_crops_and_mean_image_windows_as_every_backend_draws_them():
     ids = np.array([5, 17, 2, 9], dtype=np.uint64)
     key = np.array([3, 4], dtype=np.uint64)
-    boxes, flips = crop_boxes(ids, key, np.full(4, 64), np.full(4, 64), 56, 64, flip=True)
+    size = np.full(4, 64, dtype=np.int64)
+    table = train_crops(ids, key, size, size, 56, 64, True)
     words = draw_words(ids, key)
-    assert boxes.tolist() == [list(crop_window(w, 64, 64, 56, 64)) for w in words]
-    assert flips.tolist() == [bool(flip_bit(w)) for w in words]
-    assert not crop_boxes(ids, key, np.full(4, 64), np.full(4, 64), 56, 64, flip=False)[1].any()
+    assert table[:, :3].tolist() == [list(crop_window(w, 64, 64, 56, 64)) for w in words]
+    assert table[:, 7].tolist() == [int(flip_bit(w)) for w in words]
+    # columns 3-7 are the FFCV backend's mean-image windows
+    np.testing.assert_array_equal(table[:, 3:], mean_image_crops(ids, key, size, size, 56, 64, True))
+    assert not train_crops(ids, key, size, size, 56, 64, False)[:, 7].any()
 
 
 def test_auto_picks_nvjpeg_on_cuda_only():

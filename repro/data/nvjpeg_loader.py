@@ -59,14 +59,6 @@ def gather_bytes(data, starts, sizes, out):
     return pos
 
 
-def crop_boxes(ids: np.ndarray, key: np.ndarray, heights: np.ndarray, widths: np.ndarray, crop: int, res: int,
-               flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3) int64 (top, left, side) and (N,) bool flips for one training batch, drawn as every backend draws."""
-    table = train_crops(np.asarray(ids, dtype=np.uint64), np.asarray(key, dtype=np.uint64),
-                        np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64), crop, res, flip)
-    return table[:, :3], table[:, 7].astype(bool)
-
-
 def gather_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, crop: int) -> torch.Tensor:
     """Equal-sized windows of a batch in one gather: images (N, H, W, C), boxes (N, 3) with side == crop, flips (N,)
     -> (N, C, crop, crop), each window mirrored left-right where its flip is set."""
