@@ -438,13 +438,19 @@ def test_differences_from_the_paper_are_generated_per_scale_from_the_runs_config
         make_run(runs, "dropout", "dropout", s, scale="demo", metrics={"top1_err": 20.0},
                  overrides={**demo, "train.epochs": 30})
         make_run(runs, "ablation-lrn", "lrn", s, scale="full", metrics={"top1_err": 40.0})
+        # a recipe of its own, as relu-vs-tanh's four-layer CIFAR net: no flips, no weight decay
+        make_run(runs, "relu-vs-tanh", "relu-lr0.04", s, scale="demo", metrics={"top1_err": 30.0},
+                 overrides={**demo, "data.flip": False, "train.weight_decay": 0.0})
     tables = {d["scale"]: d for d in differences(collect(runs))}
-    assert list(tables) == ["full", "demo"] and tables["demo"]["runs"] == 4
+    assert list(tables) == ["full", "demo"] and tables["demo"]["runs"] == 6
     rows = {r["field"]: r for r in tables["demo"]["rows"]}
     assert rows["model.init"]["paper"].startswith("N(0, 0.01)") and rows["model.init"]["used"] == "He normal"
     assert (rows["model.input_size"]["paper"], rows["model.input_size"]["used"]) == ("224", "24")
     assert (rows["train.warmup_epochs"]["paper"], rows["train.warmup_epochs"]["used"]) == ("0", "0.3")
-    assert rows["train.epochs"]["used"] == "1 (ablation-lrn); 30 (dropout)"
+    assert rows["train.epochs"]["used"] == "1 (ablation-lrn, relu-vs-tanh); 30 (dropout)"
+    assert rows["data.flip"]["used"] == "on (ablation-lrn, dropout); off (relu-vs-tanh)"
+    assert (rows["train.weight_decay"]["paper"], rows["train.weight_decay"]["used"]) == \
+        ("0.0005", "0.0005 (ablation-lrn, dropout); 0 (relu-vs-tanh)")
     assert rows["manifest: source"]["used"] == "Fashion-MNIST" and rows["manifest: classes"]["used"] == "10"
     assert "train.plateau_patience" not in rows and "train.momentum" not in rows  # the paper's values
     assert rows["model.lrn_alpha_mode"]["paper"] == "alpha as written"

@@ -20,7 +20,9 @@ FIELDS = [
     ("model.init", "initialisation"), ("model.input_size", "input size (px)"), ("model.width", "width multiplier"),
     ("model.stem", "first layer"), ("model.lrn_alpha_mode", "LRN's alpha"),
     ("data.normalize", "input normalisation"), ("data.train_limit", "training images (0 = all)"),
+    ("data.flip", "horizontal flips"),
     ("train.epochs", "epochs"), ("train.batch_size", "batch size"), ("train.lr", "learning rate"),
+    ("train.momentum", "momentum"), ("train.weight_decay", "weight decay"),
     ("train.schedule", "learning-rate schedule"), ("train.lr_drops", "lr drops by 10"),
     ("train.plateau_patience", "plateau patience (epochs)"), ("train.warmup_epochs", "lr warm-up (epochs)"),
     ("train.precision", "precision"),
@@ -33,6 +35,7 @@ WORDS = {
     "data.normalize": {"mean-image": "minus the mean image", "mean": "minus the channel means",
                        "mean-std": "channel mean and std"},
     "train.precision": {"fp32": "fp32", "bf16": "bf16 autocast"},
+    "data.flip": {True: "on", False: "off"},
 }
 PAPER_DATA = {"source": "imagenet", "classes": 1000, "px": 256}  # ILSVRC-2012 stored at 256 px (section 2)
 DATA_FIELDS = [("source", "data"), ("classes", "classes"), ("px", "stored image size (px)")]
