@@ -337,6 +337,15 @@ def test_qualitative_effect_also_shows_the_generalisation_gap():
     assert r.headline is head
 
 
+def test_table_2s_ensemble_row_shows_the_crop_its_analysis_judged():
+    from repro.report.tables import table2
+    analysis = {"scale": "full", "members": [{"seed": s} for s in range(5)],
+                "judged_keys": {"top1_err": "top1_err_10crop", "top5_err": "top5_err_10crop"},
+                "ensemble": {"top1_err": 39.0, "top5_err": 17.0, "top1_err_10crop": 38.0, "top5_err_10crop": 16.5}}
+    row = next(r for r in table2(pd.DataFrame(), analysis) if "averaged" in r["model"])
+    assert (row["model"], row["top1"], row["top5"]) == ("5 CNNs averaged, ten-crop (this harness)", "38.0", "16.5")
+
+
 def test_paper_tables_show_the_ensemble_and_ten_crop_analyses_of_the_largest_scale(tmp_path):
     # analyses are kept per scale; the paper's Tables 1 and 2 take the largest scale's (here demo over smoke)
     registry = load_registry()
@@ -350,7 +359,7 @@ def test_paper_tables_show_the_ensemble_and_ten_crop_analyses_of_the_largest_sca
     text = report.build_report(runs, tmp_path / "index.html", registry=registry).read_text()
     cell = r"\s*<td[^>]*>([^<]*)</td>"
     cells = lambda model: re.search(rf"<td>{re.escape(model)}</td>{cell}{cell}{cell}", text)  # noqa: E731
-    assert cells("2 CNNs averaged (this harness)").groups()[:2] == ("28.0", "9.0")  # fabricate_all's demo analysis
+    assert cells("2 CNNs averaged, centre crop (this harness)").groups()[:2] == ("28.0", "9.0")  # fabricate_all's
     assert cells("CNN, ten-crop (this harness)").groups()[:2] == ("28.5", "9.6")
     # Table 2's single CNN: the baseline's judged numbers, both crops, with n and the interval's method
     one = cells("1 CNN, ten-crop (this harness)").groups()[2]
