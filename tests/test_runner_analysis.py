@@ -15,7 +15,7 @@ import repro.experiments as ex
 from repro.plan import PlannedRun
 from repro import analysis, runs
 from repro.rundir import analysis_paths, create
-from repro.claims import convergence, ensemble, filters, retrieval, ten_crop
+from repro.claims import convergence, ensemble, filters, judge_claim, retrieval, ten_crop
 from repro.claims.registry import Evidence
 from repro.config import RunConfig, apply_overrides, config_hash
 
@@ -152,6 +152,13 @@ def test_convergence_picks_the_fastest_lr_on_the_selection_seed_only(tmp_path):
             (d / "curve.jsonl").write_text("".join(json.dumps(c) + "\n" for c in rows))
     res, _ = convergence.analyse(e, done)
     assert res["select_seeds"] == [0] and res["judged_seeds"] == [1]
+    # judged with the analysis, seed 0 only chose; before it has run, the page says the rates were chosen on the
+    # judged seeds and why
+    df = runs.collect(tmp_path)
+    with_choice, without = (judge_claim(e, df, a, tmp_path).headline for a in ([dict(res, scale="smoke")], None))
+    assert "chosen on seed(s) 0, not judged" in with_choice.reason and with_choice.measured.n == 1
+    assert "chosen on the judged seeds themselves (the analysis that sets selection seeds aside has not run" \
+        in without.reason and without.measured.n == 2
     # stand-in curves: err(i) = 75 / (1 + r i / 10), i = 10, 20, ...; r = 3 lr/0.01 (relu) or lr/0.01 (tanh)
     assert res["best"] == {"relu": "relu-lr0.08", "tanh": "tanh-lr0.08"}  # 0.16 was slow on seed 0
     assert res["edge"] == {"relu": False, "tanh": False}

@@ -171,7 +171,9 @@ def judge(exp, ev: Evidence) -> tuple[list[V.Comparison], dict]:
     if select and judged is not rows:
         notes.append(f"learning rates chosen on seed(s) {', '.join(map(str, sorted(select)))}, not judged")
     elif len(set(exp.variants)) > len(groups):
-        notes.append("learning rates chosen on the judged seeds themselves (no [judge] select_seeds)")
+        why = ("the analysis that sets selection seeds aside has not run: `repro run` makes it"
+               if int(judge_setting(exp, "select_seeds", 0) or 0) else "no [judge] select_seeds")
+        notes.append(f"learning rates chosen on the judged seeds themselves ({why})")
     edges = [g for g, e in (analysis.get("edge") or {}).items() if e]
     if edges:
         notes.append(f"the rate chosen for {', '.join(edges)} is at the edge of its sweep: a better one may lie "
