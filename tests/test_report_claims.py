@@ -158,6 +158,17 @@ def test_the_baseline_is_judged_on_the_mean_of_every_run_of_its_config_each_once
     assert judge_claim(exp, own, None, runs).verdict == "reproduced"
 
 
+def test_an_absolute_error_is_never_near_the_boundary_of_no_effect(tmp_path):
+    exp = load_registry()["baseline"]
+    runs = tmp_path / "runs"
+    for s, err in enumerate((0.2, 0.3, 0.4)):  # an interval that starts just above zero: near it, were it an effect
+        make_run(runs, "baseline", "baseline", s, scale="full",
+                 metrics={"top1_err": err, "top5_err": 0.1, "top1_err_10crop": err, "top5_err_10crop": 0.1})
+    head = judge_claim(exp, collect(runs), None, runs).headline
+    assert V.near_boundary(head.measured, head.unit)
+    assert head.verdict == "not reproduced" and not head.near and "near its boundary" not in head.reason
+
+
 def baseline_demo_runs(runs: Path, data: Path, seeds: int = 5) -> dict[int, str]:
     """Demo-scale baseline runs scored on the centre crop only (train.ten_crop = false), each linked under baseline
     and ten-crop; returns their config hashes by seed."""

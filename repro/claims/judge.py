@@ -168,7 +168,9 @@ def judge_scale(exp, scale: str, rows: pd.DataFrame, analysis: dict | None, runs
         for c in comps:
             if not c.context:
                 c.verdict, c.reason = V.UNTESTABLE, why
-    for c in comps:  # after the data's verdict: a claim the data cannot show has no boundary to be near
+    # after the data's verdict: a claim the data cannot show has no boundary to be near; nor has an absolute error,
+    # whose verdict is about its distance from the paper's number, not from no effect
+    for c in comps if exp.kind != "absolute" else ():
         if V.near_boundary(c.measured, c.unit) and c.verdict not in ("not run", V.UNTESTABLE):
             c.near = True
             c.reason += ("; near its boundary: the interval's nearer end is within a quarter of its half-width of "
