@@ -199,6 +199,12 @@ def import_bundles(paths: list[Path | str], runs_dir: Path | str, *, max_file: i
     if not paths:
         raise UserError("no bundle given; `repro import results.tar.gz` imports one")
     checked = [verify(p, max_file) for p in paths]  # nothing is written before every bundle passed
+    need = sum(d["size"] for b in checked for d in b.manifest["files"].values())
+    target = next(p for p in (Path(runs_dir).resolve(), *Path(runs_dir).resolve().parents) if p.exists())
+    free = shutil.disk_usage(target).free
+    if need > free:  # a bundle unpacks to what its manifest lists (checked): refuse before filling the disk
+        raise UserError(f"{runs_dir}: the bundle(s) unpack to {need:,} bytes, more than the {free:,} free there; "
+                        "free space or import into another --runs folder")
     lines = []
     for bundle in checked:
         lines += merge(bundle, Path(runs_dir))

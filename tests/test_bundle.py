@@ -328,3 +328,14 @@ def test_a_hostile_bundle_is_refused_with_one_line_and_nothing_written(tmp_path,
         assert listing(runs) == before
     assert not (tmp_path / "absent").exists()
     assert cli("import", good, "--runs", local, *limit).exit_code == 0  # alone, the good one goes in
+
+
+def test_a_bundle_larger_than_the_free_space_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    lrn_runs(tmp_path / "a", [0], "lab-a")
+    good = bundled(tmp_path / "a", tmp_path / "good.tar.gz")
+    import repro.bundle_merge as bundle_merge
+    real = bundle_merge.shutil.disk_usage
+    monkeypatch.setattr(bundle_merge.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    res = cli("import", good, "--runs", tmp_path / "c")
+    assert res.exit_code == 2 and "more than the 1,000 free there" in res.output, res.output
+    assert not (tmp_path / "c").exists()
