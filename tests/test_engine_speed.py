@@ -121,7 +121,6 @@ def test_a_failed_compile_trains_eager_with_the_same_results(tmp_path, monkeypat
 
 def test_compiled_runs_draw_dropout_masks_from_torchs_generator(tmp_path, monkeypatch):
     import torch._inductor.config as inductor
-    monkeypatch.setattr(inductor, "fallback_random", False)  # restored after the test
     seen = []
 
     def record(net, **kwargs):
@@ -129,8 +128,9 @@ def test_compiled_runs_draw_dropout_masks_from_torchs_generator(tmp_path, monkey
         return net
 
     monkeypatch.setattr(torch, "compile", record)
-    assert fit(sup.tiny_config(**{"train.compile": "true"}), tmp_path, progress=False).provenance["compile"] == "on"
-    assert seen == [True]
+    with inductor.patch(fallback_random=False):  # torch's own way to set its config for a while, restored after
+        result = fit(sup.tiny_config(**{"train.compile": "true"}), tmp_path, progress=False)
+    assert result.provenance["compile"] == "on" and seen == [True]
 
 
 def test_compile_is_on_by_default_on_cuda_only(tmp_path):
